@@ -1,0 +1,20 @@
+"""async_ckpt: checkpoint PyTorch training without stopping it.
+
+The public surface is small and listed in ``__all__``; see docs/api.md.
+"""
+
+from .api import assert_same_keys, load, read_metadata, save
+from .errors import CheckpointError, CorruptCheckpointError
+from .format.metadata import Metadata
+
+__all__ = [
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "Metadata",
+    "assert_same_keys",
+    "load",
+    "read_metadata",
+    "save",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,102 @@
+"""The public entry points: wiring only, from arguments to the flows that do the work."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch.distributed as dist
+
+from .dist import comm_for, run_collectively
+from .format.metadata import Metadata
+from .load import load_collective, read_checkpoint_metadata
+from .local_plan import build_local_plan
+from .save_flow import SaveOptions, save_collective
+from .state_dict import flatten
+from .storage import Storage, detect_storage
+
+__all__ = ["assert_same_keys", "load", "read_metadata", "save"]
+
+log = logging.getLogger("async_ckpt")
+
+
+def save(
+    state_dict: dict[str, Any],
+    checkpoint_id: Any,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    storage: Storage | None = None,
+    allow_pickle: bool = False,
+    verify_replicas: bool = False,
+) -> Metadata:
+    """Save ``state_dict`` and return the committed checkpoint's metadata (blocking, collective)."""
+    backend, location = detect_storage(checkpoint_id, storage)
+    comm = comm_for(process_group)
+    t0 = time.perf_counter()
+
+    def prepare() -> Any:
+        flat = flatten(state_dict, allow_pickle=allow_pickle)
+        local = build_local_plan(flat.entries, allow_pickle=allow_pickle, verify_replicas=verify_replicas)
+        return flat, local
+
+    flat, local = run_collectively(comm, "preparing the state dict", prepare)
+    options = SaveOptions(allow_pickle=allow_pickle, verify_replicas=verify_replicas)
+    md = save_collective(comm, backend, location, local, flat.tree, options, stage_s=time.perf_counter() - t0)
+    if md.stats is not None:
+        s = md.stats
+        log.info(
+            "saved %s: plan %.3fs write %.3fs commit %.3fs, %d bytes on rank %d",
+            location, s.plan_s, s.write_s, s.commit_s, s.bytes_written, comm.rank,
+        )
+    return md
+
+
+def load(
+    state_dict: dict[str, Any],
+    checkpoint_id: Any,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    storage: Storage | None = None,
+    strict: bool = True,
+    allow_pickle: bool = False,
+    verify: bool = True,
+) -> None:
+    """Load a checkpoint into ``state_dict`` in place, resharding as needed.
+
+    ``verify=False`` skips checksum verification (faster, and trusts the disk).
+    """
+    backend, location = detect_storage(checkpoint_id, storage)
+    load_collective(
+        comm_for(process_group), backend, location, state_dict,
+        strict=strict, allow_pickle=allow_pickle, verify=verify,
+    )
+
+
+def read_metadata(checkpoint_id: Any, *, storage: Storage | None = None) -> Metadata:
+    """The metadata of a committed checkpoint; raises CheckpointError if there is none."""
+    backend, location = detect_storage(checkpoint_id, storage)
+    return read_checkpoint_metadata(backend, location)
+
+
+def assert_same_keys(state_dict: dict[str, Any], process_group: dist.ProcessGroup | None = None) -> None:
+    """Raise ``AssertionError`` on every rank if some flattened key is not on every rank."""
+    comm = comm_for(process_group)
+    keys = set(flatten(state_dict, allow_pickle=True).entries)
+    gathered = comm.gather(sorted(keys))
+    problem: str | None = None
+    if gathered is not None:
+        everywhere = set.intersection(*(set(k) for k in gathered))
+        uneven = sorted(set().union(*(set(k) for k in gathered)) - everywhere)
+        if uneven:
+            lines = [
+                f"  '{key}': missing on rank(s) "
+                + ", ".join(str(r) for r, ks in enumerate(gathered) if key not in set(ks))
+                for key in uneven[:20]
+            ]
+            more = f"\n  ... and {len(uneven) - 20} more" if len(uneven) > 20 else ""
+            problem = f"{len(uneven)} key(s) are not on every rank:\n" + "\n".join(lines) + more
+    if comm.world_size > 1:
+        problem = comm.broadcast(problem)
+    if problem:
+        raise AssertionError(problem)

@@ -1,0 +1,342 @@
+"""Load: match the target's leaves to saved chunks, read only the overlapping bytes, verify.
+
+For every tensor in the target, this rank's chunk of it (the whole tensor, or a
+DTensor's local shard) is intersected with the saved chunks. Where a saved
+chunk coincides with the target chunk and the target is contiguous CPU memory,
+bytes are read straight into the target; otherwise the smallest covering byte
+range is read into a scratch buffer and the overlap copied out. Reads run on a
+thread pool, checksums are verified per block, and nothing is unpickled unless
+the caller allows it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from .dist import Comm, run_collectively
+from .errors import CheckpointError, CorruptCheckpointError
+from .format import checksum
+from .format.metadata import METADATA_FILE, ChunkRecord, Metadata, TensorRecord, decode_metadata
+from .format.values import decode_value
+from .local_plan import local_chunk
+from .planning import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    PlanValidationError,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+    validate_coverage,
+)
+from .planning.reshard import ChunkIndex, Overlap, contiguous_byte_range
+from .state_dict import LoadView, is_missing
+from .storage.base import ShardReader, Storage
+
+__all__ = ["load_collective", "read_checkpoint_metadata"]
+
+_READ_THREADS = 8
+
+
+def read_checkpoint_metadata(storage: Storage, location: str) -> Metadata:
+    md = decode_metadata(storage.read_metadata(location), where=f"{location}/{METADATA_FILE}")
+    _validate_chunks(md, location)
+    return md
+
+
+def _validate_chunks(md: Metadata, location: str) -> None:
+    items = []
+    per_rank = set()
+    for fqn, rec in md.tensors.items():
+        if rec.per_rank:
+            per_rank.add(fqn)
+            continue
+        for c in rec.chunks:
+            items.append(
+                WriteItem(
+                    MetadataIndex(fqn, c.offsets),
+                    WriteItemType.SHARD,
+                    TensorWriteData(ChunkStorageMetadata(c.offsets, c.sizes), rec.dtype, rec.shape),
+                )
+            )
+    try:
+        validate_coverage([SavePlan(items)], per_rank_fqns=frozenset(per_rank))
+    except PlanValidationError as exc:
+        raise CorruptCheckpointError(f"{location}/{METADATA_FILE}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    fqn: str
+    chunk: ChunkRecord
+    overlap: Overlap
+    dest: torch.Tensor  # this rank's local target tensor (CPU)
+    dtype: torch.dtype
+
+
+def load_collective(
+    comm: Comm,
+    storage: Storage,
+    location: str,
+    state_dict: dict[str, Any],
+    *,
+    strict: bool,
+    allow_pickle: bool,
+    verify: bool,
+) -> Metadata:
+    def local() -> Metadata:
+        md = read_checkpoint_metadata(storage, location)
+        view = LoadView(state_dict, md.tree)
+        try:
+            _load_into(
+                view, md, comm.rank, comm.world_size, storage, location,
+                strict=strict, allow_pickle=allow_pickle, verify=verify,
+            )
+        except BaseException:
+            view.restore()
+            raise
+        view.finish()
+        return md
+
+    return run_collectively(comm, "load", local)
+
+
+def _load_into(
+    view: LoadView,
+    md: Metadata,
+    rank: int,
+    world: int,
+    storage: Storage,
+    location: str,
+    *,
+    strict: bool,
+    allow_pickle: bool,
+    verify: bool,
+) -> None:
+    reads: list[_Read] = []
+    gpu_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        for fqn, target in list(view.leaves.items()):
+            if fqn in md.tensors:
+                rec = md.tensors[fqn]
+                if not isinstance(target, torch.Tensor) and not is_missing(target):
+                    raise CheckpointError(
+                        f"key '{fqn}': checkpoint holds a tensor but the target is a "
+                        f"{type(target).__qualname__}"
+                    )
+                dest, new = _prepare_tensor(fqn, target, rec, location)
+                if new is not None:
+                    view.set(fqn, new, materialized=True)
+                host = dest
+                if dest.device.type != "cpu":
+                    host = torch.empty(dest.shape, dtype=dest.dtype)
+                    gpu_copies.append((dest, host))
+                tgt_tensor = new if new is not None else target
+                _, tchunk, _ = local_chunk(fqn, tgt_tensor)
+                if rec.per_rank:
+                    _check_world(fqn, md.world_size, world, location)
+                reads.extend(_plan_reads(fqn, rec, tchunk, host, rank))
+            elif fqn in md.values:
+                value = _value_for(fqn, md, rank, world, allow_pickle, location)
+                if value is _ABSENT_VALUE:
+                    if strict:
+                        raise CheckpointError(f"key '{fqn}' was not saved by rank {rank} in {location}")
+                    continue
+                if isinstance(target, torch.Tensor):
+                    raise CheckpointError(
+                        f"key '{fqn}': target is a tensor but the checkpoint holds a "
+                        f"{type(value).__qualname__}"
+                    )
+                view.set(fqn, value)
+            elif strict and not is_missing(target):
+                raise CheckpointError(
+                    f"key '{fqn}' is missing from checkpoint {location}; pass strict=False "
+                    "to leave such keys untouched"
+                )
+        _execute(reads, storage, location, md, verify)
+        for dest, host in gpu_copies:
+            dest.copy_(host, non_blocking=False)
+
+
+_ABSENT_VALUE = object()
+
+
+def _value_for(fqn: str, md: Metadata, rank: int, world: int, allow_pickle: bool, location: str) -> Any:
+    rec = md.values[fqn]
+    where = f"{location} key '{fqn}'"
+    if rec.per_rank is None:
+        return decode_value(rec.value, fqn=where, allow_pickle=allow_pickle)
+    _check_world(fqn, md.world_size, world, location)
+    enc = rec.per_rank[rank]
+    if isinstance(enc, dict) and enc.get("$absent") is True:
+        return _ABSENT_VALUE
+    return decode_value(enc, fqn=where, allow_pickle=allow_pickle)
+
+
+def _check_world(fqn: str, saved_world: int, world: int, location: str) -> None:
+    if world != saved_world:
+        raise CheckpointError(
+            f"key '{fqn}' in {location} holds a different value on each of the "
+            f"{saved_world} ranks that saved it; it can only be loaded with that world "
+            f"size (now {world}). Drop the key from the target or load with strict=False."
+        )
+
+
+def _prepare_tensor(
+    fqn: str, target: Any, rec: TensorRecord, location: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The local tensor to fill, and a replacement when the target had no memory."""
+    if is_missing(target):
+        new = torch.empty(rec.shape, dtype=rec.dtype)
+        return new, new
+    assert isinstance(target, torch.Tensor)
+    if target.dtype != rec.dtype:
+        raise CheckpointError(
+            f"key '{fqn}': dtype mismatch, target is {target.dtype} but {location} holds {rec.dtype}"
+        )
+    if tuple(target.shape) != rec.shape:
+        raise CheckpointError(
+            f"key '{fqn}': shape mismatch, target is {tuple(target.shape)} but {location} "
+            f"holds {rec.shape}"
+        )
+    if isinstance(target, DTensor):
+        local = target.to_local()
+        if local.is_meta:
+            fresh = torch.empty(local.shape, dtype=local.dtype, device=target.device_mesh.device_type)
+            new = DTensor.from_local(
+                fresh, target.device_mesh, target.placements, run_check=False,
+                shape=target.shape, stride=target.stride(),
+            )
+            return fresh, new
+        return local, None
+    if target.is_meta:
+        new = torch.empty(target.shape, dtype=target.dtype)
+        return new, new
+    return target, None
+
+
+def _plan_reads(
+    fqn: str,
+    rec: TensorRecord,
+    target: ChunkStorageMetadata,
+    dest: torch.Tensor,
+    rank: int,
+) -> Iterator[_Read]:
+    chunks = rec.chunks
+    if rec.per_rank:
+        chunks = tuple(c for c in chunks if c.rank == rank)
+    index = ChunkIndex([ChunkStorageMetadata(c.offsets, c.sizes) for c in chunks])
+    for i, ov in index.overlapping(target):
+        yield _Read(fqn, chunks[i], ov, dest, rec.dtype)
+
+
+def _execute(reads: list[_Read], storage: Storage, location: str, md: Metadata, verify: bool) -> None:
+    readers = _Readers(storage, location, md, verify)
+    reads.sort(key=lambda r: (r.chunk.file, r.chunk.byte_offset))
+    try:
+        with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="async_ckpt-read") as pool:
+            for fut in [pool.submit(_do_read, r, readers, md.block_size, verify, location) for r in reads]:
+                fut.result()
+    finally:
+        readers.close()
+
+
+def _do_read(r: _Read, readers: _Readers, block: int, verify: bool, location: str) -> None:
+    reader = readers.get(r.chunk.file)
+    c = r.chunk
+    if c.byte_length == 0:
+        return
+    whole = r.overlap.lengths == c.sizes and r.overlap.target_offsets == (0,) * len(c.sizes)
+    dest_whole = whole and tuple(r.dest.shape) == c.sizes
+    if dest_whole and r.dest.is_contiguous():
+        buf = memoryview(r.dest.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        reader.readinto(c.byte_offset, buf)
+        if verify:
+            _verify(buf, c, 0, r.fqn, block, location)
+        return
+    itemsize = r.dtype.itemsize
+    start, end = contiguous_byte_range(c.sizes, r.overlap.saved_offsets, r.overlap.lengths, itemsize)
+    if verify:
+        start = start // block * block
+        end = min(c.byte_length, -(-end // block) * block)
+    scratch = torch.empty(end - start, dtype=torch.uint8)
+    buf = memoryview(scratch.numpy()).cast("B")
+    reader.readinto(c.byte_offset + start, buf)
+    if verify:
+        _verify(buf, c, start, r.fqn, block, location)
+    typed = scratch.view(r.dtype)
+    strides = _row_major_strides(c.sizes)
+    base = sum(o * s for o, s in zip(r.overlap.saved_offsets, strides, strict=True)) - start // itemsize
+    region = typed.as_strided(r.overlap.lengths, strides, base)
+    idx = tuple(slice(o, o + n) for o, n in zip(r.overlap.target_offsets, r.overlap.lengths, strict=True))
+    r.dest[idx].copy_(region)
+
+
+def _row_major_strides(sizes: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    acc = 1
+    for s in reversed(sizes):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+def _verify(buf: memoryview, c: ChunkRecord, start: int, fqn: str, block: int, location: str) -> None:
+    first = start // block
+    for i, pos in enumerate(range(0, len(buf), block)):
+        expected = c.checksums[first + i]
+        actual = checksum.digest(buf[pos : pos + block])
+        if actual != expected:
+            lo = c.byte_offset + start + pos
+            raise CorruptCheckpointError(
+                f"{location}/{c.file}: checksum mismatch in key '{fqn}' (chunk at offsets "
+                f"{list(c.offsets)}, file bytes [{lo}, {lo + min(block, len(buf) - pos)})); "
+                "the file is damaged. Restore it or load an earlier checkpoint."
+            )
+
+
+class _Readers:
+    """One open reader per shard file, checked against the metadata on first use."""
+
+    def __init__(self, storage: Storage, location: str, md: Metadata, verify: bool) -> None:
+        self._storage = storage
+        self._location = location
+        self._md = md
+        self._verify = verify
+        self._open: dict[str, ShardReader] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> ShardReader:
+        with self._lock:
+            if name not in self._open:
+                self._open[name] = self._check(self._storage.open_reader(self._location, name), name)
+            return self._open[name]
+
+    def _check(self, reader: ShardReader, name: str) -> ShardReader:
+        rec = self._md.files[name]
+        where = f"{self._location}/{name}"
+        if reader.size() != rec.size:
+            reader.close()
+            raise CorruptCheckpointError(
+                f"{where}: size is {reader.size()} bytes, metadata says {rec.size}; the file "
+                "was truncated or modified"
+            )
+        if self._verify:
+            header = bytearray(rec.header_length)
+            reader.readinto(0, memoryview(header))
+            if checksum.digest(bytes(header)) != rec.header_checksum:
+                reader.close()
+                raise CorruptCheckpointError(f"{where}: safetensors header checksum mismatch")
+        return reader
+
+    def close(self) -> None:
+        for reader in self._open.values():
+            reader.close()
+        self._open.clear()

@@ -1,0 +1,108 @@
+"""From one rank's flattened state dict to its local plan and the bytes behind it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xxhash
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from .format.dtypes import dtype_name
+from .format.values import encode_value
+from .planning import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    SavePlan,
+    TensorProperties,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+
+__all__ = ["LocalPlan", "build_local_plan", "local_chunk", "tensor_bytes"]
+
+Key = tuple[str, tuple[int, ...] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPlan:
+    plan: SavePlan
+    tensors: dict[Key, torch.Tensor]
+    """The local data of each tensor item, by (fqn, offsets)."""
+    values: dict[str, Any]
+    """Each non-tensor value, already JSON-encoded."""
+
+
+def local_chunk(fqn: str, tensor: torch.Tensor) -> tuple[torch.Tensor, ChunkStorageMetadata, tuple[int, ...]]:
+    """``(local data, chunk in the global tensor, global shape)`` of a tensor or DTensor."""
+    if isinstance(tensor, DTensor):
+        if any(p.is_partial() for p in tensor.placements):
+            raise ValueError(
+                f"key '{fqn}': DTensor has Partial placements {tensor.placements}; "
+                "redistribute it to Shard/Replicate before saving"
+            )
+        shape = tuple(tensor.shape)
+        local_shape, offsets = compute_local_shape_and_global_offset(
+            tensor.shape, tensor.device_mesh, tensor.placements
+        )
+        local = tensor.to_local()
+        if tuple(local.shape) != tuple(local_shape):
+            raise ValueError(
+                f"key '{fqn}': local shard shape {tuple(local.shape)} differs from the "
+                f"{tuple(local_shape)} its placements imply"
+            )
+        return local, ChunkStorageMetadata(offsets, local_shape), shape
+    shape = tuple(tensor.shape)
+    return tensor, ChunkStorageMetadata((0,) * len(shape), shape), shape
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor in row-major order, on the CPU (copies only when needed)."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def value_hash(encoded: Any) -> str:
+    return xxhash.xxh3_64_hexdigest(json.dumps(encoded, sort_keys=True).encode())
+
+
+def build_local_plan(
+    entries: Mapping[str, Any], *, allow_pickle: bool, verify_replicas: bool
+) -> LocalPlan:
+    items: list[WriteItem] = []
+    tensors: dict[Key, torch.Tensor] = {}
+    values: dict[str, Any] = {}
+    for fqn, value in entries.items():
+        if isinstance(value, torch.Tensor):
+            dtype_name(value.dtype)  # unsupported dtypes fail here, naming the dtype
+            local, chunk, shape = local_chunk(fqn, value)
+            digest = None
+            if verify_replicas and not isinstance(value, DTensor):
+                digest = xxhash.xxh3_64_hexdigest(tensor_bytes(local))
+            kind = WriteItemType.SHARD if isinstance(value, DTensor) else WriteItemType.TENSOR
+            items.append(
+                WriteItem(
+                    index=MetadataIndex(fqn, chunk.offsets),
+                    type=kind,
+                    tensor_data=TensorWriteData(chunk, TensorProperties(value.dtype), shape),
+                    value_hash=digest,
+                )
+            )
+            tensors[(fqn, chunk.offsets)] = local
+        else:
+            encoded = encode_value(value, fqn=fqn, allow_pickle=allow_pickle)
+            values[fqn] = encoded
+            items.append(
+                WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO, value_hash=value_hash(encoded))
+            )
+    return LocalPlan(plan=SavePlan(items), tensors=tensors, values=values)

@@ -1,0 +1,172 @@
+"""The local file system: stage into a hidden sibling directory, then rename it into place."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ..format.metadata import METADATA_FILE
+
+__all__ = ["LocalStorage", "staging_dir"]
+
+_LEFTOVER = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8,32}$")
+
+
+def staging_dir(location: str, token: str) -> Path:
+    final = Path(location)
+    return final.parent / f".{final.name}.tmp-{token}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _FileSink:
+    def __init__(self, handle: Any, path: Path) -> None:
+        self._f = handle
+        self._path = path
+
+    async def write(self, data: memoryview) -> None:
+        # Unbuffered writes may be partial (Linux caps one write near 2 GiB).
+        while len(data):
+            n = await self._f.write(data)
+            data = data[n:]
+
+    async def finish(self) -> None:
+        await self._f.flush()
+        await aiofiles.os.wrap(os.fsync)(self._f.fileno())
+        await self._f.close()
+
+    async def abort(self) -> None:
+        await self._f.close()
+
+
+class _FileReader:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"shard file {path} is missing") from None
+        self._size = os.fstat(self._fd).st_size
+
+    def size(self) -> int:
+        return self._size
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n == 0:
+                raise CorruptCheckpointError(
+                    f"{self._path}: truncated; wanted bytes [{offset}, {offset + len(buf)}) "
+                    f"of a {self._size}-byte file"
+                )
+            done += n
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class LocalStorage:
+    """Checkpoints as directories on a POSIX file system.
+
+    Shards are written into ``.<name>.tmp-<token>`` beside the target; commit
+    writes ``metadata.json`` there (temp file, fsync, rename), then renames the
+    whole directory to its final name and fsyncs the parent. An existing
+    checkpoint of the same name is moved aside first and removed after.
+    """
+
+    def resolve(self, checkpoint_id: object) -> str:
+        raw = os.fspath(checkpoint_id)  # type: ignore[call-overload]
+        if isinstance(raw, bytes):
+            raw = os.fsdecode(raw)
+        if raw.startswith("file://"):
+            raw = raw[len("file://") :]
+        return str(Path(raw).expanduser().absolute())
+
+    def begin_save(self, location: str, token: str) -> None:
+        stage = staging_dir(location, token)
+        try:
+            stage.parent.mkdir(parents=True, exist_ok=True)
+            stage.mkdir()
+        except OSError as exc:
+            raise CheckpointError(f"cannot create checkpoint directory {stage}: {exc}") from exc
+
+    async def open_shard(self, location: str, token: str, name: str) -> _FileSink:
+        path = staging_dir(location, token) / name
+        try:
+            handle = await aiofiles.open(path, "wb", buffering=0)
+        except FileNotFoundError as exc:
+            raise CheckpointError(
+                f"cannot write {path}: the checkpoint's staging directory vanished "
+                "(was it deleted during the save?)"
+            ) from exc
+        return _FileSink(handle, path)
+
+    def commit(self, location: str, token: str, metadata: bytes) -> None:
+        stage = staging_dir(location, token)
+        final = Path(location)
+        tmp = stage / (METADATA_FILE + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(metadata)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, stage / METADATA_FILE)
+        _fsync_dir(stage)
+        old = final.parent / f".{final.name}.old-{token}"
+        moved = False
+        try:
+            os.rename(final, old)
+            moved = True
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT,):
+                raise
+        os.rename(stage, final)
+        _fsync_dir(final.parent)
+        if moved:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort_save(self, location: str, token: str) -> None:
+        shutil.rmtree(staging_dir(location, token), ignore_errors=True)
+
+    def read_metadata(self, location: str) -> bytes:
+        path = Path(location) / METADATA_FILE
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint at {location} ({METADATA_FILE} not found)"
+            ) from None
+        except IsADirectoryError:
+            raise CorruptCheckpointError(f"{path} is a directory") from None
+
+    def open_reader(self, location: str, name: str) -> _FileReader:
+        return _FileReader(Path(location) / name)
+
+    def remove_uncommitted(self, root: str) -> list[str]:
+        base = Path(root)
+        removed: list[str] = []
+        if not base.is_dir():
+            return removed
+        for entry in sorted(base.iterdir()):
+            if entry.is_dir() and _LEFTOVER.match(entry.name):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(str(entry))
+        return removed
+

@@ -1,0 +1,1 @@
+"""The background side: the per-rank worker process and its writer pipeline."""
