@@ -2,24 +2,28 @@
 
 Every step runs on all ranks of a ``Comm``. A failure on any rank is carried
 to every rank before the next collective, so no rank is left waiting; the
-coordinator (rank 0) then removes the staging area. Used in-process by the
-blocking ``save`` and, over the workers' own comm, by the background workers.
+coordinator (rank 0) then removes the staging area. The blocking ``save`` runs
+:func:`save_collective` in-process; the background workers reuse the pieces
+(:func:`plan_assignments`, :func:`write_assignment`, :func:`assemble_metadata`)
+with a cached plan (``worker/save_job.py``).
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .dist import Comm, RankFailure, RanksFailedError, run_collectively
 from .format import checksum
+from .format.dtypes import dtype_from_name
 from .format.metadata import (
     ChunkRecord,
     FileRecord,
@@ -36,7 +40,18 @@ from .storage.base import Storage
 from .worker.loop import run_blocking
 from .worker.pipeline import FileJob, WriteEntry, WrittenFile, write_files
 
-__all__ = ["ABSENT", "RankAssignment", "SaveOptions", "assign_files", "coordinate", "save_collective"]
+__all__ = [
+    "ABSENT",
+    "RankAssignment",
+    "RankResult",
+    "SaveOptions",
+    "assemble_metadata",
+    "assign_files",
+    "coordinate",
+    "plan_assignments",
+    "save_collective",
+    "write_jobs",
+]
 
 ABSENT = {"$absent": True}
 """Per-rank value slot of a rank that did not hold the key."""
@@ -64,12 +79,18 @@ class FileAssignment:
 
 @dataclass(frozen=True, slots=True)
 class RankAssignment:
-    """What the coordinator tells one rank to do."""
+    """What the coordinator tells one rank to write."""
 
     token: str
     files: tuple[FileAssignment, ...]
-    owned_values: frozenset[str]
-    per_rank_values: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True, slots=True)
+class RankResult:
+    """What one rank reports for the commit: its files and all its non-tensor values."""
+
+    files: list[WrittenFile]
+    values: dict[str, Any]
 
 
 def coordinate(comm: Comm, step: str, payload: Any, fn: Callable[[list[Any]], Sequence[Any]]) -> Any:
@@ -98,7 +119,21 @@ def coordinate(comm: Comm, step: str, payload: Any, fn: Callable[[list[Any]], Se
     return comm.scatter(outputs)
 
 
-def assign_files(plan: SavePlan, rank: int, per_rank: frozenset[str], max_files: int) -> tuple[FileAssignment, ...]:
+# ------------------------------------------------------------------ planning
+
+
+def plan_assignments(plans: Sequence[SavePlan], options: SaveOptions, token: str) -> list[RankAssignment]:
+    """The coordinator's part of planning: dedup, validate, spread each rank's items over files."""
+    gp = create_global_plan(plans, dedup=options.dedup)  # type: ignore[arg-type]
+    return [
+        RankAssignment(token=token, files=assign_files(p, rank, gp.per_rank_fqns, options.max_files_per_rank))
+        for rank, p in enumerate(gp.plans)
+    ]
+
+
+def assign_files(
+    plan: SavePlan, rank: int, per_rank: frozenset[str], max_files: int
+) -> tuple[FileAssignment, ...]:
     """Spread one rank's tensor items over a few files of similar size, largest first."""
     items = [it for it in plan.items if it.type is not WriteItemType.BYTE_IO]
     total = sum(it.tensor_storage_size() or 0 for it in items)
@@ -114,17 +149,126 @@ def assign_files(plan: SavePlan, rank: int, per_rank: frozenset[str], max_files:
     for k in range(n):
         if not members[k]:
             continue
-        chosen = sorted(members[k])
         files.append(
             FileAssignment(
                 name=f"shard-r{rank:05d}-{k:02d}.safetensors",
                 items=tuple(
                     (items[i].index.fqn, items[i].index.offset or (), items[i].index.fqn in per_rank)
-                    for i in chosen
+                    for i in sorted(members[k])
                 ),
             )
         )
     return tuple(files)
+
+
+# ------------------------------------------------------------------- writing
+
+
+def write_jobs(
+    assignment: RankAssignment,
+    local: LocalPlan,
+    rank: int,
+    sources: Mapping[Key, Callable[[], memoryview]] | None = None,
+) -> list[FileJob]:
+    """Turn an assignment into file jobs; ``sources`` overrides where bytes come from."""
+    shapes = {it.index.fqn: it.tensor_data.size for it in local.plan.items if it.tensor_data is not None}
+    jobs = []
+    for fa in assignment.files:
+        entries = []
+        for fqn, offsets, per_rank in fa.items:
+            tensor = local.tensors[(fqn, offsets)]
+            sizes = tuple(tensor.shape)
+            whole = shapes[fqn] == sizes and not any(offsets)
+            src = sources[(fqn, offsets)] if sources is not None else _lazy_bytes(tensor)
+            entries.append(
+                WriteEntry(
+                    fqn=fqn,
+                    offsets=offsets,
+                    sizes=sizes,
+                    dtype=tensor.dtype,
+                    name=chunk_name(fqn, offsets, whole, rank if per_rank else None),
+                    nbytes=tensor.numel() * tensor.element_size(),
+                    source=src,
+                    rank=rank if per_rank else None,
+                    global_shape=shapes[fqn],
+                )
+            )
+        jobs.append(FileJob(fa.name, tuple(entries)))
+    return jobs
+
+
+def _lazy_bytes(tensor: torch.Tensor) -> Callable[[], memoryview]:
+    return lambda: tensor_bytes(tensor)
+
+
+# -------------------------------------------------------------------- commit
+
+
+def assemble_metadata(results: Sequence[RankResult], tree: Any, options: SaveOptions) -> Metadata:
+    """The checkpoint's metadata from every rank's report (coordinator only)."""
+    world = len(results)
+    files: dict[str, FileRecord] = {}
+    props: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    chunks: dict[str, list[ChunkRecord]] = {}
+    per_rank_tensors: set[str] = set()
+    for rank, result in enumerate(results):
+        for wf in result.files:
+            files[wf.name] = FileRecord(rank, wf.size, wf.header_length, wf.header_checksum)
+            for c in wf.chunks:
+                props.setdefault(c.fqn, (dtype_from_name(c.dtype), c.global_shape))
+                chunks.setdefault(c.fqn, []).append(
+                    ChunkRecord(
+                        c.offsets, c.sizes, wf.name, c.name, c.byte_offset, c.byte_length, c.checksums, c.rank
+                    )
+                )
+                if c.rank is not None:
+                    per_rank_tensors.add(c.fqn)
+    tensors = {
+        fqn: TensorRecord(
+            dtype=props[fqn][0],
+            shape=props[fqn][1],
+            chunks=tuple(sorted(cs, key=lambda c: (c.rank or 0, c.offsets))),
+            per_rank=fqn in per_rank_tensors,
+        )
+        for fqn, cs in chunks.items()
+    }
+    values = _merge_values([r.values for r in results], world)
+    pickled = any(_is_pickled(v) for v in values.values())
+    return Metadata(
+        tensors=tensors,
+        values=values,
+        files=files,
+        tree=tree,
+        world_size=world,
+        block_size=options.block_size,
+        pickled=pickled,
+    )
+
+
+def _merge_values(by_rank: Sequence[Mapping[str, Any]], world: int) -> dict[str, ValueRecord]:
+    """One record per key; keys whose value differs between ranks keep each rank's own."""
+    encoded: dict[str, dict[int, str]] = {}
+    raw: dict[str, dict[int, Any]] = {}
+    for rank, vals in enumerate(by_rank):
+        for fqn, enc in vals.items():
+            encoded.setdefault(fqn, {})[rank] = json.dumps(enc, sort_keys=True)
+            raw.setdefault(fqn, {})[rank] = enc
+    out: dict[str, ValueRecord] = {}
+    for fqn, per in encoded.items():
+        if len(set(per.values())) == 1:
+            out[fqn] = ValueRecord(value=next(iter(raw[fqn].values())))
+        else:
+            slots = [raw[fqn].get(r, ABSENT) for r in range(world)]
+            out[fqn] = ValueRecord(per_rank=tuple(slots))
+    return out
+
+
+def _is_pickled(v: ValueRecord) -> bool:
+    candidates = v.per_rank if v.per_rank is not None else (v.value,)
+    return any(isinstance(x, dict) and "$pickle" in x for x in candidates)
+
+
+# ------------------------------------------------------------ the whole flow
 
 
 def save_collective(
@@ -136,146 +280,60 @@ def save_collective(
     options: SaveOptions,
     *,
     stage_s: float = 0.0,
-    sources: Mapping[Key, Callable[[], memoryview]] | None = None,
 ) -> Metadata:
-    """Plan, write and commit. ``sources`` overrides where each chunk's bytes come from."""
+    """Plan, write and commit, every step collective over ``comm``."""
     t0 = time.perf_counter()
-    plans_box: dict[str, list[SavePlan]] = {}  # the coordinator keeps the plans for commit
 
-    def plan_globally(plans: list[SavePlan]) -> list[RankAssignment]:
-        plans_box["plans"] = plans
-        gp = create_global_plan(plans, dedup=options.dedup)
+    def plan(plans: list[SavePlan]) -> list[RankAssignment]:
         token = uuid.uuid4().hex[:16]
-        out = []
-        for rank, p in enumerate(gp.plans):
-            owned = frozenset(it.index.fqn for it in p.items if it.type is WriteItemType.BYTE_IO)
-            out.append(
-                RankAssignment(
-                    token=token,
-                    files=assign_files(p, rank, gp.per_rank_fqns, options.max_files_per_rank),
-                    owned_values=owned,
-                    per_rank_values=gp.per_rank_fqns,
-                )
-            )
+        out = plan_assignments(plans, options, token)
         storage.begin_save(location, token)
         return out
 
-    assignment: RankAssignment = coordinate(comm, "save planning", local.plan, plan_globally)
+    assignment: RankAssignment = coordinate(comm, "save planning", local.plan, plan)
     t1 = time.perf_counter()
     try:
+        jobs = write_jobs(assignment, local, comm.rank)
         written = run_collectively(
-            comm, "writing shards", lambda: _write(storage, location, assignment, local, options, sources, comm.rank)
+            comm,
+            "writing shards",
+            lambda: run_blocking(
+                write_files(storage, location, assignment.token, jobs, block_size=options.block_size)
+            ),
         )
         t2 = time.perf_counter()
-        values = {fqn: local.values[fqn] for fqn in assignment.owned_values}
-        payload = (written, values)
 
-        def commit(results: list[tuple[list[WrittenFile], dict[str, Any]]]) -> list[Metadata]:
-            md = _assemble(results, plans_box["plans"], assignment, tree, options, comm.world_size)
+        def commit(results: list[RankResult]) -> list[Metadata]:
+            md = assemble_metadata(results, tree, options)
             storage.commit(location, assignment.token, encode_metadata(md))
             return [md] * comm.world_size
 
-        md: Metadata = coordinate(comm, "commit", payload, commit)
+        md: Metadata = coordinate(comm, "commit", RankResult(written, local.values), commit)
     except BaseException:
         if comm.rank == 0:
             storage.abort_save(location, assignment.token)
         raise
-    t3 = time.perf_counter()
     stats = SaveStats(
         stage_s=stage_s,
         plan_s=t1 - t0,
         write_s=t2 - t1,
-        commit_s=t3 - t2,
+        commit_s=time.perf_counter() - t2,
         bytes_written=sum(f.size for f in written),
     )
+    return with_stats(md, stats)
+
+
+def with_stats(md: Metadata, stats: SaveStats) -> Metadata:
     return Metadata(
-        tensors=md.tensors, values=md.values, files=md.files, tree=md.tree,
-        world_size=md.world_size, block_size=md.block_size, pickled=md.pickled, stats=stats,
+        tensors=md.tensors,
+        values=md.values,
+        files=md.files,
+        tree=md.tree,
+        world_size=md.world_size,
+        block_size=md.block_size,
+        pickled=md.pickled,
+        stats=stats,
     )
 
 
-def _write(
-    storage: Storage,
-    location: str,
-    assignment: RankAssignment,
-    local: LocalPlan,
-    options: SaveOptions,
-    sources: Mapping[Key, Callable[[], memoryview]] | None,
-    rank: int,
-) -> list[WrittenFile]:
-    shapes = {
-        it.index.fqn: it.tensor_data.size for it in local.plan.items if it.tensor_data is not None
-    }
-    jobs = []
-    for fa in assignment.files:
-        entries = []
-        for fqn, offsets, per_rank in fa.items:
-            tensor = local.tensors[(fqn, offsets)]
-            sizes = tuple(tensor.shape)
-            whole = shapes[fqn] == sizes and not any(offsets)
-            src = sources[(fqn, offsets)] if sources is not None else _lazy_bytes(tensor)
-            entries.append(
-                WriteEntry(
-                    fqn=fqn, offsets=offsets, sizes=sizes, dtype=tensor.dtype,
-                    name=chunk_name(fqn, offsets, whole, rank if per_rank else None),
-                    nbytes=tensor.numel() * tensor.element_size(), source=src,
-                    rank=rank if per_rank else None,
-                )
-            )
-        jobs.append(FileJob(fa.name, tuple(entries)))
-    return run_blocking(
-        write_files(storage, location, assignment.token, jobs, block_size=options.block_size)
-    )
-
-
-def _lazy_bytes(tensor: torch.Tensor) -> Callable[[], memoryview]:
-    return lambda: tensor_bytes(tensor)
-
-
-def _assemble(
-    results: list[tuple[list[WrittenFile], dict[str, Any]]],
-    plans: list[SavePlan],
-    assignment: RankAssignment,
-    tree: Any,
-    options: SaveOptions,
-    world: int,
-) -> Metadata:
-    props: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    for plan in plans:
-        for it in plan.items:
-            if it.tensor_data is not None and it.index.fqn not in props:
-                props[it.index.fqn] = (it.tensor_data.dtype, it.tensor_data.size)
-    files: dict[str, FileRecord] = {}
-    chunks: dict[str, list[ChunkRecord]] = {fqn: [] for fqn in props}
-    values: dict[str, ValueRecord] = {}
-    per_rank_values: dict[str, list[Any]] = {}
-    for rank, (written, owned) in enumerate(results):
-        for wf in written:
-            files[wf.name] = FileRecord(rank, wf.size, wf.header_length, wf.header_checksum)
-            for c in wf.chunks:
-                chunks[c.fqn].append(
-                    ChunkRecord(c.offsets, c.sizes, wf.name, c.name, c.byte_offset, c.byte_length, c.checksums, c.rank)
-                )
-        for fqn, enc in owned.items():
-            if fqn in assignment.per_rank_values:
-                per_rank_values.setdefault(fqn, [ABSENT] * world)[rank] = enc
-            else:
-                values[fqn] = ValueRecord(value=enc)
-    for fqn, slots in per_rank_values.items():
-        values[fqn] = ValueRecord(per_rank=tuple(slots))
-    tensors = {
-        fqn: TensorRecord(
-            dtype=props[fqn][0],
-            shape=props[fqn][1],
-            chunks=tuple(sorted(cs, key=lambda c: (c.rank or 0, c.offsets))),
-            per_rank=fqn in assignment.per_rank_values,
-        )
-        for fqn, cs in chunks.items()
-    }
-    pickled = any(isinstance(v.value, dict) and "$pickle" in v.value for v in values.values()) or any(
-        isinstance(x, dict) and "$pickle" in x for v in values.values() for x in (v.per_rank or ())
-    )
-    return Metadata(
-        tensors=tensors, values=values, files=files, tree=tree,
-        world_size=world, block_size=options.block_size, pickled=pickled,
-    )
+__all__ += ["with_stats"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..format import checksum
+from ..format.dtypes import dtype_name
 from ..format.shard import ShardEntry, layout_shard
 from ..storage.base import ShardSink, Storage
 
@@ -34,6 +35,7 @@ class WriteEntry:
     nbytes: int
     source: Callable[[], memoryview]
     rank: int | None = None
+    global_shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,8 @@ class FileJob:
 @dataclass(frozen=True, slots=True)
 class WrittenChunk:
     fqn: str
+    dtype: str
+    global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     name: str
@@ -106,8 +110,8 @@ async def _write_file(
             sums = await _stream(sink, entry, block_size)
             chunks.append(
                 WrittenChunk(
-                    entry.fqn, entry.offsets, entry.sizes, entry.name, start, entry.nbytes,
-                    tuple(sums), entry.rank,
+                    entry.fqn, dtype_name(entry.dtype), entry.global_shape, entry.offsets,
+                    entry.sizes, entry.name, start, entry.nbytes, tuple(sums), entry.rank,
                 )
             )
         await sink.finish()
