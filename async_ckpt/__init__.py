@@ -3,15 +3,19 @@
 The public surface is small and listed in ``__all__``; see docs/api.md.
 """
 
-from .api import assert_same_keys, load, read_metadata, save
+from .api import assert_same_keys, async_save, load, read_metadata, save
+from .checkpointer import AsyncCheckpointer, PendingCheckpoint
 from .errors import CheckpointError, CorruptCheckpointError
 from .format.metadata import Metadata
 
 __all__ = [
+    "AsyncCheckpointer",
     "CheckpointError",
     "CorruptCheckpointError",
     "Metadata",
+    "PendingCheckpoint",
     "assert_same_keys",
+    "async_save",
     "load",
     "read_metadata",
     "save",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import threading
 import time
 from typing import Any
 
@@ -16,7 +18,7 @@ from .save_flow import SaveOptions, save_collective
 from .state_dict import flatten
 from .storage import Storage, detect_storage
 
-__all__ = ["assert_same_keys", "load", "read_metadata", "save"]
+__all__ = ["assert_same_keys", "async_save", "load", "read_metadata", "save"]
 
 log = logging.getLogger("async_ckpt")
 
@@ -100,3 +102,47 @@ def assert_same_keys(state_dict: dict[str, Any], process_group: dist.ProcessGrou
         problem = comm.broadcast(problem)
     if problem:
         raise AssertionError(problem)
+
+
+# ------------------------------------------------------------------ async
+
+_defaults: dict[int, Any] = {}
+_defaults_lock = threading.Lock()
+
+
+def _default_checkpointer(process_group: dist.ProcessGroup | None) -> Any:
+    from .checkpointer import AsyncCheckpointer
+
+    key = id(process_group)
+    with _defaults_lock:
+        ckpt = _defaults.get(key)
+        if ckpt is None:
+            if not _defaults:
+                atexit.register(_close_defaults)
+            ckpt = _defaults[key] = AsyncCheckpointer(process_group)
+    return ckpt
+
+
+def _close_defaults() -> None:
+    with _defaults_lock:
+        ckpts = list(_defaults.values())
+        _defaults.clear()
+    for ckpt in ckpts:
+        ckpt.close(timeout=60.0)
+
+
+async def async_save(
+    state_dict: dict[str, Any],
+    checkpoint_id: Any,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    storage: Storage | None = None,
+    overlap: bool = False,
+) -> Any:
+    """Stage ``state_dict`` and return a ``PendingCheckpoint`` (await it for the ``Metadata``).
+
+    Uses one default ``AsyncCheckpointer`` per process group, created on first
+    use and closed at interpreter exit.
+    """
+    ckpt = _default_checkpointer(process_group)
+    return await ckpt.async_save(state_dict, checkpoint_id, overlap=overlap, storage=storage)

@@ -136,7 +136,14 @@ def run_collectively(comm: Comm, step: str, fn: Callable[[], T]) -> T:
         if comm.world_size == 1:
             raise
     if comm.world_size > 1:
-        statuses = comm.gather(failure)
+        if hasattr(comm, "step"):
+            comm.step = step
+        try:
+            statuses = comm.gather(failure)
+        except Exception as exc:  # noqa: BLE001 - the coordinator still tells the others
+            if comm.rank != 0:
+                raise
+            statuses = [RankFailure(0, f"{type(exc).__name__}: {exc}", traceback.format_exc())]
         failures = comm.broadcast(
             [f for f in statuses if f is not None] if statuses is not None else None
         )

@@ -94,18 +94,26 @@ class RankResult:
 
 
 def coordinate(comm: Comm, step: str, payload: Any, fn: Callable[[list[Any]], Sequence[Any]]) -> Any:
-    """Gather ``payload``, run ``fn`` on the coordinator, hand rank r its ``fn(...)[r]``."""
-    gathered = comm.gather(payload)
+    """Gather ``payload``, run ``fn`` on the coordinator, hand rank r its ``fn(...)[r]``.
+
+    If the gather itself fails on the coordinator (a rank never arrived), the
+    failure is still broadcast, so the ranks that did arrive fail promptly too.
+    """
+    if hasattr(comm, "step"):
+        comm.step = step
     outputs: Sequence[Any] | None = None
     error: BaseException | None = None
     failure: RankFailure | None = None
-    if comm.rank == 0:
-        assert gathered is not None
-        try:
+    try:
+        gathered = comm.gather(payload)
+        if comm.rank == 0:
+            assert gathered is not None
             outputs = fn(gathered)
-        except Exception as exc:  # noqa: BLE001 - reported to every rank below
-            error = exc
-            failure = RankFailure(0, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    except Exception as exc:  # noqa: BLE001 - reported to every rank below
+        if comm.rank != 0:
+            raise
+        error = exc
+        failure = RankFailure(0, f"{type(exc).__name__}: {exc}", traceback.format_exc())
     if comm.world_size == 1:
         if error is not None:
             raise error

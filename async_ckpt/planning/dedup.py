@@ -8,9 +8,10 @@ keeps each such item in exactly one plan.  Three policies live here:
 * :func:`dedup_save_plans`: a faithful port of DCP's ``dedup_save_plans``.
 * :func:`balanced_dedup`: our default, a deterministic largest-first balance.
 
-All three share one pass over the plans (:func:`collect_holdings`) that gives
-every distinct ``(fqn, offset)`` key a small integer id; later steps work on
-those ids so no hot loop hashes a ``MetadataIndex`` object.
+At 1024 ranks the coordinator sees millions of items, so all three share one
+indexing pass (:func:`collect_holdings`) whose per-item work runs inside C
+loops (``map`` over ``attrgetter`` and ``dict.setdefault``) and numpy; the
+Python-level loops that follow run once per distinct key, not per item.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import math
+import operator
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -45,75 +48,114 @@ DEFAULT_ITEM_COST_BYTES = 64 * 1024
 KEEP_ALL = -1
 
 Key = tuple[str, tuple[int, ...] | None]
+IntArray = npt.NDArray[np.int64]
+
+_key_of = operator.attrgetter("index.fqn", "index.offset")
+_value_hash_of = operator.attrgetter("value_hash")
+_tensor_data_of = operator.attrgetter("tensor_data")
 
 
 @dataclass(frozen=True, slots=True)
 class Holdings:
-    """Who holds what, indexed by a dense key id (first-appearance order).
+    """Who holds what, with keys numbered densely in first-appearance order.
 
-    ``holders[k]`` lists, ascending and without repeats, the plan positions
-    holding key ``k``; ``first[k]``/``last[k]`` are the items seen first and last
-    in plan order; ``mixed_hash`` holds the ids whose ``value_hash`` is not the
-    same across all holders; ``plan_key_ids[p]`` gives each item of plan ``p``
-    its key id, in item order.
+    ``items`` is every plan's items back to back, plan ``p`` owning
+    ``items[plan_start[p]:plan_start[p + 1]]``, and ``item_key`` gives each
+    one's key id.  The plan positions holding key ``k`` are
+    ``holder_ranks[holder_start[k]:holder_start[k + 1]]``, ascending and
+    without repeats.  ``first``/``last`` index into ``items`` the key's first
+    and last occurrence in plan order.  ``mixed_hash`` holds the keys whose
+    ``value_hash`` is not the same on every holder.
     """
 
     keys: list[Key]
-    holders: list[list[int]]
-    first: list[WriteItem]
-    last: list[WriteItem]
+    items: list[WriteItem]
+    plan_start: IntArray
+    item_key: IntArray
+    holder_ranks: IntArray
+    holder_start: IntArray
+    first: IntArray
+    last: IntArray
     mixed_hash: frozenset[int]
-    plan_key_ids: list[npt.NDArray[np.int64]]
+
+    @property
+    def n_plans(self) -> int:
+        return len(self.plan_start) - 1
+
+    def holders(self, key_id: int) -> IntArray:
+        return self.holder_ranks[self.holder_start[key_id] : self.holder_start[key_id + 1]]
+
+    def n_holders(self) -> IntArray:
+        return np.diff(self.holder_start)
+
+    def first_items(self) -> list[WriteItem]:
+        return list(map(self.items.__getitem__, self.first.tolist()))
 
 
 def collect_holdings(plans: Sequence[SavePlan]) -> Holdings:
-    """Index every item of every plan by its ``(fqn, offset)`` key in one pass."""
-    ids: dict[Key, int] = {}
-    keys: list[Key] = []
-    holders: list[list[int]] = []
-    first: list[WriteItem] = []
-    last: list[WriteItem] = []
-    mixed: set[int] = set()
-    plan_key_ids: list[npt.NDArray[np.int64]] = []
-    # This loop runs once per item of every rank (millions at scale), so it
-    # is written for CPython speed: locals only, one dict probe per item.
-    for pos, plan in enumerate(plans):
-        row: list[int] = []
-        append = row.append
-        for item in plan.items:
-            index = item.index
-            key = (index.fqn, index.offset)
-            kid = ids.get(key)
-            if kid is None:
-                kid = ids[key] = len(keys)
-                keys.append(key)
-                holders.append([pos])
-                first.append(item)
-                last.append(item)
-            else:
-                held_by = holders[kid]
-                if held_by[-1] != pos:
-                    held_by.append(pos)
-                if item.value_hash != first[kid].value_hash:
-                    mixed.add(kid)
-                last[kid] = item
-            append(kid)
-        plan_key_ids.append(np.array(row, dtype=np.int64))
-    return Holdings(keys, holders, first, last, frozenset(mixed), plan_key_ids)
+    """Index every item of every plan by its ``(fqn, offset)`` key."""
+    items = list(itertools.chain.from_iterable(plan.items for plan in plans))
+    lengths = np.fromiter((len(plan.items) for plan in plans), np.int64, len(plans))
+    plan_start = np.zeros(len(plans) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=plan_start[1:])
+    n = len(items)
+
+    # setdefault hands back the position where each key was first seen, and
+    # the dict keeps keys in first-appearance order, which numbers them.
+    first_seen: dict[Key, int] = {}
+    seen_at = np.fromiter(map(first_seen.setdefault, map(_key_of, items), itertools.count()), np.int64, n)
+    keys = list(first_seen)
+    first = np.fromiter(first_seen.values(), np.int64, len(keys))
+    del first_seen
+    item_key = np.searchsorted(first, seen_at)
+
+    # Grouping by key (stably, so positions stay ascending) yields holders.
+    item_plan = np.repeat(np.arange(len(plans), dtype=np.int64), lengths)
+    order = np.argsort(item_key, kind="stable")
+    sorted_key = item_key[order]
+    sorted_plan = item_plan[order]
+    new_pair = np.ones(n, dtype=bool)
+    new_pair[1:] = (sorted_key[1:] != sorted_key[:-1]) | (sorted_plan[1:] != sorted_plan[:-1])
+    holder_ranks = sorted_plan[new_pair]
+    holder_start = np.zeros(len(keys) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(sorted_key[new_pair], minlength=len(keys)), out=holder_start[1:])
+    occurrences_end = np.cumsum(np.bincount(item_key, minlength=len(keys)))
+    last = order[occurrences_end - 1] if n else np.zeros(0, dtype=np.int64)
+
+    mixed = _mixed_hash_keys(items, item_key, order, occurrences_end)
+    return Holdings(keys, items, plan_start, item_key, holder_ranks, holder_start, first, last, mixed)
 
 
-def apply_owners(
-    plans: Sequence[SavePlan], holdings: Holdings, owner: npt.NDArray[np.int64]
-) -> list[SavePlan]:
+def _mixed_hash_keys(
+    items: list[WriteItem], item_key: IntArray, order: IntArray, occurrences_end: IntArray
+) -> frozenset[int]:
+    hashes = list(map(_value_hash_of, items))
+    hashed = np.fromiter(map(operator.is_not, hashes, itertools.repeat(None)), bool, len(hashes))
+    if not hashed.any():
+        return frozenset()
+    mixed = set()
+    # Only keys with some hash can differ; a holder without one differs too.
+    for key_id in np.unique(item_key[hashed]).tolist():
+        begin = int(occurrences_end[key_id - 1]) if key_id else 0
+        members = order[begin : occurrences_end[key_id]].tolist()
+        if len({hashes[i] for i in members}) > 1:
+            mixed.add(key_id)
+    return frozenset(mixed)
+
+
+def apply_owners(plans: Sequence[SavePlan], holdings: Holdings, owner: IntArray) -> list[SavePlan]:
     """New plans keeping each item only where ``owner`` says (``KEEP_ALL``: everywhere)."""
+    item_owner = owner[holdings.item_key]
+    item_plan = np.repeat(np.arange(len(plans), dtype=np.int64), np.diff(holdings.plan_start))
+    keep = (item_owner == item_plan) | (item_owner == KEEP_ALL)
     result: list[SavePlan] = []
     for pos, plan in enumerate(plans):
-        owners = owner[holdings.plan_key_ids[pos]]
-        keep = (owners == pos) | (owners == KEEP_ALL)
-        if keep.all():
+        begin, end = int(holdings.plan_start[pos]), int(holdings.plan_start[pos + 1])
+        mask = keep[begin:end]
+        if mask.all():
             items = list(plan.items)
         else:
-            items = list(itertools.compress(plan.items, keep.tolist()))
+            items = list(itertools.compress(plan.items, mask.tolist()))
         result.append(dataclasses.replace(plan, items=items))
     return result
 
@@ -125,11 +167,7 @@ def dedup_tensors(plans: Sequence[SavePlan]) -> list[SavePlan]:
     plans are not modified.
     """
     holdings = collect_holdings(plans)
-    owner = np.fromiter(
-        (held_by[0] for held_by in holdings.holders),
-        dtype=np.int64,
-        count=len(holdings.holders),
-    )
+    owner = holdings.holder_ranks[holdings.holder_start[:-1]]
     return apply_owners(plans, holdings, owner)
 
 
@@ -140,15 +178,10 @@ def _dcp_storage_size(item: WriteItem) -> int:
     data = item.tensor_data
     if data is None:
         return 1
-    numel = 1
-    for dim in data.size:
-        numel *= dim
-    return numel * data.dtype.itemsize or 1
+    return math.prod(data.size) * data.dtype.itemsize or 1
 
 
-def dedup_save_plans(
-    plans: Sequence[SavePlan], save_to_lowest_rank: bool = False
-) -> list[SavePlan]:
+def dedup_save_plans(plans: Sequence[SavePlan], save_to_lowest_rank: bool = False) -> list[SavePlan]:
     """Port of ``torch.distributed.checkpoint._dedup_save_plans.dedup_save_plans``.
 
     Keys are visited in first-appearance order; each is kept only by the holder
@@ -156,8 +189,8 @@ def dedup_save_plans(
     ``save_to_lowest_rank``).  Everything DCP does is reproduced, quirks
     included, so the two give identical plans:
 
-    * sizes come from the item's global tensor shape, and from the holder seen
-      last; a non-tensor counts as one byte;
+    * sizes come from the item's global tensor shape, not its chunk, taken
+      from the holder seen last; a non-tensor counts as one byte;
     * among holders tied on bytes, DCP's ``min`` over a ``set`` of positions
       picks the first in CPython set iteration order.  That is the lowest
       position when all holders are below the set's table size (always for
@@ -167,79 +200,109 @@ def dedup_save_plans(
     Input plans are not modified.
     """
     holdings = collect_holdings(plans)
+    if save_to_lowest_rank:
+        owner = holdings.holder_ranks[holdings.holder_start[:-1]]
+        return apply_owners(plans, holdings, owner)
     planned = [0] * len(plans)
     owner = np.empty(len(holdings.keys), dtype=np.int64)
-    for kid, held_by in enumerate(holdings.holders):
-        if len(held_by) == 1 or save_to_lowest_rank:
-            chosen = held_by[0]
+    sizes = map(_dcp_storage_size, map(holdings.items.__getitem__, holdings.last.tolist()))
+    starts = holdings.holder_start.tolist()
+    ranks = holdings.holder_ranks.tolist()
+    for key_id, size in enumerate(sizes):
+        begin, end = starts[key_id], starts[key_id + 1]
+        if end - begin == 1:
+            chosen = ranks[begin]
         else:
             as_dcp_set: set[int] = set()
-            for pos in held_by:
+            for pos in ranks[begin:end]:
                 as_dcp_set.add(pos)
             chosen = min(as_dcp_set, key=planned.__getitem__)
-        planned[chosen] += _dcp_storage_size(holdings.last[kid])
-        owner[kid] = chosen
+        planned[chosen] += size
+        owner[key_id] = chosen
     return apply_owners(plans, holdings, owner)
 
 
-def item_bytes(item: WriteItem) -> int:
-    """Bytes a chunk occupies; non-tensors count as zero (only their item cost)."""
-    return item.tensor_storage_size() or 0
+def _chunk_bytes(items: list[WriteItem]) -> IntArray:
+    """Bytes each item's chunk occupies; non-tensors count zero."""
+    out = np.zeros(len(items), dtype=np.int64)
+    datas = list(map(_tensor_data_of, items))
+    tensor = np.flatnonzero(
+        np.fromiter(map(operator.is_not, datas, itertools.repeat(None)), bool, len(datas))
+    ).tolist()
+    if tensor:
+        present = list(map(datas.__getitem__, tensor))
+        numel = map(math.prod, map(operator.attrgetter("chunk.sizes"), present))
+        itemsize = map(operator.attrgetter("properties.dtype.itemsize"), present)
+        out[tensor] = np.fromiter(map(operator.mul, numel, itemsize), np.int64, len(tensor))
+    return out
 
 
-def balanced_owners(
-    holdings: Holdings,
-    n_plans: int,
-    keep_all: Collection[int],
-    item_cost_bytes: int,
-) -> npt.NDArray[np.int64]:
-    """Choose an owner per key id: largest duplicated items first, least-loaded holder.
+def balanced_owners(holdings: Holdings, keep_all: Collection[int], item_cost_bytes: int) -> IntArray:
+    """Choose an owner per key: largest duplicated items first, least-loaded holder.
 
     Keys in ``keep_all`` are written by every holder.  The choice depends only
     on which positions hold which items, never on the order items arrive in.
     """
-    owner = np.empty(len(holdings.keys), dtype=np.int64)
-    load = [0] * n_plans
-    duplicated: list[tuple[int, str, bool, tuple[int, ...], int]] = []
+    n_keys = len(holdings.keys)
+    n_holders = holdings.n_holders()
+    fixed = n_holders == 1
+    if keep_all:
+        fixed[list(keep_all)] = True
+    first_items = holdings.first_items()
+    cost = _chunk_bytes(first_items) + item_cost_bytes
+
     # Fixed work goes in first so that duplicated items fill around it.
-    for kid, held_by in enumerate(holdings.holders):
-        single = len(held_by) == 1
-        if single or kid in keep_all:
-            cost = item_bytes(holdings.first[kid]) + item_cost_bytes
-            for pos in held_by:
-                load[pos] += cost
-            owner[kid] = held_by[0] if single else KEEP_ALL
-        else:
-            fqn, offset = holdings.keys[kid]
-            size = item_bytes(holdings.first[kid])
-            # A total order on distinct keys: offset None (non-tensor) sorts first.
-            duplicated.append((-size, fqn, offset is not None, offset or (), kid))
-    duplicated.sort()
+    holder_key = np.repeat(np.arange(n_keys, dtype=np.int64), n_holders)
+    fixed_holding = fixed[holder_key]
+    load_array = np.zeros(holdings.n_plans, dtype=np.int64)
+    np.add.at(load_array, holdings.holder_ranks[fixed_holding], cost[holder_key[fixed_holding]])
+    load: list[int] = load_array.tolist()
 
-    # Fully replicated items (the common case for norms and biases) pick from
-    # a heap of (load, rank) instead of scanning every rank.  Partially held
-    # items raise loads behind the heap's back; such stale entries are only
-    # ever too low, so popping re-checks and re-pushes them (lazy deletion).
-    heap = [(load[pos], pos) for pos in range(n_plans)]
-    heapq.heapify(heap)
-
-    for neg_size, _fqn, _has_offset, _offset, kid in duplicated:
-        cost = item_cost_bytes - neg_size
-        held_by = holdings.holders[kid]
-        if len(held_by) == n_plans:
-            while True:
-                entry_load, chosen = heap[0]
-                if entry_load == load[chosen]:
-                    break
-                heapq.heapreplace(heap, (load[chosen], chosen))
-            load[chosen] += cost
-            heapq.heapreplace(heap, (load[chosen], chosen))
-        else:
-            # held_by is ascending, so min keeps the lowest rank on ties.
-            chosen = min(held_by, key=load.__getitem__)
-            load[chosen] += cost
-        owner[kid] = chosen
+    owner = np.full(n_keys, KEEP_ALL, dtype=np.int64)
+    single = np.flatnonzero(n_holders == 1)
+    owner[single] = holdings.holder_ranks[holdings.holder_start[single]]
+    shared = np.flatnonzero(~fixed).tolist()
+    # Largest first; ties by fqn then offset (a non-tensor's None first).
+    order = sorted(
+        shared,
+        key=lambda k: (
+            -int(cost[k]),
+            holdings.keys[k][0],
+            holdings.keys[k][1] is not None,
+            holdings.keys[k][1] or (),
+        ),
+    )
+    _place(holdings, order, cost.tolist(), load, owner)
     return owner
+
+
+def _place(holdings: Holdings, order: list[int], cost: list[int], load: list[int], owner: IntArray) -> None:
+    """Put each key in ``order`` on its least-loaded holder, ties to the lowest rank.
+
+    Keys with the same holders (the replicas of one tp shard, or every rank
+    for a fully replicated tensor) share a heap of ``(load, rank)`` entries,
+    so a placement costs O(log holders) instead of a scan.  A placement in
+    another group can raise a rank's load behind a heap's back; such stale
+    entries are only ever too low, so a popped entry is checked against
+    ``load`` and pushed back corrected when stale (lazy deletion).
+    """
+    heaps: dict[bytes, list[tuple[int, int]]] = {}
+    starts = holdings.holder_start
+    for key_id in order:
+        ranks = holdings.holder_ranks[starts[key_id] : starts[key_id + 1]]
+        group = ranks.tobytes()
+        heap = heaps.get(group)
+        if heap is None:
+            heap = heaps[group] = [(load[r], r) for r in ranks.tolist()]
+            heapq.heapify(heap)
+        while True:
+            entry_load, chosen = heap[0]
+            if entry_load == load[chosen]:
+                break
+            heapq.heapreplace(heap, (load[chosen], chosen))
+        load[chosen] += cost[key_id]
+        heapq.heapreplace(heap, (load[chosen], chosen))
+        owner[key_id] = chosen
 
 
 def balanced_dedup(
@@ -259,5 +322,5 @@ def balanced_dedup(
     if item_cost_bytes < 0:
         raise ValueError(f"item_cost_bytes must be >= 0, got {item_cost_bytes}")
     holdings = collect_holdings(plans)
-    owner = balanced_owners(holdings, len(plans), holdings.mixed_hash, item_cost_bytes)
+    owner = balanced_owners(holdings, holdings.mixed_hash, item_cost_bytes)
     return apply_owners(plans, holdings, owner)

@@ -70,7 +70,7 @@ def create_global_plan(
     elif dedup == "lowest_rank":
         plans = apply_owners(local_plans, holdings, _lowest_owners(holdings, keep_all))
     else:
-        owner = balanced_owners(holdings, len(local_plans), keep_all, item_cost_bytes)
+        owner = balanced_owners(holdings, keep_all, item_cost_bytes)
         plans = apply_owners(local_plans, holdings, owner)
     validate_coverage(plans, per_rank_fqns=per_rank_fqns)
     return GlobalPlan(plans=plans, per_rank_fqns=per_rank_fqns)
@@ -84,14 +84,8 @@ def _keys_of(holdings: Holdings, fqns: frozenset[str]) -> frozenset[int]:
     return frozenset(kid for kid, (fqn, _) in enumerate(holdings.keys) if fqn in fqns)
 
 
-def _lowest_owners(
-    holdings: Holdings, keep_all: frozenset[int]
-) -> npt.NDArray[np.int64]:
-    owner = np.fromiter(
-        (held_by[0] for held_by in holdings.holders),
-        dtype=np.int64,
-        count=len(holdings.holders),
-    )
+def _lowest_owners(holdings: Holdings, keep_all: frozenset[int]) -> npt.NDArray[np.int64]:
+    owner = holdings.holder_ranks[holdings.holder_start[:-1]]
     if keep_all:
         owner[list(keep_all)] = KEEP_ALL
     return owner

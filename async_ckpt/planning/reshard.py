@@ -29,9 +29,7 @@ class Overlap:
     lengths: tuple[int, ...]
 
 
-def chunk_overlap(
-    saved: ChunkStorageMetadata, target: ChunkStorageMetadata
-) -> Overlap | None:
+def chunk_overlap(saved: ChunkStorageMetadata, target: ChunkStorageMetadata) -> Overlap | None:
     """Where ``saved`` and ``target`` intersect, or None if they share no element.
 
     Two 0-dim chunks always overlap (each is the tensor's single element).
@@ -45,7 +43,7 @@ def chunk_overlap(
     target_offsets: list[int] = []
     lengths: list[int] = []
     for s_off, s_size, t_off, t_size in zip(
-        saved.offsets, saved.sizes, target.offsets, target.sizes
+        saved.offsets, saved.sizes, target.offsets, target.sizes, strict=True
     ):
         start = max(s_off, t_off)
         end = min(s_off + s_size, t_off + t_size)
@@ -75,9 +73,7 @@ class ChunkIndex:
         self._ndim = ndim
         self._axis = 0
         if ndim:
-            self._axis = max(
-                range(ndim), key=lambda d: len({c.offsets[d] for c in self._saved})
-            )
+            self._axis = max(range(ndim), key=lambda d: len({c.offsets[d] for c in self._saved}))
         axis = self._axis
         starts = [(c.offsets[axis] if ndim else 0) for c in self._saved]
         self._order = sorted(range(len(starts)), key=starts.__getitem__)
@@ -94,8 +90,7 @@ class ChunkIndex:
         else:
             if len(target.offsets) != self._ndim:
                 raise ValueError(
-                    f"target chunk has {len(target.offsets)} dims, saved chunks have "
-                    f"{self._ndim}"
+                    f"target chunk has {len(target.offsets)} dims, saved chunks have {self._ndim}"
                 )
             begin = target.offsets[self._axis]
             end = begin + target.sizes[self._axis]
@@ -139,7 +134,7 @@ def contiguous_byte_range(
             f"chunk sizes {tuple(chunk_sizes)}, offsets {tuple(overlap_saved_offsets)} "
             f"and lengths {tuple(lengths)} differ in number of dims"
         )
-    for size, off, length in zip(chunk_sizes, overlap_saved_offsets, lengths):
+    for size, off, length in zip(chunk_sizes, overlap_saved_offsets, lengths, strict=True):
         if off < 0 or length < 0 or off + length > size:
             raise ValueError(
                 f"region offsets {tuple(overlap_saved_offsets)} lengths {tuple(lengths)} "
@@ -148,7 +143,7 @@ def contiguous_byte_range(
     first = last = 0
     stride = 1
     for size, off, length in zip(
-        reversed(chunk_sizes), reversed(overlap_saved_offsets), reversed(lengths)
+        reversed(chunk_sizes), reversed(overlap_saved_offsets), reversed(lengths), strict=True
     ):
         first += off * stride
         last += (off + length - 1) * stride

@@ -48,9 +48,7 @@ class _TensorChunks:
     sizes: list[Shape]
 
 
-def validate_coverage(
-    plans: Sequence[SavePlan], *, per_rank_fqns: frozenset[str] = frozenset()
-) -> None:
+def validate_coverage(plans: Sequence[SavePlan], *, per_rank_fqns: frozenset[str] = frozenset()) -> None:
     """Raise :class:`PlanValidationError` unless every tensor is tiled exactly.
 
     For every fqn of a ``TENSOR`` or ``SHARD`` item (``BYTE_IO`` items and
@@ -84,17 +82,14 @@ def _collect(
                 continue
             data = item.tensor_data
             if data is None:
-                raise PlanValidationError(
-                    f"tensor {fqn!r}: {item.type.value} item has no tensor data"
-                )
+                raise PlanValidationError(f"tensor {fqn!r}: {item.type.value} item has no tensor data")
             chunk = data.chunk
             entry = tensors.get(fqn)
             if entry is None:
                 entry = tensors[fqn] = _TensorChunks(data.dtype, data.size, [], [])
             elif data.size != entry.shape:
                 raise PlanValidationError(
-                    f"tensor {fqn!r}: items disagree on global shape: "
-                    f"{entry.shape} vs {data.size}"
+                    f"tensor {fqn!r}: items disagree on global shape: {entry.shape} vs {data.size}"
                 )
             elif data.dtype != entry.dtype:
                 raise PlanValidationError(
@@ -120,7 +115,7 @@ def _check_tensor(fqn: str, entry: _TensorChunks) -> None:
 
 def _check_single_chunk(fqn: str, shape: Shape, offsets: Shape, sizes: Shape) -> None:
     # Most tensors are saved whole by one rank; skip numpy for them.
-    for off, size, dim in zip(offsets, sizes, shape):
+    for off, size, dim in zip(offsets, sizes, shape, strict=True):
         if off < 0 or size < 0 or off + size > dim:
             raise _out_of_bounds(fqn, shape, offsets, sizes)
     numel = math.prod(shape)
@@ -193,7 +188,7 @@ def _shared_cell(cells: IntArray) -> tuple[int, int] | None:
 
 def _shared_cell_enumerated(lo: IntArray, hi: IntArray) -> tuple[int, int] | None:
     owner: dict[tuple[int, ...], int] = {}
-    for i, (row_lo, row_hi) in enumerate(zip(lo.tolist(), hi.tolist())):
+    for i, (row_lo, row_hi) in enumerate(zip(lo.tolist(), hi.tolist(), strict=True)):
         for cell in itertools.product(*map(range, row_lo, row_hi)):
             j = owner.setdefault(cell, i)
             if j != i:
@@ -219,26 +214,20 @@ def _sweep_overlap(starts: IntArray, ends: IntArray) -> tuple[int, int] | None:
     return None
 
 
-def _boxes_intersect(
-    a_start: list[int], a_end: list[int], b_start: list[int], b_end: list[int]
-) -> bool:
+def _boxes_intersect(a_start: list[int], a_end: list[int], b_start: list[int], b_end: list[int]) -> bool:
     return all(
-        max(s0, s1) < min(e0, e1)
-        for s0, e0, s1, e1 in zip(a_start, a_end, b_start, b_end)
+        max(s0, s1) < min(e0, e1) for s0, e0, s1, e1 in zip(a_start, a_end, b_start, b_end, strict=True)
     )
 
 
-def _out_of_bounds(
-    fqn: str, shape: Shape, offsets: Shape, sizes: Shape
-) -> PlanValidationError:
+def _out_of_bounds(fqn: str, shape: Shape, offsets: Shape, sizes: Shape) -> PlanValidationError:
     return PlanValidationError(
-        f"tensor {fqn!r}: chunk offsets={offsets} sizes={sizes} is out of bounds "
-        f"of global shape {shape}"
+        f"tensor {fqn!r}: chunk offsets={offsets} sizes={sizes} is out of bounds of global shape {shape}"
     )
 
 
 def _overlap(fqn: str, entry: _TensorChunks, a: int, b: int) -> PlanValidationError:
-    at = tuple(max(x, y) for x, y in zip(entry.offsets[a], entry.offsets[b]))
+    at = tuple(max(x, y) for x, y in zip(entry.offsets[a], entry.offsets[b], strict=True))
     return PlanValidationError(
         f"tensor {fqn!r}: chunks overlap at offsets {at}: "
         f"offsets={entry.offsets[a]} sizes={entry.sizes[a]} and "

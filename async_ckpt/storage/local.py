@@ -102,7 +102,7 @@ class LocalStorage:
         stage = staging_dir(location, token)
         try:
             stage.parent.mkdir(parents=True, exist_ok=True)
-            stage.mkdir()
+            stage.mkdir(exist_ok=True)  # every rank may call it (cached plans)
         except OSError as exc:
             raise CheckpointError(f"cannot create checkpoint directory {stage}: {exc}") from exc
 

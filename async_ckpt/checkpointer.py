@@ -1,0 +1,415 @@
+"""``AsyncCheckpointer`` and ``PendingCheckpoint``: lifetime, staging, backpressure.
+
+A save on the trainer side is: flatten, take a staging slot (waiting while
+``max_in_flight`` saves still hold theirs), copy into it, send the worker a
+small request, return. The worker's replies arrive on a listener thread:
+``Released`` frees the slot, ``Finished`` resolves the pending checkpoint.
+This class never touches files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import CheckpointError
+from .format.metadata import Metadata
+from .local_plan import build_local_plan
+from .save_flow import SaveOptions
+from .staging import Layout, StagingPool, StagingSlot, make_layout
+from .state_dict import flatten
+from .storage import Storage, detect_storage
+from .worker.client import WorkerClient, WorkerDiedError
+from .worker.group import WorkerGroup, join_worker_group
+from .worker.messages import Finished, LocalFailure, Released, SaveRequest, WorkerConfig
+
+__all__ = ["AsyncCheckpointer", "PendingCheckpoint", "StagedHandle"]
+
+log = logging.getLogger("async_ckpt")
+
+
+class StagedHandle:
+    """Resolves when a save's staging copy is complete (awaitable, or ``wait()``)."""
+
+    def __init__(self) -> None:
+        self._future: concurrent.futures.Future[float] = concurrent.futures.Future()
+
+    def __await__(self) -> Generator[Any, None, float]:
+        return asyncio.wrap_future(self._future).__await__()
+
+    def wait(self, timeout: float | None = None) -> float:
+        """Block until staged; returns the staging time in seconds."""
+        return self._future.result(timeout)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+
+class PendingCheckpoint:
+    """A save in flight. Await it (or call ``result()``) for the committed ``Metadata``."""
+
+    def __init__(self, checkpoint_id: Any, save_id: int) -> None:
+        self.checkpoint_id = checkpoint_id
+        self.save_id = save_id
+        self.staged = StagedHandle()
+        self._future: concurrent.futures.Future[Metadata] = concurrent.futures.Future()
+
+    def __await__(self) -> Generator[Any, None, Metadata]:
+        return asyncio.wrap_future(self._future).__await__()
+
+    def result(self, timeout: float | None = None) -> Metadata:
+        return self._future.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return self._future.exception(timeout)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def add_done_callback(self, fn: Callable[[PendingCheckpoint], Any]) -> None:
+        self._future.add_done_callback(lambda _: fn(self))
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"<PendingCheckpoint {self.checkpoint_id!s} save {self.save_id} {state}>"
+
+    # called by the checkpointer
+    def _fail(self, error: BaseException) -> None:
+        if not self.staged.done():
+            self.staged._future.set_exception(error)
+        if not self._future.done():
+            self._future.set_exception(error)
+
+
+@dataclass
+class _InFlight:
+    pending: PendingCheckpoint
+    slot: StagingSlot
+    released: bool = False
+
+
+class AsyncCheckpointer:
+    """Saves in the background through one persistent worker process per rank.
+
+    Every rank of ``process_group`` (default: the default group, or none) must
+    create its checkpointer and call ``save`` in the same order.
+    ``max_in_flight`` bounds how many saves may be staged but not yet written,
+    and so the staging memory (``max_in_flight`` copies of the state dict).
+    ``start=True`` starts the worker now, so the first save does not pay for
+    it (collective when there are several ranks). ``timeout`` bounds every wait
+    on another rank's worker.
+    """
+
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None = None,
+        max_in_flight: int = 1,
+        *,
+        storage: Storage | None = None,
+        timeout: float = 600.0,
+        start: bool = False,
+        allow_pickle: bool = False,
+        verify_replicas: bool = False,
+        pin_memory: bool | None = None,
+        close_timeout: float = 600.0,
+        worker_start_timeout: float = 120.0,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self._pg = process_group
+        self._storage = storage
+        self._timeout = timeout
+        self._close_timeout = close_timeout
+        self._start_timeout = worker_start_timeout
+        self._options = SaveOptions(allow_pickle=allow_pickle, verify_replicas=verify_replicas)
+        self._pool = StagingPool(max_in_flight, pin=pin_memory)
+        self._lock = threading.RLock()
+        self._inflight: dict[int, _InFlight] = {}
+        self._next_save = 0
+        self._group: WorkerGroup | None = None
+        self._worker: WorkerClient | None = None
+        self._closed = False
+        self._stream: Any = None
+        self._stager = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-stage")
+        self.worker_starts = 0
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------- lifetime
+
+    def start(self) -> None:
+        """Start the background worker now (idempotent)."""
+        with self._lock:
+            self._ensure_worker()
+
+    @property
+    def worker_pid(self) -> int | None:
+        w = self._worker
+        return w.pid if w is not None and w.alive else None
+
+    def _ensure_worker(self) -> WorkerClient:
+        if self._closed:
+            raise CheckpointError("this AsyncCheckpointer is closed")
+        if self._group is None:
+            self._group = join_worker_group(self._pg, self._timeout)
+        if self._worker is not None and self._worker.alive:
+            return self._worker
+        g = self._group
+        config = WorkerConfig(
+            rank=g.rank,
+            world_size=g.world_size,
+            store_host=g.host,
+            store_port=g.port,
+            store_prefix=f"{g.session}/",
+            session=g.session,
+            timeout=self._timeout,
+            log_level=logging.getLogger("async_ckpt").getEffectiveLevel(),
+        )
+        worker = WorkerClient(config, self._on_message, self._on_exit)
+        worker.start(self._start_timeout)
+        self._worker = worker
+        self.worker_starts += 1
+        return worker
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for in-flight saves (up to ``timeout``), then stop the worker and free buffers."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = [f.pending for f in self._inflight.values()]
+        limit = self._close_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        for p in pending:
+            try:
+                p.result(max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                log.warning("async_ckpt: close() gave up waiting for %r after %.0fs", p, limit)
+                break
+            except Exception:  # noqa: BLE001, S110 - the save's own caller sees its error
+                pass
+        worker = self._worker
+        if worker is not None:
+            worker.stop(max(1.0, min(30.0, deadline - time.monotonic())))
+        with self._lock:
+            for f in list(self._inflight.values()):
+                f.pending._fail(CheckpointError("the AsyncCheckpointer was closed before this save finished"))
+            self._inflight.clear()
+        self._stager.shutdown(wait=True)
+        self._pool.close()
+        if self._group is not None:
+            self._group.close()
+
+    def __enter__(self) -> AsyncCheckpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> AsyncCheckpointer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
+
+    # ---------------------------------------------------------------- saves
+
+    def save(
+        self,
+        state_dict: dict[str, Any],
+        checkpoint_id: Any,
+        *,
+        overlap: bool = False,
+        storage: Storage | None = None,
+    ) -> PendingCheckpoint:
+        """Stage ``state_dict`` and return; the write happens in the background.
+
+        Blocks until staged (the caller may then modify its tensors), unless
+        ``overlap=True``: then staging runs on a helper thread and the caller
+        must wait for ``pending.staged`` before modifying the tensors (before
+        the next optimizer step).
+        """
+        job = self._prepare(state_dict, checkpoint_id, storage)
+        if overlap:
+            self._stager.submit(self._stage_and_send, job)
+        else:
+            self._stage_and_send(job)
+            job.pending.staged.wait()
+        return job.pending
+
+    async def async_save(
+        self,
+        state_dict: dict[str, Any],
+        checkpoint_id: Any,
+        *,
+        overlap: bool = False,
+        storage: Storage | None = None,
+    ) -> PendingCheckpoint:
+        """``save`` for asyncio loops: waits for staging (and for a free buffer) without blocking the loop."""
+        job = self._prepare(state_dict, checkpoint_id, storage)
+        fut = asyncio.wrap_future(self._stager.submit(self._stage_and_send, job))
+        if not overlap:
+            await fut
+            await job.pending.staged
+        return job.pending
+
+    def _prepare(self, state_dict: dict[str, Any], checkpoint_id: Any, storage: Storage | None) -> _Job:
+        t0 = time.perf_counter()
+        with self._lock:
+            if self._closed:
+                raise CheckpointError("this AsyncCheckpointer is closed")
+            save_id = self._next_save
+            self._next_save += 1
+        pending = PendingCheckpoint(checkpoint_id, save_id)
+        try:
+            backend, location = detect_storage(checkpoint_id, storage or self._storage)
+            flat = flatten(state_dict, allow_pickle=self._options.allow_pickle)
+            local = build_local_plan(
+                flat.entries,
+                allow_pickle=self._options.allow_pickle,
+                verify_replicas=self._options.verify_replicas,
+            )
+        except BaseException as exc:
+            # The other ranks' workers must still hear about this save, or they
+            # would wait for this rank at the commit barrier until the timeout.
+            self._report_local_failure(save_id, exc)
+            raise
+        return _Job(pending, backend, location, local, flat.tree, make_layout(local.tensors), t0)
+
+    def _report_local_failure(self, save_id: int, exc: BaseException) -> None:
+        try:
+            with self._lock:
+                worker = self._ensure_worker()
+            worker.send(LocalFailure(save_id, f"{type(exc).__name__}: {exc}"))
+        except Exception:  # noqa: BLE001 - the caller gets the original error
+            log.debug("async_ckpt: could not report a local failure", exc_info=True)
+
+    def _stage_and_send(self, job: _Job) -> None:
+        pending = job.pending
+        try:
+            with self._lock:
+                worker = self._ensure_worker()
+            slot, waited = self._pool.acquire(job.layout, timeout=self._timeout)
+            try:
+                if slot.registered_with != worker.pid:
+                    worker.register(slot)
+                t_stage = time.perf_counter()
+                event = slot.copy_in(job.local.tensors, self._cuda_stream(job.local.tensors))
+                if event is not None:
+                    event.synchronize()
+                stage_s = time.perf_counter() - t_stage
+                with self._lock:
+                    self._inflight[pending.save_id] = _InFlight(pending, slot)
+                worker.send(
+                    SaveRequest(
+                        save_id=pending.save_id,
+                        slot_id=slot.slot_id,
+                        layout_key=job.layout.key,
+                        storage=job.storage,
+                        location=job.location,
+                        plan=job.local.plan,
+                        values=job.local.values,
+                        tree=job.tree,
+                        options=self._options,
+                        stage_s=stage_s,
+                        stall_s=time.perf_counter() - job.t0,
+                    )
+                )
+            except BaseException:
+                with self._lock:
+                    self._inflight.pop(pending.save_id, None)
+                self._pool.release(slot)
+                raise
+            if waited > 0.001:
+                log.info("async_ckpt: save %d waited %.3fs for a staging buffer", pending.save_id, waited)
+            pending.staged._future.set_result(stage_s)
+        except BaseException as exc:
+            err = exc if isinstance(exc, CheckpointError) else CheckpointError(f"staging failed: {exc}")
+            if err is not exc:
+                err.__cause__ = exc
+            pending._fail(err)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _cuda_stream(self, tensors: dict[Any, torch.Tensor]) -> Any:
+        if not any(t.device.type == "cuda" for t in tensors.values()):
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    # ----------------------------------------------------- worker callbacks
+
+    def _on_message(self, msg: Any) -> None:
+        if isinstance(msg, Released):
+            with self._lock:
+                f = self._inflight.get(msg.save_id)
+                if f is not None and not f.released:
+                    f.released = True
+                    self._pool.release(f.slot)
+        elif isinstance(msg, Finished):
+            with self._lock:
+                f = self._inflight.pop(msg.save_id, None)
+                if f is not None and not f.released:
+                    f.released = True
+                    self._pool.release(f.slot)
+            if f is None:
+                return
+            if msg.metadata is not None:
+                f.pending._future.set_result(msg.metadata)
+                s = msg.metadata.stats
+                if s is not None:
+                    log.info(
+                        "async_ckpt: saved %s (save %d): stall %.3fs stage %.3fs plan %.3fs%s "
+                        "write %.3fs commit %.3fs, %d bytes",
+                        f.pending.checkpoint_id, msg.save_id, s.stall_s, s.stage_s, s.plan_s,
+                        " (cached)" if s.plan_cached else "", s.write_s, s.commit_s, s.bytes_written,
+                    )
+            else:
+                err = CheckpointError(
+                    f"saving {f.pending.checkpoint_id} failed in the background worker: "
+                    f"{msg.error_type}: {msg.error}"
+                )
+                err.__cause__ = RemoteError(msg.traceback)
+                f.pending._future.set_exception(err)
+
+    def _on_exit(self, worker: WorkerClient, reason: str) -> None:
+        with self._lock:
+            if worker is not self._worker:
+                return
+            lost = list(self._inflight.values())
+            self._inflight.clear()
+            for f in lost:
+                if not f.released:
+                    self._pool.release(f.slot)
+        for f in lost:
+            f.pending._fail(WorkerDiedError(f"{reason} while saving {f.pending.checkpoint_id}; the "
+                                            "checkpoint was not committed. The next save starts a new worker."))
+
+
+class RemoteError(Exception):
+    """The traceback of an error raised in the worker process."""
+
+    def __str__(self) -> str:
+        return "\n" + str(self.args[0]) if self.args else ""
+
+
+@dataclass
+class _Job:
+    pending: PendingCheckpoint
+    storage: Storage
+    location: str
+    local: Any
+    tree: Any
+    layout: Layout
+    t0: float
+

@@ -1,0 +1,227 @@
+"""Host staging buffers: shared memory, pinned under CUDA, allocated once per layout and reused.
+
+A *layout* is the list of (key, shape, dtype) a rank stages; its tensors are
+packed, 64-byte aligned, into a few large anonymous shared-memory segments
+(``memfd``), so the worker process gets a handful of file descriptors once and
+maps them, never one per tensor. A *slot* is one full set of buffers for a
+layout; the pool keeps at most ``max_in_flight`` slots, and a save that finds
+none free waits until the worker releases one. Segments have no name in
+``/dev/shm``, so nothing is left behind even if a process is killed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["BufferSpec", "Layout", "StagingPool", "StagingSlot", "make_layout"]
+
+Key = tuple[str, tuple[int, ...] | None]
+_ALIGN = 64
+_SEGMENT_BYTES = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class BufferSpec:
+    key: Key
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    segment: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    specs: tuple[BufferSpec, ...]
+    segment_sizes: tuple[int, ...]
+    key: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+
+def make_layout(tensors: Mapping[Key, torch.Tensor]) -> Layout:
+    """Pack tensors into segments of up to 1 GiB (a larger tensor gets its own)."""
+    specs: list[BufferSpec] = []
+    sizes: list[int] = []
+    digest = hashlib.sha256()
+    seg, pos = -1, _SEGMENT_BYTES
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if seg < 0 or (pos + nbytes > _SEGMENT_BYTES and pos > 0):
+            if seg >= 0:
+                sizes.append(max(pos, _ALIGN))
+            seg, pos = seg + 1, 0
+        specs.append(BufferSpec(key, tuple(t.shape), t.dtype, seg, pos, nbytes))
+        pos += -(-nbytes // _ALIGN) * _ALIGN
+        digest.update(repr((key, tuple(t.shape), str(t.dtype))).encode())
+    if seg >= 0:
+        sizes.append(max(pos, _ALIGN))
+    return Layout(tuple(specs), tuple(sizes), digest.hexdigest()[:32])
+
+
+class Segment:
+    """One anonymous shared-memory segment, mapped here."""
+
+    def __init__(self, size: int, *, pin: bool) -> None:
+        self.size = size
+        self.fd = _anonymous_shm(size)
+        self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.base = torch.frombuffer(self.mm, dtype=torch.uint8)
+        self.pinned = False
+        if pin:
+            err = torch.cuda.cudart().cudaHostRegister(self.base.data_ptr(), size, 0)
+            self.pinned = int(err) == 0
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.base.data_ptr())
+            self.pinned = False
+        del self.base
+        self.mm.close()
+        os.close(self.fd)
+
+
+def _anonymous_shm(size: int) -> int:
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("async_ckpt-staging", os.MFD_CLOEXEC)
+    else:  # pragma: no cover - non-Linux: an unlinked file in shared memory or tmp
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, path = tempfile.mkstemp(prefix="async_ckpt-", dir=shm)
+        os.unlink(path)
+    os.ftruncate(fd, size)
+    return fd
+
+
+@dataclass(eq=False)
+class StagingSlot:
+    slot_id: int
+    layout: Layout
+    segments: list[Segment]
+    views: dict[Key, torch.Tensor] = field(default_factory=dict)
+    busy: bool = False
+    registered_with: int | None = None
+    """pid of the worker that has these segments mapped, if any."""
+
+    def __post_init__(self) -> None:
+        for s in self.layout.specs:
+            raw = self.segments[s.segment].base[s.offset : s.offset + s.nbytes]
+            self.views[s.key] = raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.segments) and all(seg.pinned for seg in self.segments)
+
+    def copy_in(self, tensors: Mapping[Key, torch.Tensor], stream: Any = None) -> Any:
+        """Copy every tensor into its buffer; returns a CUDA event to wait on, or None.
+
+        Device tensors are copied on ``stream`` (non_blocking into pinned
+        memory) after it waits for the producer stream, so forward/backward
+        work queued later on the default stream overlaps the copy.
+        """
+        event = None
+        with torch.no_grad():
+            for key, src in tensors.items():
+                dst = self.views[key]
+                if dst.numel() == 0:
+                    continue
+                if src.device.type == "cuda" and stream is not None:
+                    if event is None:
+                        stream.wait_stream(torch.cuda.current_stream(src.device))
+                    with torch.cuda.stream(stream):
+                        dst.copy_(src, non_blocking=self.pinned)
+                    src.record_stream(stream)
+                    event = event or torch.cuda.Event()
+                else:
+                    dst.copy_(src)
+            if event is not None:
+                event.record(stream)
+        return event
+
+    def close(self) -> None:
+        self.views.clear()
+        for seg in self.segments:
+            seg.close()
+        self.segments.clear()
+
+
+class StagingPool:
+    """At most ``max_in_flight`` slots, across layouts; ``acquire`` blocks while all are busy."""
+
+    def __init__(self, max_in_flight: int, *, pin: bool | None = None) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.max_in_flight = max_in_flight
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self._slots: list[StagingSlot] = []
+        self._cond = threading.Condition()
+        self._next_id = 0
+        self._closed = False
+        self._owner = threading.get_ident()
+        self.allocations = 0
+        """How many slots were ever allocated (a steady state allocates none)."""
+
+    def acquire(self, layout: Layout, timeout: float | None = None) -> tuple[StagingSlot, float]:
+        """A free slot for ``layout`` and the seconds spent waiting for one."""
+        start = time.perf_counter()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise RuntimeError("the staging pool is closed")
+                slot = self._take(layout)
+                if slot is not None:
+                    return slot, time.perf_counter() - start
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(
+                        f"no staging buffer freed within {timeout:.0f}s: {self.max_in_flight} "
+                        "save(s) still in flight"
+                    )
+                self._cond.wait(remaining)
+
+    def _take(self, layout: Layout) -> StagingSlot | None:
+        for slot in self._slots:
+            if not slot.busy and slot.layout.key == layout.key:
+                slot.busy = True
+                return slot
+        if len(self._slots) >= self.max_in_flight:
+            stale = next((s for s in self._slots if not s.busy), None)
+            if stale is None:
+                return None
+            self._slots.remove(stale)
+            stale.close()
+        segments = [Segment(size, pin=self.pin) for size in layout.segment_sizes]
+        slot = StagingSlot(self._next_id, layout, segments, busy=True)
+        self._next_id += 1
+        self.allocations += 1
+        self._slots.append(slot)
+        return slot
+
+    def release(self, slot: StagingSlot) -> None:
+        with self._cond:
+            slot.busy = False
+            self._cond.notify_all()
+
+    def slots(self) -> list[StagingSlot]:
+        with self._cond:
+            return list(self._slots)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for slot in self._slots:
+                slot.close()
+            self._slots.clear()
+            self._cond.notify_all()

@@ -1,0 +1,144 @@
+"""The trainer's handle on its worker process: start it, talk to it, notice when it dies.
+
+The worker is started with ``subprocess`` running ``python -c`` (not
+multiprocessing's spawn), so the trainer's ``__main__`` is never re-imported
+in it, whatever the training script looks like. The two talk over a Unix
+socket pair; staging segments travel over it as file descriptors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import send_handle
+from typing import Any
+
+from ..errors import CheckpointError
+from ..staging import StagingSlot
+from .messages import Ready, RegisterSlot, Shutdown, WorkerConfig
+
+__all__ = ["WorkerClient", "WorkerDiedError"]
+
+log = logging.getLogger("async_ckpt")
+
+
+class WorkerDiedError(CheckpointError):
+    """The background worker process exited while saves were in flight."""
+
+
+class WorkerClient:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        on_message: Callable[[Any], None],
+        on_exit: Callable[[WorkerClient, str], None],
+    ) -> None:
+        self.config = config
+        self._on_message = on_message
+        self._on_exit = on_exit
+        self._send_lock = threading.Lock()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conn: Connection | None = None
+        self.alive = False
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self, timeout: float) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        code = f"from async_ckpt.worker.main import entry; entry({child.fileno()})"
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code], pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL
+            )
+        finally:
+            child.close()
+        self.conn = Connection(parent.detach())
+        self.conn.send(self.config)
+        if not self.conn.poll(timeout):
+            self.kill()
+            raise WorkerDiedError(f"the async_ckpt worker did not start within {timeout:g}s")
+        try:
+            ready = self.conn.recv()
+        except (EOFError, OSError):
+            code_ = self.proc.wait(5)
+            raise WorkerDiedError(f"the async_ckpt worker exited during start (exit code {code_})") from None
+        assert isinstance(ready, Ready)
+        self.alive = True
+        threading.Thread(target=self._listen, name="async_ckpt-listener", daemon=True).start()
+
+    def register(self, slot: StagingSlot) -> None:
+        assert self.conn is not None and self.proc is not None
+        with self._send_lock:
+            self.conn.send(RegisterSlot(slot.slot_id, slot.layout))
+            for seg in slot.segments:
+                send_handle(self.conn, seg.fd, self.proc.pid)
+        slot.registered_with = self.proc.pid
+
+    def send(self, msg: Any) -> None:
+        if self.conn is None or not self.alive:
+            raise WorkerDiedError("the async_ckpt worker is not running")
+        try:
+            with self._send_lock:
+                self.conn.send(msg)
+        except (BrokenPipeError, ConnectionResetError, OSError) as exc:
+            raise WorkerDiedError(f"the async_ckpt worker (pid {self.pid}) is gone: {exc}") from exc
+
+    def _listen(self) -> None:
+        assert self.conn is not None and self.proc is not None
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            try:
+                self._on_message(msg)
+            except Exception:  # noqa: BLE001 - a bad callback must not kill the listener
+                log.exception("async_ckpt: error handling a worker message")
+        self.alive = False
+        code = self.proc.poll()
+        if code is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self.proc.wait(5)
+        reason = "stopped" if self._stopping else f"died (exit code {code})"
+        self._on_exit(self, f"the async_ckpt worker (pid {self.proc.pid}) {reason}")
+
+    def stop(self, timeout: float) -> None:
+        self._stopping = True
+        if self.proc is None:
+            return
+        with contextlib.suppress(WorkerDiedError):
+            self.send(Shutdown())
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        if self.conn is not None:
+            with contextlib.suppress(OSError):
+                self.conn.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, 9)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+
+
+def wait_until(pred: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

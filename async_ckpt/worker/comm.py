@@ -1,0 +1,104 @@
+"""The workers' own collectives, over a TCPStore that only the workers use.
+
+Each wait has a deadline, and a missed deadline names the ranks that did not
+arrive, so a dead or stuck rank produces an error that says which one instead
+of a hang. Keys are scoped by save id and a per-save sequence number, so a
+save that failed half way leaves nothing that a later save could misread, and
+a restarted worker can rejoin at the next save.
+
+Payloads are pickled: this is transport between our own processes, never a
+file; nothing read from a checkpoint goes through here.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import CheckpointError
+
+__all__ = ["RankTimeoutError", "StoreComm"]
+
+
+class RankTimeoutError(CheckpointError):
+    """Some ranks did not reach a collective step in time."""
+
+    def __init__(self, step: str, ranks: Sequence[int], timeout: float) -> None:
+        self.ranks = list(ranks)
+        names = ", ".join(str(r) for r in ranks)
+        super().__init__(
+            f"{step}: rank(s) {names} did not respond within {timeout:g}s "
+            "(its process died, or it is stuck or not saving)"
+        )
+
+
+class StoreComm:
+    def __init__(self, store: Any, rank: int, world_size: int, *, timeout: float, prefix: str = "") -> None:
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout = timeout
+        self.prefix = prefix
+        self.step = "save"
+        self._scope = "init"
+        self._seq = 0
+        self._to_delete: list[str] = []
+
+    def begin(self, scope: str) -> None:
+        """Start a new key scope (one per save): sequence numbers restart at 0."""
+        self._scope = scope
+        self._seq = 0
+
+    def _key(self, kind: str, rank: int) -> str:
+        return f"{self.prefix}{self._scope}/{self._seq}/{kind}/{rank}"
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        self._seq += 1
+        self.store.set(self._key("g", self.rank), pickle.dumps(obj))
+        if self.rank != 0:
+            return None
+        keys = [self._key("g", r) for r in range(self.world_size)]
+        self._wait(keys, list(range(self.world_size)))
+        out = [pickle.loads(self.store.get(k)) for k in keys]
+        # Every rank has posted this step, so all have read earlier broadcasts.
+        for k in keys + self._to_delete:
+            self.store.delete_key(k)
+        self._to_delete.clear()
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        self._seq += 1
+        key = self._key("b", 0)
+        if self.rank == 0:
+            self.store.set(key, pickle.dumps(obj))
+            self._to_delete.append(key)
+            return obj
+        self._wait([key], [0])
+        return pickle.loads(self.store.get(key))
+
+    def scatter(self, objs: Sequence[Any] | None) -> Any:
+        self._seq += 1
+        if self.rank == 0:
+            assert objs is not None
+            for r in range(1, self.world_size):
+                self.store.set(self._key("s", r), pickle.dumps(objs[r]))
+            return objs[0]
+        key = self._key("s", self.rank)
+        self._wait([key], [0])
+        out = pickle.loads(self.store.get(key))
+        self.store.delete_key(key)
+        return out
+
+    def _wait(self, keys: list[str], ranks: list[int]) -> None:
+        deadline = time.monotonic() + self.timeout
+        pause = 0.0005
+        while not self.store.check(keys):
+            if time.monotonic() > deadline:
+                missing = [r for r, k in zip(ranks, keys, strict=True) if not self.store.check([k])]
+                if not missing:
+                    return
+                raise RankTimeoutError(self.step, missing, self.timeout)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)

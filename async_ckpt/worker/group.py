@@ -1,0 +1,70 @@
+"""Where the workers of all ranks meet: a TCPStore of their own.
+
+Rank 0's trainer hosts it on a port the operating system picks (port 0), so
+there is no free-port race, and publishes the address once through the
+trainer's existing rendezvous store (a key/value write, not a collective on
+the trainer's process group). The other ranks read it from there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+__all__ = ["WorkerGroup", "join_worker_group"]
+
+_instances = itertools.count()
+
+
+@dataclass
+class WorkerGroup:
+    rank: int
+    world_size: int
+    host: str | None
+    port: int | None
+    session: str
+    server: Any = None
+    """The TCPStore server object, held by rank 0 for the group's lifetime."""
+
+    def close(self) -> None:
+        self.server = None
+
+
+def _advertised_host() -> str:
+    explicit = os.environ.get("ASYNC_CKPT_STORE_HOST") or os.environ.get("MASTER_ADDR")
+    if explicit:
+        return explicit
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def join_worker_group(process_group: dist.ProcessGroup | None, timeout: float) -> WorkerGroup:
+    """Collective over the trainer ranks of ``process_group`` (all must call it, in order)."""
+    instance = next(_instances)
+    if not (dist.is_available() and dist.is_initialized()):
+        return WorkerGroup(0, 1, None, None, uuid.uuid4().hex[:8])
+    rank = dist.get_rank(process_group)
+    world = dist.get_world_size(process_group)
+    if world == 1:
+        return WorkerGroup(0, 1, None, None, uuid.uuid4().hex[:8])
+    members = dist.get_process_group_ranks(process_group) if process_group is not None else list(range(world))
+    key = f"async_ckpt/workers/{instance}/{members[0]}-{members[-1]}-{len(members)}"
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 0:
+        server = dist.TCPStore(
+            "0.0.0.0", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout)
+        )
+        session = uuid.uuid4().hex[:8]
+        store.set(key, f"{_advertised_host()}|{server.port}|{session}")
+        return WorkerGroup(0, world, _advertised_host(), server.port, session, server)
+    host, port, session = store.get(key).decode().split("|")
+    return WorkerGroup(rank, world, host, int(port), session)

@@ -1,0 +1,179 @@
+"""The worker process: one per trainer rank, persistent, with its own event loop.
+
+It maps the trainer's staging segments once per slot, joins the other ranks'
+workers over a store of their own (never the trainer's process group), and
+runs saves one at a time, in request order (every rank's worker sees the same
+order, which the collectives rely on). A reader thread turns pipe messages
+into queue items, so the loop stays free for the writer pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import os
+import signal
+import threading
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle
+from typing import Any
+
+import torch
+
+from ..dist import Comm, LocalComm
+from ..staging import Layout
+from .comm import StoreComm
+from .loop import new_event_loop
+from .messages import (
+    DropSlot,
+    Finished,
+    LocalFailure,
+    Ready,
+    RegisterSlot,
+    Released,
+    SaveRequest,
+    Shutdown,
+    WorkerConfig,
+)
+from .save_job import SaveJobRunner
+
+__all__ = ["entry", "worker_main"]
+
+log = logging.getLogger("async_ckpt.worker")
+
+
+class _MappedSlot:
+    def __init__(self, layout: Layout, fds: list[int]) -> None:
+        self.layout = layout
+        # Mapped writable only because torch.frombuffer warns on read-only buffers; we never write.
+        self.maps = [
+            mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            for fd, size in zip(fds, layout.segment_sizes, strict=True)
+        ]
+        for fd in fds:
+            os.close(fd)
+        bases = [torch.frombuffer(m, dtype=torch.uint8) for m in self.maps]
+        self.views: dict[Any, torch.Tensor] = {}
+        for s in layout.specs:
+            raw = bases[s.segment][s.offset : s.offset + s.nbytes]
+            self.views[s.key] = raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
+
+    def release_pages(self) -> None:
+        """Drop our mapping of the pages (the trainer still holds them) so our RSS stays small."""
+        for m in self.maps:
+            with contextlib.suppress(OSError, ValueError):
+                m.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        self.views.clear()
+        for m in self.maps:
+            with contextlib.suppress(BufferError):
+                m.close()
+
+
+def entry(fd: int) -> None:
+    """``python -c 'from async_ckpt.worker.main import entry; entry(FD)'``: FD is our socket."""
+    conn = Connection(fd)
+    config = conn.recv()
+    if not isinstance(config, WorkerConfig):
+        raise SystemExit("async_ckpt worker: expected a WorkerConfig first")
+    worker_main(conn, config)
+
+
+def worker_main(conn: Connection, config: WorkerConfig) -> None:
+    # Ctrl-C goes to the whole process group; the trainer decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s async_ckpt.worker[%(process)d] %(message)s")
+    with contextlib.suppress(OSError):
+        os.nice(config.nice)
+    torch.set_num_threads(1)
+    comm = _connect(config)
+    conn.send(Ready(os.getpid()))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(_serve(conn, comm, config))
+
+
+def _connect(config: WorkerConfig) -> Comm:
+    if config.world_size == 1 or config.store_host is None or config.store_port is None:
+        return LocalComm()
+    import torch.distributed as dist
+
+    store = dist.TCPStore(
+        config.store_host, config.store_port, is_master=False, timeout=timedelta(seconds=config.timeout),
+        wait_for_workers=False,
+    )
+    return StoreComm(store, config.rank, config.world_size, timeout=config.timeout, prefix=config.store_prefix)
+
+
+async def _serve(conn: Connection, comm: Comm, config: WorkerConfig) -> None:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
+    slots: dict[int, _MappedSlot] = {}
+
+    def reader() -> None:
+        while True:
+            try:
+                msg = conn.recv()
+                if isinstance(msg, RegisterSlot):
+                    fds = [recv_handle(conn) for _ in msg.layout.segment_sizes]
+                    msg = (msg, fds)
+            except (EOFError, OSError):
+                msg = Shutdown()  # the trainer is gone
+            asyncio.run_coroutine_threadsafe(queue.put(msg), loop).result()
+            if isinstance(msg, Shutdown):
+                return
+
+    threading.Thread(target=reader, name="async_ckpt-worker-pipe", daemon=True).start()
+    runner = SaveJobRunner(comm, config.session)
+    while True:
+        msg = await queue.get()
+        if isinstance(msg, Shutdown):
+            break
+        if isinstance(msg, tuple):
+            reg, fds = msg
+            if reg.slot_id in slots:
+                slots.pop(reg.slot_id).close()
+            slots[reg.slot_id] = _MappedSlot(reg.layout, fds)
+        elif isinstance(msg, DropSlot):
+            if msg.slot_id in slots:
+                slots.pop(msg.slot_id).close()
+        elif isinstance(msg, SaveRequest):
+            await _one_save(conn, runner, msg, slots)
+        elif isinstance(msg, LocalFailure):
+            # No reply: the trainer already raised. This only fails the other ranks promptly.
+            with contextlib.suppress(Exception):
+                await runner.fail(msg.save_id, msg.error)
+    for slot in slots.values():
+        slot.close()
+
+
+async def _one_save(conn: Connection, runner: SaveJobRunner, req: SaveRequest, slots: dict[int, _MappedSlot]) -> None:
+    slot = slots.get(req.slot_id)
+    try:
+        if slot is None:
+            raise RuntimeError(f"staging slot {req.slot_id} was never registered with this worker")
+        md = await runner.run(req, slot.views)
+        reply = Finished(req.save_id, metadata=md)
+        s = md.stats
+        if s is not None:
+            log.debug(
+                "save %d to %s: stage %.3fs plan %.3fs%s write %.3fs commit %.3fs, %d bytes",
+                req.save_id, req.location, s.stage_s, s.plan_s, " (cached)" if s.plan_cached else "",
+                s.write_s, s.commit_s, s.bytes_written,
+            )
+    except Exception as exc:  # noqa: BLE001 - every failure goes back to the trainer
+        reply = Finished(
+            req.save_id,
+            error=str(exc),
+            error_type=type(exc).__name__,
+            traceback="".join(traceback.format_exception(exc)),
+        )
+    finally:
+        if slot is not None:
+            slot.release_pages()
+    conn.send(Released(req.save_id))
+    conn.send(reply)

@@ -1,0 +1,99 @@
+"""What the trainer and its worker say to each other over their pipe (small, picklable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..format.metadata import Metadata
+from ..planning import SavePlan
+from ..save_flow import SaveOptions
+from ..staging import Layout
+from ..storage.base import Storage
+
+__all__ = [
+    "DropSlot",
+    "Finished",
+    "LocalFailure",
+    "Ready",
+    "RegisterSlot",
+    "Released",
+    "SaveRequest",
+    "Shutdown",
+    "WorkerConfig",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    rank: int
+    world_size: int
+    store_host: str | None
+    store_port: int | None
+    store_prefix: str
+    session: str
+    timeout: float
+    log_level: int
+    nice: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterSlot:
+    """Followed on the pipe by one file descriptor per segment of ``layout``."""
+
+    slot_id: int
+    layout: Layout
+
+
+@dataclass(frozen=True, slots=True)
+class DropSlot:
+    slot_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SaveRequest:
+    save_id: int
+    slot_id: int
+    layout_key: str
+    storage: Storage
+    location: str
+    plan: SavePlan
+    values: dict[str, Any]
+    tree: Any
+    options: SaveOptions
+    stage_s: float
+    stall_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFailure:
+    """The trainer could not even prepare this save; the worker tells the other ranks."""
+
+    save_id: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """The worker no longer reads the slot of this save: the trainer may reuse it."""
+
+    save_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    save_id: int
+    metadata: Metadata | None = None
+    error: str | None = None
+    error_type: str = ""
+    traceback: str = ""

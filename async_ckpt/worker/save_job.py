@@ -1,0 +1,230 @@
+"""One save as the workers run it, with plan caching.
+
+Steady state (layout unchanged since a plan was made): every worker writes
+with its cached assignment straight away, then the commit barrier gathers the
+reports; the coordinator commits only if every rank used the same cached plan.
+Otherwise (first save, a changed layout, a restarted worker) the coordinator
+discards what was written and all ranks plan together, write and commit:
+
+    cached?  --yes--> write --> commit barrier --same plan everywhere--> commit
+       |                              |
+       no (write nothing)             +--any rank without it--> plan --> write --> commit
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..dist import Comm, RankFailure, RanksFailedError, run_collectively
+from ..format.metadata import Metadata, SaveStats, encode_metadata
+from ..local_plan import LocalPlan
+from ..planning import SavePlan
+from ..save_flow import (
+    FileAssignment,
+    RankAssignment,
+    RankResult,
+    assemble_metadata,
+    coordinate,
+    plan_assignments,
+    with_stats,
+    write_jobs,
+)
+from .messages import SaveRequest
+from .pipeline import WrittenFile, write_files
+
+__all__ = ["SaveJobRunner", "kill_point"]
+
+log = logging.getLogger("async_ckpt.worker")
+_CACHE_SIZE = 4
+KILL_ENV = "ASYNC_CKPT_KILL_AT"
+
+
+def kill_point(name: str, save_id: int, rank: int) -> None:
+    """Die here if the fault-injection variable names this point (tests of crash consistency).
+
+    ``ASYNC_CKPT_KILL_AT=<point>[:<save id>[:<rank>]]``; points are ``plan``,
+    ``write``, ``before_commit`` and ``after_commit``.
+    """
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] != name:
+        return
+    if len(parts) > 1 and parts[1] and int(parts[1]) != save_id:
+        return
+    if len(parts) > 2 and parts[2] and int(parts[2]) != rank:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True, slots=True)
+class _Report:
+    plan_id: str | None
+    result: RankResult | None
+    failure: RankFailure | None
+
+
+class SaveJobRunner:
+    def __init__(self, comm: Comm, session: str) -> None:
+        self.comm = comm
+        self.session = session
+        self._cache: OrderedDict[tuple[str, Any], tuple[str, tuple[FileAssignment, ...]]] = OrderedDict()
+
+    async def run(self, req: SaveRequest, views: dict[Any, torch.Tensor]) -> Metadata:
+        comm = self.comm
+        if hasattr(comm, "begin"):
+            comm.begin(f"save{req.save_id}")
+        token = f"{self.session}{req.save_id:08x}"
+        local = LocalPlan(plan=req.plan, tensors=views, values=req.values)
+        cache_key = (req.layout_key, req.options)
+        cached = None if req.options.verify_replicas else self._cache.get(cache_key)
+        t0 = time.perf_counter()
+        report = _Report(None, None, None)
+        if cached is not None:
+            plan_id, files = cached
+            try:
+                req.storage.begin_save(req.location, token)
+                written = await self._write(req, RankAssignment(token, files), local)
+                report = _Report(plan_id, RankResult(written, req.values), None)
+            except Exception as exc:  # noqa: BLE001 - reported at the commit barrier
+                report = _Report(plan_id, None, _failure(comm.rank, exc))
+        t1 = time.perf_counter()
+        kill_point("before_commit", req.save_id, comm.rank)
+        outcome = await asyncio.to_thread(self._commit_or_replan, req, token, report)
+        if isinstance(outcome, Metadata):
+            kill_point("after_commit", req.save_id, comm.rank)
+            written_bytes = sum(f.size for f in report.result.files) if report.result else 0
+            return with_stats(outcome, self._stats(req, 0.0, t1 - t0, time.perf_counter() - t1, written_bytes, True))
+        # Plan together, then write and commit.
+        t2 = time.perf_counter()
+        kill_point("plan", req.save_id, comm.rank)
+        assignment: RankAssignment = await asyncio.to_thread(self._plan, req, token)
+        self._cache[cache_key] = (token, assignment.files)
+        while len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        t3 = time.perf_counter()
+        written = await self._write_collectively(req, assignment, local)
+        t4 = time.perf_counter()
+        kill_point("before_commit", req.save_id, comm.rank)
+        md = await asyncio.to_thread(self._commit, req, token, RankResult(written, req.values))
+        kill_point("after_commit", req.save_id, comm.rank)
+        return with_stats(
+            md,
+            self._stats(req, t3 - t2, t4 - t3, time.perf_counter() - t4, sum(f.size for f in written), False),
+        )
+
+    async def fail(self, save_id: int, error: str) -> None:
+        """Take part in a save this rank could not prepare, reporting the error at the barrier."""
+        if hasattr(self.comm, "begin"):
+            self.comm.begin(f"save{save_id}")
+        report = _Report(None, None, RankFailure(self.comm.rank, error, ""))
+
+        def decide(reports: list[_Report]) -> list[Any]:
+            raise RanksFailedError("preparing the state dict", [r.failure for r in reports if r.failure])
+
+        await asyncio.to_thread(coordinate, self.comm, "commit", report, decide)
+
+    # ------------------------------------------------------------ the steps
+
+    async def _write(self, req: SaveRequest, assignment: RankAssignment, local: LocalPlan) -> list[WrittenFile]:
+        jobs = write_jobs(assignment, local, self.comm.rank)
+        written = await write_files(
+            req.storage, req.location, assignment.token, jobs, block_size=req.options.block_size
+        )
+        kill_point("write", req.save_id, self.comm.rank)
+        return written
+
+    async def _write_collectively(
+        self, req: SaveRequest, assignment: RankAssignment, local: LocalPlan
+    ) -> list[WrittenFile]:
+        error: BaseException | None = None
+        written: list[WrittenFile] = []
+        try:
+            written = await self._write(req, assignment, local)
+        except Exception as exc:  # noqa: BLE001 - shared with every rank below
+            error = exc
+
+        def agree() -> list[WrittenFile]:
+            if error is not None:
+                raise error
+            return written
+
+        try:
+            return await asyncio.to_thread(run_collectively, self.comm, "writing shards", agree)
+        except BaseException:
+            if self.comm.rank == 0:
+                req.storage.abort_save(req.location, assignment.token)
+            raise
+
+    def _commit_or_replan(self, req: SaveRequest, token: str, report: _Report) -> Metadata | str:
+        def decide(reports: list[_Report]) -> list[Metadata | str]:
+            failed = [r.failure for r in reports if r.failure is not None]
+            if failed:
+                req.storage.abort_save(req.location, token)
+                raise RanksFailedError("writing shards", failed)
+            plan_ids = {r.plan_id for r in reports}
+            if None in plan_ids or len(plan_ids) != 1:
+                req.storage.abort_save(req.location, token)
+                return ["replan"] * len(reports)
+            results = [r.result for r in reports]
+            assert all(r is not None for r in results)
+            md = assemble_metadata(results, req.tree, req.options)  # type: ignore[arg-type]
+            req.storage.commit(req.location, token, encode_metadata(md))
+            return [md] * len(reports)
+
+        try:
+            return coordinate(self.comm, "commit", report, decide)  # type: ignore[no-any-return]
+        except BaseException:
+            if self.comm.rank == 0:
+                req.storage.abort_save(req.location, token)
+            raise
+
+    def _plan(self, req: SaveRequest, token: str) -> RankAssignment:
+        def plan(plans: list[SavePlan]) -> list[RankAssignment]:
+            out = plan_assignments(plans, req.options, token)
+            req.storage.begin_save(req.location, token)
+            return out
+
+        return coordinate(self.comm, "save planning", req.plan, plan)  # type: ignore[no-any-return]
+
+    def _commit(self, req: SaveRequest, token: str, result: RankResult) -> Metadata:
+        def commit(results: list[RankResult]) -> list[Metadata]:
+            md = assemble_metadata(results, req.tree, req.options)
+            req.storage.commit(req.location, token, encode_metadata(md))
+            return [md] * len(results)
+
+        try:
+            return coordinate(self.comm, "commit", result, commit)  # type: ignore[no-any-return]
+        except BaseException:
+            if self.comm.rank == 0:
+                req.storage.abort_save(req.location, token)
+            raise
+
+    def _stats(
+        self, req: SaveRequest, plan_s: float, write_s: float, commit_s: float, nbytes: int, cached: bool
+    ) -> SaveStats:
+        return SaveStats(
+            stage_s=req.stage_s,
+            plan_s=plan_s,
+            write_s=write_s,
+            commit_s=commit_s,
+            bytes_written=nbytes,
+            plan_cached=cached,
+            stall_s=req.stall_s,
+        )
+
+
+def _failure(rank: int, exc: BaseException) -> RankFailure:
+    import traceback
+
+    return RankFailure(rank, f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc)))
