@@ -49,7 +49,12 @@ def save(
         s = md.stats
         log.info(
             "saved %s: plan %.3fs write %.3fs commit %.3fs, %d bytes on rank %d",
-            location, s.plan_s, s.write_s, s.commit_s, s.bytes_written, comm.rank,
+            location,
+            s.plan_s,
+            s.write_s,
+            s.commit_s,
+            s.bytes_written,
+            comm.rank,
         )
     return md
 
@@ -70,8 +75,13 @@ def load(
     """
     backend, location = detect_storage(checkpoint_id, storage)
     load_collective(
-        comm_for(process_group), backend, location, state_dict,
-        strict=strict, allow_pickle=allow_pickle, verify=verify,
+        comm_for(process_group),
+        backend,
+        location,
+        state_dict,
+        strict=strict,
+        allow_pickle=allow_pickle,
+        verify=verify,
     )
 
 

@@ -195,7 +195,7 @@ class AsyncCheckpointer:
             except concurrent.futures.TimeoutError:
                 log.warning("async_ckpt: close() gave up waiting for %r after %.0fs", p, limit)
                 break
-            except Exception:  # noqa: BLE001, S110 - the save's own caller sees its error
+            except Exception:  # noqa: BLE001 - the save's own caller sees its error
                 pass
         worker = self._worker
         if worker is not None:
@@ -290,7 +290,7 @@ class AsyncCheckpointer:
             with self._lock:
                 worker = self._ensure_worker()
             worker.send(LocalFailure(save_id, f"{type(exc).__name__}: {exc}"))
-        except Exception:  # noqa: BLE001 - the caller gets the original error
+        except Exception:
             log.debug("async_ckpt: could not report a local failure", exc_info=True)
 
     def _stage_and_send(self, job: _Job) -> None:
@@ -371,8 +371,15 @@ class AsyncCheckpointer:
                     log.info(
                         "async_ckpt: saved %s (save %d): stall %.3fs stage %.3fs plan %.3fs%s "
                         "write %.3fs commit %.3fs, %d bytes",
-                        f.pending.checkpoint_id, msg.save_id, s.stall_s, s.stage_s, s.plan_s,
-                        " (cached)" if s.plan_cached else "", s.write_s, s.commit_s, s.bytes_written,
+                        f.pending.checkpoint_id,
+                        msg.save_id,
+                        s.stall_s,
+                        s.stage_s,
+                        s.plan_s,
+                        " (cached)" if s.plan_cached else "",
+                        s.write_s,
+                        s.commit_s,
+                        s.bytes_written,
                     )
             else:
                 err = CheckpointError(
@@ -392,8 +399,12 @@ class AsyncCheckpointer:
                 if not f.released:
                     self._pool.release(f.slot)
         for f in lost:
-            f.pending._fail(WorkerDiedError(f"{reason} while saving {f.pending.checkpoint_id}; the "
-                                            "checkpoint was not committed. The next save starts a new worker."))
+            f.pending._fail(
+                WorkerDiedError(
+                    f"{reason} while saving {f.pending.checkpoint_id}; the "
+                    "checkpoint was not committed. The next save starts a new worker."
+                )
+            )
 
 
 class RemoteError(Exception):
@@ -412,4 +423,3 @@ class _Job:
     tree: Any
     layout: Layout
     t0: float
-

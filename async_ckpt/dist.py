@@ -130,7 +130,7 @@ def run_collectively(comm: Comm, step: str, fn: Callable[[], T]) -> T:
     error: BaseException | None = None
     try:
         result = fn()
-    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
+    except Exception as exc:
         error = exc
         failure = RankFailure(comm.rank, f"{type(exc).__name__}: {exc}", traceback.format_exc())
         if comm.world_size == 1:
@@ -140,13 +140,11 @@ def run_collectively(comm: Comm, step: str, fn: Callable[[], T]) -> T:
             comm.step = step
         try:
             statuses = comm.gather(failure)
-        except Exception as exc:  # noqa: BLE001 - the coordinator still tells the others
+        except Exception as exc:
             if comm.rank != 0:
                 raise
             statuses = [RankFailure(0, f"{type(exc).__name__}: {exc}", traceback.format_exc())]
-        failures = comm.broadcast(
-            [f for f in statuses if f is not None] if statuses is not None else None
-        )
+        failures = comm.broadcast([f for f in statuses if f is not None] if statuses is not None else None)
         if failures:
             # The failing rank keeps its own exception type (a TypeError stays one).
             if error is not None:

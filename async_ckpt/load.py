@@ -11,6 +11,7 @@ the caller allows it.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +25,8 @@ from .dist import Comm, run_collectively
 from .errors import CheckpointError, CorruptCheckpointError
 from .format import checksum
 from .format.metadata import METADATA_FILE, ChunkRecord, Metadata, TensorRecord, decode_metadata
-from .format.values import decode_value
-from .local_plan import local_chunk
+from .format.values import PickleRefusedError, decode_value
+from .local_plan import local_chunk, raw_bytes
 from .planning import (
     ChunkStorageMetadata,
     MetadataIndex,
@@ -55,8 +56,11 @@ def _validate_chunks(md: Metadata, location: str) -> None:
     items = []
     per_rank = set()
     for fqn, rec in md.tensors.items():
+        if not rec.chunks and math.prod(rec.shape) > 0:
+            raise CorruptCheckpointError(f"{location}/{METADATA_FILE}: tensor '{fqn}' has no saved chunks")
         if rec.per_rank:
             per_rank.add(fqn)
+            _validate_per_rank(fqn, rec, location)
             continue
         for c in rec.chunks:
             items.append(
@@ -70,6 +74,18 @@ def _validate_chunks(md: Metadata, location: str) -> None:
         validate_coverage([SavePlan(items)], per_rank_fqns=frozenset(per_rank))
     except PlanValidationError as exc:
         raise CorruptCheckpointError(f"{location}/{METADATA_FILE}: {exc}") from None
+
+
+def _validate_per_rank(fqn: str, rec: TensorRecord, location: str) -> None:
+    """Each rank's copy of a per-rank tensor must be the whole tensor, once."""
+    seen: set[int | None] = set()
+    for c in rec.chunks:
+        if c.rank in seen or c.sizes != rec.shape or any(c.offsets):
+            raise CorruptCheckpointError(
+                f"{location}/{METADATA_FILE}: per-rank tensor '{fqn}' has a partial or "
+                f"duplicated copy for rank {c.rank}"
+            )
+        seen.add(c.rank)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +109,23 @@ def load_collective(
 ) -> Metadata:
     def local() -> Metadata:
         md = read_checkpoint_metadata(storage, location)
+        if md.pickled and not allow_pickle:
+            raise PickleRefusedError(
+                f"{location} holds pickled data, and unpickling runs code from the file. "
+                "Pass allow_pickle=True to load() only if you trust this checkpoint."
+            )
         view = LoadView(state_dict, md.tree)
         try:
             _load_into(
-                view, md, comm.rank, comm.world_size, storage, location,
-                strict=strict, allow_pickle=allow_pickle, verify=verify,
+                view,
+                md,
+                comm.rank,
+                comm.world_size,
+                storage,
+                location,
+                strict=strict,
+                allow_pickle=allow_pickle,
+                verify=verify,
             )
         except BaseException:
             view.restore()
@@ -142,6 +170,10 @@ def _load_into(
                 _, tchunk, _ = local_chunk(fqn, tgt_tensor)
                 if rec.per_rank:
                     _check_world(fqn, md.world_size, world, location)
+                    if not any(c.rank == rank for c in rec.chunks):
+                        if strict:
+                            raise CheckpointError(f"key '{fqn}' was not saved by rank {rank} in {location}")
+                        continue
                 reads.extend(_plan_reads(fqn, rec, tchunk, host, rank))
             elif fqn in md.values:
                 value = _value_for(fqn, md, rank, world, allow_pickle, location)
@@ -170,14 +202,13 @@ _ABSENT_VALUE = object()
 
 def _value_for(fqn: str, md: Metadata, rank: int, world: int, allow_pickle: bool, location: str) -> Any:
     rec = md.values[fqn]
-    where = f"{location} key '{fqn}'"
     if rec.per_rank is None:
-        return decode_value(rec.value, fqn=where, allow_pickle=allow_pickle)
+        return decode_value(rec.value, fqn=fqn, allow_pickle=allow_pickle)
     _check_world(fqn, md.world_size, world, location)
     enc = rec.per_rank[rank]
     if isinstance(enc, dict) and enc.get("$absent") is True:
         return _ABSENT_VALUE
-    return decode_value(enc, fqn=where, allow_pickle=allow_pickle)
+    return decode_value(enc, fqn=fqn, allow_pickle=allow_pickle)
 
 
 def _check_world(fqn: str, saved_world: int, world: int, location: str) -> None:
@@ -203,16 +234,19 @@ def _prepare_tensor(
         )
     if tuple(target.shape) != rec.shape:
         raise CheckpointError(
-            f"key '{fqn}': shape mismatch, target is {tuple(target.shape)} but {location} "
-            f"holds {rec.shape}"
+            f"key '{fqn}': shape mismatch, target is {tuple(target.shape)} but {location} holds {rec.shape}"
         )
     if isinstance(target, DTensor):
         local = target.to_local()
         if local.is_meta:
             fresh = torch.empty(local.shape, dtype=local.dtype, device=target.device_mesh.device_type)
             new = DTensor.from_local(
-                fresh, target.device_mesh, target.placements, run_check=False,
-                shape=target.shape, stride=target.stride(),
+                fresh,
+                target.device_mesh,
+                target.placements,
+                run_check=False,
+                shape=target.shape,
+                stride=target.stride(),
             )
             return fresh, new
         return local, None
@@ -256,7 +290,7 @@ def _do_read(r: _Read, readers: _Readers, block: int, verify: bool, location: st
     whole = r.overlap.lengths == c.sizes and r.overlap.target_offsets == (0,) * len(c.sizes)
     dest_whole = whole and tuple(r.dest.shape) == c.sizes
     if dest_whole and r.dest.is_contiguous():
-        buf = memoryview(r.dest.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        buf = raw_bytes(r.dest)
         reader.readinto(c.byte_offset, buf)
         if verify:
             _verify(buf, c, 0, r.fqn, block, location)
@@ -267,7 +301,7 @@ def _do_read(r: _Read, readers: _Readers, block: int, verify: bool, location: st
         start = start // block * block
         end = min(c.byte_length, -(-end // block) * block)
     scratch = torch.empty(end - start, dtype=torch.uint8)
-    buf = memoryview(scratch.numpy()).cast("B")
+    buf = raw_bytes(scratch)
     reader.readinto(c.byte_offset + start, buf)
     if verify:
         _verify(buf, c, start, r.fqn, block, location)

@@ -24,7 +24,7 @@ from .planning import (
     WriteItemType,
 )
 
-__all__ = ["LocalPlan", "build_local_plan", "local_chunk", "tensor_bytes"]
+__all__ = ["LocalPlan", "build_local_plan", "local_chunk", "raw_bytes", "tensor_bytes"]
 
 Key = tuple[str, tuple[int, ...] | None]
 
@@ -69,16 +69,20 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     t = t.contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return raw_bytes(t)
+
+
+def raw_bytes(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
+    flat = t.reshape(-1).view(torch.uint8).numpy()
+    return memoryview(flat).cast("B")  # type: ignore[arg-type]
 
 
 def value_hash(encoded: Any) -> str:
     return xxhash.xxh3_64_hexdigest(json.dumps(encoded, sort_keys=True).encode())
 
 
-def build_local_plan(
-    entries: Mapping[str, Any], *, allow_pickle: bool, verify_replicas: bool
-) -> LocalPlan:
+def build_local_plan(entries: Mapping[str, Any], *, allow_pickle: bool, verify_replicas: bool) -> LocalPlan:
     items: list[WriteItem] = []
     tensors: dict[Key, torch.Tensor] = {}
     values: dict[str, Any] = {}
@@ -103,6 +107,8 @@ def build_local_plan(
             encoded = encode_value(value, fqn=fqn, allow_pickle=allow_pickle)
             values[fqn] = encoded
             items.append(
-                WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO, value_hash=value_hash(encoded))
+                WriteItem(
+                    index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO, value_hash=value_hash(encoded)
+                )
             )
     return LocalPlan(plan=SavePlan(items), tensors=tensors, values=values)

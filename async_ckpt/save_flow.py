@@ -109,7 +109,7 @@ def coordinate(comm: Comm, step: str, payload: Any, fn: Callable[[list[Any]], Se
         if comm.rank == 0:
             assert gathered is not None
             outputs = fn(gathered)
-    except Exception as exc:  # noqa: BLE001 - reported to every rank below
+    except Exception as exc:
         if comm.rank != 0:
             raise
         error = exc

@@ -117,7 +117,9 @@ class StagingSlot:
     def __post_init__(self) -> None:
         for s in self.layout.specs:
             raw = self.segments[s.segment].base[s.offset : s.offset + s.nbytes]
-            self.views[s.key] = raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
+            self.views[s.key] = (
+                raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
+            )
 
     @property
     def pinned(self) -> bool:

@@ -30,9 +30,7 @@ class Stateful(Protocol):
 
 
 def is_stateful(value: object) -> bool:
-    return not isinstance(value, (dict, list, tuple, torch.Tensor)) and isinstance(
-        value, Stateful
-    )
+    return not isinstance(value, (dict, list, tuple, torch.Tensor)) and isinstance(value, Stateful)
 
 
 def join(prefix: str, key: object) -> str:
@@ -63,7 +61,9 @@ def _flatten_node(node: Any, fqn: str, out: dict[str, Any], allow_pickle: bool, 
     if isinstance(node, dict):
         items = []
         for key, child in node.items():
-            items.append([_json_key(key, fqn), _flatten_node(child, join(fqn, key), out, allow_pickle, depth + 1)])
+            items.append(
+                [_json_key(key, fqn), _flatten_node(child, join(fqn, key), out, allow_pickle, depth + 1)]
+            )
         return {"d": items}
     if isinstance(node, (list, tuple)):
         kids = [_flatten_node(c, join(fqn, i), out, allow_pickle, depth + 1) for i, c in enumerate(node)]
@@ -173,7 +173,9 @@ class LoadView:
             return node
         if isinstance(node, dict):
             for key, child in list(node.items()):
-                node[key] = self._walk(child, join(fqn, key), inside_stateful=inside_stateful, depth=depth + 1)
+                node[key] = self._walk(
+                    child, join(fqn, key), inside_stateful=inside_stateful, depth=depth + 1
+                )
             if inside_stateful:
                 self._graft_dict(node, fqn)
             return node

@@ -173,7 +173,7 @@ def decode_metadata(raw: bytes, *, where: str) -> Metadata:
     """Parse and verify ``metadata.json`` bytes; ``where`` names the file in errors."""
     body = _unframe(raw, where)
     try:
-        doc = json.loads(body, object_pairs_hook=_no_duplicates)
+        doc = json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{where}: body is not valid JSON ({exc})") from exc
     if not isinstance(doc, dict):
@@ -212,6 +212,10 @@ def _unframe(raw: bytes, where: str) -> bytes:
     return body
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -238,9 +242,7 @@ def _parse_body(doc: dict[str, Any]) -> Metadata:
         fqn: _parse_tensor(rec, fqn, files, block, world)
         for fqn, rec in _dict(doc.get("tensors"), "tensors").items()
     }
-    values = {
-        fqn: _parse_value(rec, fqn, world) for fqn, rec in _dict(doc.get("values"), "values").items()
-    }
+    values = {fqn: _parse_value(rec, fqn, world) for fqn, rec in _dict(doc.get("values"), "values").items()}
     overlap = tensors.keys() & values.keys()
     if overlap:
         raise _Bad(f"key '{sorted(overlap)[0]}' is both a tensor and a value")
@@ -344,7 +346,7 @@ def _parse_value(rec: object, fqn: str, world: int) -> ValueRecord:
 
 def _file_name(name: str) -> str:
     # File names come from the checkpoint: never let one reach outside its directory.
-    if not _SAFE_FILE.match(name) or name == METADATA_FILE:
+    if not _SAFE_FILE.fullmatch(name) or name == METADATA_FILE:
         raise _Bad(f"unsafe or invalid shard file name {name!r}")
     return name
 

@@ -54,6 +54,8 @@ def layout_shard(entries: Sequence[ShardEntry], metadata: dict[str, str]) -> Sha
     header_obj: dict[str, Any] = {"__metadata__": metadata}
     pos = 0
     for e in entries:
+        if e.name in header_obj:
+            raise ValueError(f"two chunks would share the safetensors entry name '{e.name}'; rename the key")
         header_obj[e.name] = {
             "dtype": safetensors_name(e.dtype),
             "shape": list(e.shape),
@@ -82,9 +84,7 @@ def parse_header(prefix: bytes, file_size: int, *, where: str) -> tuple[int, dic
         raise CorruptCheckpointError(f"{where}: shorter than a safetensors header")
     (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER_BYTES or 8 + n > file_size:
-        raise CorruptCheckpointError(
-            f"{where}: header length {n} is impossible for a {file_size}-byte file"
-        )
+        raise CorruptCheckpointError(f"{where}: header length {n} is impossible for a {file_size}-byte file")
     if len(prefix) < 8 + n:
         return 8 + n, {}
     try:

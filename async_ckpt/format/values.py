@@ -47,10 +47,6 @@ def encode_value(value: object, *, fqn: str, allow_pickle: bool) -> Any:
     )
 
 
-def is_pickled(encoded: Any) -> bool:
-    return isinstance(encoded, dict) and "$pickle" in encoded
-
-
 def decode_value(encoded: Any, *, fqn: str, allow_pickle: bool) -> Any:
     if encoded is None or isinstance(encoded, (bool, int, float, str)):
         return encoded
@@ -66,7 +62,7 @@ def decode_value(encoded: Any, *, fqn: str, allow_pickle: bool) -> Any:
                     f"key '{fqn}' holds pickled data; unpickling runs code from the file. "
                     "Pass allow_pickle=True to load() only if you trust this checkpoint."
                 )
-            return pickle.loads(_b64(payload, fqn))  # noqa: S301 - opted in above
+            return pickle.loads(_b64(payload, fqn))
     raise CorruptCheckpointError(f"key '{fqn}': malformed value encoding {str(encoded)[:80]!r}")
 
 

@@ -51,7 +51,7 @@ Key = tuple[str, tuple[int, ...] | None]
 IntArray = npt.NDArray[np.int64]
 
 _key_of = operator.attrgetter("index.fqn", "index.offset")
-_value_hash_of = operator.attrgetter("value_hash")
+_variant_of = operator.attrgetter("index.fqn", "index.offset", "value_hash")
 _tensor_data_of = operator.attrgetter("tensor_data")
 
 
@@ -100,14 +100,26 @@ def collect_holdings(plans: Sequence[SavePlan]) -> Holdings:
     np.cumsum(lengths, out=plan_start[1:])
     n = len(items)
 
-    # setdefault hands back the position where each key was first seen, and
-    # the dict keeps keys in first-appearance order, which numbers them.
-    first_seen: dict[Key, int] = {}
-    seen_at = np.fromiter(map(first_seen.setdefault, map(_key_of, items), itertools.count()), np.int64, n)
-    keys = list(first_seen)
-    first = np.fromiter(first_seen.values(), np.int64, len(keys))
-    del first_seen
-    item_key = np.searchsorted(first, seen_at)
+    # One C-level pass over the items.  They are told apart by value_hash
+    # too ("variants"), so that differing replicas show up without a second
+    # pass.  setdefault hands back where each variant was first seen, and the
+    # dict keeps variants in first-appearance order, which numbers them.
+    seen: dict[tuple[str, tuple[int, ...] | None, str | None], int] = {}
+    seen_at = np.fromiter(map(seen.setdefault, map(_variant_of, items), itertools.count()), np.int64, n)
+    variant_first = np.fromiter(seen.values(), np.int64, len(seen))
+    item_variant = np.searchsorted(variant_first, seen_at)
+    key_ids: dict[Key, int] = {}
+    variant_key = np.fromiter(
+        (key_ids.setdefault((fqn, offset), len(key_ids)) for fqn, offset, _ in seen),
+        np.int64,
+        len(seen),
+    )
+    del seen
+    keys = list(key_ids)
+    item_key = variant_key[item_variant]
+    _, first_variant = np.unique(variant_key, return_index=True)
+    first = variant_first[first_variant]
+    mixed = np.flatnonzero(np.bincount(variant_key, minlength=len(keys)) > 1)
 
     # Grouping by key (stably, so positions stay ascending) yields holders.
     item_plan = np.repeat(np.arange(len(plans), dtype=np.int64), lengths)
@@ -120,27 +132,18 @@ def collect_holdings(plans: Sequence[SavePlan]) -> Holdings:
     holder_start = np.zeros(len(keys) + 1, dtype=np.int64)
     np.cumsum(np.bincount(sorted_key[new_pair], minlength=len(keys)), out=holder_start[1:])
     occurrences_end = np.cumsum(np.bincount(item_key, minlength=len(keys)))
-    last = order[occurrences_end - 1] if n else np.zeros(0, dtype=np.int64)
-
-    mixed = _mixed_hash_keys(items, item_key, order, occurrences_end)
-    return Holdings(keys, items, plan_start, item_key, holder_ranks, holder_start, first, last, mixed)
-
-
-def _mixed_hash_keys(
-    items: list[WriteItem], item_key: IntArray, order: IntArray, occurrences_end: IntArray
-) -> frozenset[int]:
-    hashes = list(map(_value_hash_of, items))
-    hashed = np.fromiter(map(operator.is_not, hashes, itertools.repeat(None)), bool, len(hashes))
-    if not hashed.any():
-        return frozenset()
-    mixed = set()
-    # Only keys with some hash can differ; a holder without one differs too.
-    for key_id in np.unique(item_key[hashed]).tolist():
-        begin = int(occurrences_end[key_id - 1]) if key_id else 0
-        members = order[begin : occurrences_end[key_id]].tolist()
-        if len({hashes[i] for i in members}) > 1:
-            mixed.add(key_id)
-    return frozenset(mixed)
+    last = order[occurrences_end - 1]
+    return Holdings(
+        keys,
+        items,
+        plan_start,
+        item_key,
+        holder_ranks,
+        holder_start,
+        first,
+        last,
+        frozenset(mixed.tolist()),
+    )
 
 
 def apply_owners(plans: Sequence[SavePlan], holdings: Holdings, owner: IntArray) -> list[SavePlan]:

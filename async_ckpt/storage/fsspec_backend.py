@@ -151,4 +151,3 @@ class FsspecStorage:
                     fs.rm(child, recursive=True)
                     removed.append(child)
         return removed
-

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
-
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ from ..format.metadata import METADATA_FILE
 
 __all__ = ["LocalStorage", "staging_dir"]
 
-_LEFTOVER = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8,32}$")
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<token>[0-9a-f]{8,32})")
 
 
 def staging_dir(location: str, token: str) -> Path:
@@ -134,9 +132,6 @@ class LocalStorage:
             moved = True
         except FileNotFoundError:
             pass
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT,):
-                raise
         os.rename(stage, final)
         _fsync_dir(final.parent)
         if moved:
@@ -160,13 +155,33 @@ class LocalStorage:
         return _FileReader(Path(location) / name)
 
     def remove_uncommitted(self, root: str) -> list[str]:
+        """Remove leftovers of interrupted saves directly under ``root``.
+
+        A crash inside ``commit`` between its two renames leaves the previous
+        checkpoint as ``.<name>.old-<token>`` and no ``<name>``: that is
+        repaired (the finished new one is moved into place, or the previous
+        one back), never deleted.
+        """
         base = Path(root)
         removed: list[str] = []
         if not base.is_dir():
             return removed
-        for entry in sorted(base.iterdir()):
-            if entry.is_dir() and _LEFTOVER.match(entry.name):
+        leftovers = [(e, _LEFTOVER.fullmatch(e.name)) for e in sorted(base.iterdir()) if e.is_dir()]
+        for entry, m in leftovers:
+            if m is None or m["kind"] != "old":
+                continue
+            final = base / m["name"]
+            if not final.exists():
+                stage = base / f".{m['name']}.tmp-{m['token']}"
+                if (stage / METADATA_FILE).is_file():
+                    os.rename(stage, final)
+                else:
+                    os.rename(entry, final)
+                    continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(str(entry))
+        for entry, m in leftovers:
+            if m is not None and m["kind"] == "tmp" and entry.exists():
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(str(entry))
         return removed
-

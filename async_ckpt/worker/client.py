@@ -103,7 +103,7 @@ class WorkerClient:
                 break
             try:
                 self._on_message(msg)
-            except Exception:  # noqa: BLE001 - a bad callback must not kill the listener
+            except Exception:
                 log.exception("async_ckpt: error handling a worker message")
         self.alive = False
         code = self.proc.poll()

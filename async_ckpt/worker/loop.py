@@ -11,14 +11,12 @@ __all__ = ["new_event_loop", "run_blocking"]
 
 T = TypeVar("T")
 
-try:
-    import uvloop as _uvloop
-except ImportError:  # pragma: no cover - uvloop is missing on Windows
-    _uvloop = None
-
-
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    return _uvloop.new_event_loop() if _uvloop is not None else asyncio.new_event_loop()
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is missing on Windows
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def run_blocking(coro: Coroutine[Any, Any, T]) -> T:

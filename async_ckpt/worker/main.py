@@ -60,7 +60,9 @@ class _MappedSlot:
         self.views: dict[Any, torch.Tensor] = {}
         for s in layout.specs:
             raw = bases[s.segment][s.offset : s.offset + s.nbytes]
-            self.views[s.key] = raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
+            self.views[s.key] = (
+                raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
+            )
 
     def release_pages(self) -> None:
         """Drop our mapping of the pages (the trainer still holds them) so our RSS stays small."""
@@ -87,7 +89,9 @@ def entry(fd: int) -> None:
 def worker_main(conn: Connection, config: WorkerConfig) -> None:
     # Ctrl-C goes to the whole process group; the trainer decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s async_ckpt.worker[%(process)d] %(message)s")
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s async_ckpt.worker[%(process)d] %(message)s"
+    )
     with contextlib.suppress(OSError):
         os.nice(config.nice)
     torch.set_num_threads(1)
@@ -103,10 +107,15 @@ def _connect(config: WorkerConfig) -> Comm:
     import torch.distributed as dist
 
     store = dist.TCPStore(
-        config.store_host, config.store_port, is_master=False, timeout=timedelta(seconds=config.timeout),
+        config.store_host,
+        config.store_port,
+        is_master=False,
+        timeout=timedelta(seconds=config.timeout),
         wait_for_workers=False,
     )
-    return StoreComm(store, config.rank, config.world_size, timeout=config.timeout, prefix=config.store_prefix)
+    return StoreComm(
+        store, config.rank, config.world_size, timeout=config.timeout, prefix=config.store_prefix
+    )
 
 
 async def _serve(conn: Connection, comm: Comm, config: WorkerConfig) -> None:
@@ -151,7 +160,9 @@ async def _serve(conn: Connection, comm: Comm, config: WorkerConfig) -> None:
         slot.close()
 
 
-async def _one_save(conn: Connection, runner: SaveJobRunner, req: SaveRequest, slots: dict[int, _MappedSlot]) -> None:
+async def _one_save(
+    conn: Connection, runner: SaveJobRunner, req: SaveRequest, slots: dict[int, _MappedSlot]
+) -> None:
     slot = slots.get(req.slot_id)
     try:
         if slot is None:
@@ -162,8 +173,14 @@ async def _one_save(conn: Connection, runner: SaveJobRunner, req: SaveRequest, s
         if s is not None:
             log.debug(
                 "save %d to %s: stage %.3fs plan %.3fs%s write %.3fs commit %.3fs, %d bytes",
-                req.save_id, req.location, s.stage_s, s.plan_s, " (cached)" if s.plan_cached else "",
-                s.write_s, s.commit_s, s.bytes_written,
+                req.save_id,
+                req.location,
+                s.stage_s,
+                s.plan_s,
+                " (cached)" if s.plan_cached else "",
+                s.write_s,
+                s.commit_s,
+                s.bytes_written,
             )
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the trainer
         reply = Finished(

@@ -110,8 +110,16 @@ async def _write_file(
             sums = await _stream(sink, entry, block_size)
             chunks.append(
                 WrittenChunk(
-                    entry.fqn, dtype_name(entry.dtype), entry.global_shape, entry.offsets,
-                    entry.sizes, entry.name, start, entry.nbytes, tuple(sums), entry.rank,
+                    entry.fqn,
+                    dtype_name(entry.dtype),
+                    entry.global_shape,
+                    entry.offsets,
+                    entry.sizes,
+                    entry.name,
+                    start,
+                    entry.nbytes,
+                    tuple(sums),
+                    entry.rank,
                 )
             )
         await sink.finish()

@@ -104,7 +104,9 @@ class SaveJobRunner:
         if isinstance(outcome, Metadata):
             kill_point("after_commit", req.save_id, comm.rank)
             written_bytes = sum(f.size for f in report.result.files) if report.result else 0
-            return with_stats(outcome, self._stats(req, 0.0, t1 - t0, time.perf_counter() - t1, written_bytes, True))
+            return with_stats(
+                outcome, self._stats(req, 0.0, t1 - t0, time.perf_counter() - t1, written_bytes, True)
+            )
         # Plan together, then write and commit.
         t2 = time.perf_counter()
         kill_point("plan", req.save_id, comm.rank)
@@ -136,7 +138,9 @@ class SaveJobRunner:
 
     # ------------------------------------------------------------ the steps
 
-    async def _write(self, req: SaveRequest, assignment: RankAssignment, local: LocalPlan) -> list[WrittenFile]:
+    async def _write(
+        self, req: SaveRequest, assignment: RankAssignment, local: LocalPlan
+    ) -> list[WrittenFile]:
         jobs = write_jobs(assignment, local, self.comm.rank)
         written = await write_files(
             req.storage, req.location, assignment.token, jobs, block_size=req.options.block_size
