@@ -283,6 +283,12 @@ def _execute(reads: list[_Read], storage: Storage, location: str, md: Metadata, 
 
 
 def _do_read(r: _Read, readers: _Readers, block: int, verify: bool, location: str) -> None:
+    # Grad mode is per thread: the caller's no_grad does not reach the pool's threads.
+    with torch.no_grad():
+        _read_chunk(r, readers, block, verify, location)
+
+
+def _read_chunk(r: _Read, readers: _Readers, block: int, verify: bool, location: str) -> None:
     reader = readers.get(r.chunk.file)
     c = r.chunk
     if c.byte_length == 0:

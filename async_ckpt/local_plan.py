@@ -66,7 +66,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous().reshape(-1)
+    # Lazy conjugate/negation flags must be applied before reinterpreting bytes.
+    t = t.resolve_conj().resolve_neg().contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
     return raw_bytes(t)
@@ -88,7 +89,15 @@ def build_local_plan(entries: Mapping[str, Any], *, allow_pickle: bool, verify_r
     values: dict[str, Any] = {}
     for fqn, value in entries.items():
         if isinstance(value, torch.Tensor):
-            dtype_name(value.dtype)  # unsupported dtypes fail here, naming the dtype
+            try:
+                dtype_name(value.dtype)
+            except TypeError as exc:
+                raise TypeError(f"cannot save key '{fqn}': {exc}") from None
+            if value.is_meta or (isinstance(value, DTensor) and value.to_local().is_meta):
+                raise TypeError(
+                    f"cannot save key '{fqn}': it is a meta-device tensor and holds no data; "
+                    "materialise it (e.g. model.to_empty(device=...) and initialise) first"
+                )
             local, chunk, shape = local_chunk(fqn, value)
             digest = None
             if verify_replicas and not isinstance(value, DTensor):

@@ -52,6 +52,7 @@ IntArray = npt.NDArray[np.int64]
 
 _key_of = operator.attrgetter("index.fqn", "index.offset")
 _variant_of = operator.attrgetter("index.fqn", "index.offset", "value_hash")
+_key_of_variant = operator.itemgetter(0, 1)
 _tensor_data_of = operator.attrgetter("tensor_data")
 
 
@@ -108,18 +109,21 @@ def collect_holdings(plans: Sequence[SavePlan]) -> Holdings:
     seen_at = np.fromiter(map(seen.setdefault, map(_variant_of, items), itertools.count()), np.int64, n)
     variant_first = np.fromiter(seen.values(), np.int64, len(seen))
     item_variant = np.searchsorted(variant_first, seen_at)
-    key_ids: dict[Key, int] = {}
-    variant_key = np.fromiter(
-        (key_ids.setdefault((fqn, offset), len(key_ids)) for fqn, offset, _ in seen),
+    # The same trick again, over the variants, numbers the keys.
+    key_first_variant: dict[Key, int] = {}
+    variant_first_variant = np.fromiter(
+        map(key_first_variant.setdefault, map(_key_of_variant, seen), itertools.count()),
         np.int64,
         len(seen),
     )
     del seen
-    keys = list(key_ids)
+    keys = list(key_first_variant)
+    first_variant = np.fromiter(key_first_variant.values(), np.int64, len(keys))
+    del key_first_variant
+    variant_key = np.searchsorted(first_variant, variant_first_variant)
     item_key = variant_key[item_variant]
-    _, first_variant = np.unique(variant_key, return_index=True)
     first = variant_first[first_variant]
-    mixed = np.flatnonzero(np.bincount(variant_key, minlength=len(keys)) > 1)
+    mixed = np.flatnonzero(np.diff(first_variant, append=len(variant_key)) > 1)
 
     # Grouping by key (stably, so positions stay ascending) yields holders.
     item_plan = np.repeat(np.arange(len(plans), dtype=np.int64), lengths)

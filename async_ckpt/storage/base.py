@@ -60,6 +60,14 @@ class Storage(Protocol):
 
     def open_reader(self, location: str, name: str) -> ShardReader: ...
 
+    def list_children(self, root: str) -> list[str]:
+        """Locations of the entries directly under ``root`` (for managers and ``ls``)."""
+        ...
+
+    def delete(self, location: str) -> None:
+        """Remove a checkpoint and everything in it (retention)."""
+        ...
+
     def remove_uncommitted(self, root: str) -> list[str]:
         """Delete leftovers of interrupted saves under ``root``; return what was removed."""
         ...

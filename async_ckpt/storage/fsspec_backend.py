@@ -136,6 +136,31 @@ class FsspecStorage:
     def open_reader(self, location: str, name: str) -> _FsspecReader:
         return _FsspecReader(self.fs_for(location), self._path(location, name))
 
+    def list_children(self, root: str) -> list[str]:
+        fs = self.fs_for(root)
+        try:
+            children = fs.ls(self._path(root), detail=False)
+        except FileNotFoundError:
+            return []
+        proto = root.split("://", 1)[0] + "://" if "://" in root else ""
+        out = []
+        for child in sorted(children):
+            name = child.rstrip("/").rsplit("/", 1)[-1]
+            if not name.startswith("."):
+                out.append(f"{proto}{child.rstrip('/')}" if proto and not child.startswith(proto) else child)
+        return out
+
+    def delete(self, location: str) -> None:
+        fs = self.fs_for(location)
+        try:
+            fs.rm(self._path(location, METADATA_FILE))
+        except FileNotFoundError:
+            pass
+        try:
+            fs.rm(self._path(location), recursive=True)
+        except FileNotFoundError:
+            pass
+
     def remove_uncommitted(self, root: str) -> list[str]:
         fs = self.fs_for(root)
         base = self._path(root)

@@ -32,6 +32,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _check_replaceable(final: Path) -> None:
+    """Only a checkpoint (or an empty directory) may be replaced: never a user's other data."""
+    if not final.exists() and not final.is_symlink():
+        return
+    if final.is_dir() and not final.is_symlink():
+        if (final / METADATA_FILE).is_file() or not any(final.iterdir()):
+            return
+        raise CheckpointError(
+            f"{final} exists and is not a checkpoint (no {METADATA_FILE}); refusing to replace it. "
+            "Choose another checkpoint id or remove it."
+        )
+    raise CheckpointError(f"{final} exists and is not a directory; choose another checkpoint id")
+
+
 class _FileSink:
     def __init__(self, handle: Any, path: Path) -> None:
         self._f = handle
@@ -97,6 +111,7 @@ class LocalStorage:
         return str(Path(raw).expanduser().absolute())
 
     def begin_save(self, location: str, token: str) -> None:
+        _check_replaceable(Path(location))
         stage = staging_dir(location, token)
         try:
             stage.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +140,7 @@ class LocalStorage:
             os.fsync(f.fileno())
         os.rename(tmp, stage / METADATA_FILE)
         _fsync_dir(stage)
+        _check_replaceable(final)
         old = final.parent / f".{final.name}.old-{token}"
         moved = False
         try:
@@ -153,6 +169,18 @@ class LocalStorage:
 
     def open_reader(self, location: str, name: str) -> _FileReader:
         return _FileReader(Path(location) / name)
+
+    def list_children(self, root: str) -> list[str]:
+        base = Path(root)
+        if not base.is_dir():
+            return []
+        return [str(e) for e in sorted(base.iterdir()) if not e.name.startswith(".")]
+
+    def delete(self, location: str) -> None:
+        final = Path(location)
+        # Un-commit first, so a crash half way leaves an uncommitted directory, not a damaged checkpoint.
+        (final / METADATA_FILE).unlink(missing_ok=True)
+        shutil.rmtree(final, ignore_errors=True)
 
     def remove_uncommitted(self, root: str) -> list[str]:
         """Remove leftovers of interrupted saves directly under ``root``.
