@@ -41,7 +41,7 @@ from .planning.reshard import ChunkIndex, Overlap, contiguous_byte_range
 from .state_dict import LoadView, is_missing
 from .storage.base import ShardReader, Storage
 
-__all__ = ["load_collective", "read_checkpoint_metadata"]
+__all__ = ["load_collective", "read_checkpoint_metadata", "read_region"]
 
 _READ_THREADS = 8
 
@@ -380,3 +380,32 @@ class _Readers:
         for reader in self._open.values():
             reader.close()
         self._open.clear()
+
+
+def read_region(
+    storage: Storage,
+    location: str,
+    md: Metadata,
+    fqn: str,
+    offsets: tuple[int, ...],
+    out: torch.Tensor,
+    *,
+    verify: bool = True,
+) -> None:
+    """Fill ``out`` (a CPU tensor) with the box of tensor ``fqn`` starting at ``offsets``.
+
+    The building block for streaming conversions: any region of any saved
+    tensor, whatever layout it was saved in, read and verified.
+    """
+    rec = md.tensors.get(fqn)
+    if rec is None:
+        raise CheckpointError(f"key '{fqn}' is not a tensor in {location}")
+    if rec.per_rank:
+        raise CheckpointError(f"key '{fqn}' in {location} was saved per rank; read it with load()")
+    if out.dtype != rec.dtype:
+        raise CheckpointError(f"key '{fqn}': output dtype {out.dtype} differs from saved {rec.dtype}")
+    target = ChunkStorageMetadata(offsets, tuple(out.shape))
+    if any(o + s > d for o, s, d in zip(target.offsets, target.sizes, rec.shape, strict=True)):
+        raise CheckpointError(f"key '{fqn}': region {offsets} + {tuple(out.shape)} exceeds {rec.shape}")
+    reads = list(_plan_reads(fqn, rec, target, out, rank=0))
+    _execute(reads, storage, location, md, verify)

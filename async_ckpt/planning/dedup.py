@@ -50,7 +50,6 @@ KEEP_ALL = -1
 Key = tuple[str, tuple[int, ...] | None]
 IntArray = npt.NDArray[np.int64]
 
-_key_of = operator.attrgetter("index.fqn", "index.offset")
 _variant_of = operator.attrgetter("index.fqn", "index.offset", "value_hash")
 _key_of_variant = operator.itemgetter(0, 1)
 _tensor_data_of = operator.attrgetter("tensor_data")
@@ -123,7 +122,7 @@ def collect_holdings(plans: Sequence[SavePlan]) -> Holdings:
     variant_key = np.searchsorted(first_variant, variant_first_variant)
     item_key = variant_key[item_variant]
     first = variant_first[first_variant]
-    mixed = np.flatnonzero(np.diff(first_variant, append=len(variant_key)) > 1)
+    mixed = np.flatnonzero(np.bincount(variant_key, minlength=len(keys)) > 1)
 
     # Grouping by key (stably, so positions stay ascending) yields holders.
     item_plan = np.repeat(np.arange(len(plans), dtype=np.int64), lengths)
