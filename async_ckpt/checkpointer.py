@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ._faults import kill_point
 from .errors import CheckpointError
 from .format.metadata import Metadata
 from .local_plan import build_local_plan
@@ -303,7 +304,12 @@ class AsyncCheckpointer:
                 if slot.registered_with != worker.pid:
                     worker.register(slot)
                 t_stage = time.perf_counter()
-                event = slot.copy_in(job.local.tensors, self._cuda_stream(job.local.tensors))
+                rank = self._group.rank if self._group is not None else 0
+                event = slot.copy_in(
+                    job.local.tensors,
+                    self._cuda_stream(job.local.tensors),
+                    on_half=lambda: kill_point("stage", pending.save_id, rank),
+                )
                 if event is not None:
                     event.synchronize()
                 stage_s = time.perf_counter() - t_stage
@@ -329,6 +335,7 @@ class AsyncCheckpointer:
                     self._inflight.pop(pending.save_id, None)
                 self._pool.release(slot)
                 raise
+            kill_point("staged", pending.save_id, rank)
             if waited > 0.001:
                 log.info("async_ckpt: save %d waited %.3fs for a staging buffer", pending.save_id, waited)
             pending.staged._future.set_result(stage_s)

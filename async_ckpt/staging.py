@@ -125,7 +125,7 @@ class StagingSlot:
     def pinned(self) -> bool:
         return bool(self.segments) and all(seg.pinned for seg in self.segments)
 
-    def copy_in(self, tensors: Mapping[Key, torch.Tensor], stream: Any = None) -> Any:
+    def copy_in(self, tensors: Mapping[Key, torch.Tensor], stream: Any = None, on_half: Any = None) -> Any:
         """Copy every tensor into its buffer; returns a CUDA event to wait on, or None.
 
         Device tensors are copied on ``stream`` (non_blocking into pinned
@@ -133,8 +133,11 @@ class StagingSlot:
         work queued later on the default stream overlaps the copy.
         """
         event = None
+        half = len(tensors) // 2
         with torch.no_grad():
-            for key, src in tensors.items():
+            for i, (key, src) in enumerate(tensors.items()):
+                if on_half is not None and i == half:
+                    on_half()
                 dst = self.views[key]
                 if dst.numel() == 0:
                     continue

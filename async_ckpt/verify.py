@@ -95,7 +95,9 @@ def _verify_file(
             for chunk in tensor.chunks:
                 if chunk.file != name:
                     continue
-                bad = _verify_chunk(reader, chunk.byte_offset, chunk.byte_length, chunk.checksums, md.block_size)
+                bad = _verify_chunk(
+                    reader, chunk.byte_offset, chunk.byte_length, chunk.checksums, md.block_size
+                )
                 _tick(report, progress, chunk.byte_length)
                 if bad is not None:
                     report.problems.append(

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .._faults import kill_point
 from ..dist import Comm, RankFailure, RanksFailedError, run_collectively
 from ..format.metadata import Metadata, SaveStats, encode_metadata
 from ..local_plan import LocalPlan
@@ -41,30 +40,10 @@ from ..save_flow import (
 from .messages import SaveRequest
 from .pipeline import WrittenFile, write_files
 
-__all__ = ["SaveJobRunner", "kill_point"]
+__all__ = ["SaveJobRunner"]
 
 log = logging.getLogger("async_ckpt.worker")
 _CACHE_SIZE = 4
-KILL_ENV = "ASYNC_CKPT_KILL_AT"
-
-
-def kill_point(name: str, save_id: int, rank: int) -> None:
-    """Die here if the fault-injection variable names this point (tests of crash consistency).
-
-    ``ASYNC_CKPT_KILL_AT=<point>[:<save id>[:<rank>]]``; points are ``plan``,
-    ``write``, ``before_commit`` and ``after_commit``.
-    """
-    spec = os.environ.get(KILL_ENV)
-    if not spec:
-        return
-    parts = spec.split(":")
-    if parts[0] != name:
-        return
-    if len(parts) > 1 and parts[1] and int(parts[1]) != save_id:
-        return
-    if len(parts) > 2 and parts[2] and int(parts[2]) != rank:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True, slots=True)
