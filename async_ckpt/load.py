@@ -159,6 +159,10 @@ def _load_into(
                         f"key '{fqn}': checkpoint holds a tensor but the target is a "
                         f"{type(target).__qualname__}"
                     )
+                if rec.per_rank and not _has_own_copy(
+                    fqn, {c.rank for c in rec.chunks}, md.world_size, world, rank, strict, location
+                ):
+                    continue
                 dest, new = _prepare_tensor(fqn, target, rec, location)
                 if new is not None:
                     view.set(fqn, new, materialized=True)
@@ -168,19 +172,16 @@ def _load_into(
                     gpu_copies.append((dest, host))
                 tgt_tensor = new if new is not None else target
                 _, tchunk, _ = local_chunk(fqn, tgt_tensor)
-                if rec.per_rank:
-                    _check_world(fqn, md.world_size, world, location)
-                    if not any(c.rank == rank for c in rec.chunks):
-                        if strict:
-                            raise CheckpointError(f"key '{fqn}' was not saved by rank {rank} in {location}")
-                        continue
                 reads.extend(_plan_reads(fqn, rec, tchunk, host, rank))
             elif fqn in md.values:
-                value = _value_for(fqn, md, rank, world, allow_pickle, location)
-                if value is _ABSENT_VALUE:
-                    if strict:
-                        raise CheckpointError(f"key '{fqn}' was not saved by rank {rank} in {location}")
-                    continue
+                rec_v = md.values[fqn]
+                if rec_v.per_rank is not None:
+                    holders: set[int | None] = {
+                        r for r, enc in enumerate(rec_v.per_rank) if not _is_absent(enc)
+                    }
+                    if not _has_own_copy(fqn, holders, md.world_size, world, rank, strict, location):
+                        continue
+                value = _value_for(fqn, md, rank, allow_pickle)
                 if isinstance(target, torch.Tensor):
                     raise CheckpointError(
                         f"key '{fqn}': target is a tensor but the checkpoint holds a "
@@ -197,27 +198,33 @@ def _load_into(
             dest.copy_(host, non_blocking=False)
 
 
-_ABSENT_VALUE = object()
+def _is_absent(enc: Any) -> bool:
+    return isinstance(enc, dict) and enc.get("$absent") is True
 
 
-def _value_for(fqn: str, md: Metadata, rank: int, world: int, allow_pickle: bool, location: str) -> Any:
+def _value_for(fqn: str, md: Metadata, rank: int, allow_pickle: bool) -> Any:
     rec = md.values[fqn]
-    if rec.per_rank is None:
-        return decode_value(rec.value, fqn=fqn, allow_pickle=allow_pickle)
-    _check_world(fqn, md.world_size, world, location)
-    enc = rec.per_rank[rank]
-    if isinstance(enc, dict) and enc.get("$absent") is True:
-        return _ABSENT_VALUE
+    enc = rec.value if rec.per_rank is None else rec.per_rank[rank]
     return decode_value(enc, fqn=fqn, allow_pickle=allow_pickle)
 
 
-def _check_world(fqn: str, saved_world: int, world: int, location: str) -> None:
+def _has_own_copy(
+    fqn: str, holders: set[int | None], saved_world: int, world: int, rank: int, strict: bool, location: str
+) -> bool:
+    """Whether this rank can load its own copy of a per-rank key; raises when strict and it cannot."""
     if world != saved_world:
+        if not strict:
+            return False
         raise CheckpointError(
             f"key '{fqn}' in {location} holds a different value on each of the "
             f"{saved_world} ranks that saved it; it can only be loaded with that world "
             f"size (now {world}). Drop the key from the target or load with strict=False."
         )
+    if rank not in holders:
+        if not strict:
+            return False
+        raise CheckpointError(f"key '{fqn}' was not saved by rank {rank} in {location}")
+    return True
 
 
 def _prepare_tensor(
