@@ -7,10 +7,12 @@ from .api import assert_same_keys, async_save, load, read_metadata, save
 from .checkpointer import AsyncCheckpointer, PendingCheckpoint
 from .errors import CheckpointError, CorruptCheckpointError
 from .format.metadata import Metadata
+from .manager import CheckpointManager
 
 __all__ = [
     "AsyncCheckpointer",
     "CheckpointError",
+    "CheckpointManager",
     "CorruptCheckpointError",
     "Metadata",
     "PendingCheckpoint",

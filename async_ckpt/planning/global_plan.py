@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -81,7 +82,9 @@ def _keys_of(holdings: Holdings, fqns: frozenset[str]) -> frozenset[int]:
     # the keys whose hashes happened to differ.
     if not fqns:
         return frozenset()
-    return frozenset(kid for kid, (fqn, _) in enumerate(holdings.keys) if fqn in fqns)
+    fqn_of_key = map(operator.itemgetter(0), holdings.keys)
+    hit = np.fromiter(map(fqns.__contains__, fqn_of_key), bool, len(holdings.keys))
+    return frozenset(np.flatnonzero(hit).tolist())
 
 
 def _lowest_owners(holdings: Holdings, keep_all: frozenset[int]) -> npt.NDArray[np.int64]:

@@ -43,9 +43,7 @@ class MetadataIndex:
     offset: tuple[int, ...] | None = None
     index: int | None = field(default=None, compare=False, hash=False)
 
-    def __init__(
-        self, fqn: str, offset: Sequence[int] | None = None, index: int | None = None
-    ) -> None:
+    def __init__(self, fqn: str, offset: Sequence[int] | None = None, index: int | None = None) -> None:
         object.__setattr__(self, "fqn", fqn)
         object.__setattr__(self, "offset", _as_tuple(offset))
         object.__setattr__(self, "index", index)
@@ -66,9 +64,7 @@ class ChunkStorageMetadata:
 
     def __init__(self, offsets: Sequence[int], sizes: Sequence[int]) -> None:
         if len(offsets) != len(sizes):
-            raise ValueError(
-                f"chunk offsets {tuple(offsets)} and sizes {tuple(sizes)} differ in rank"
-            )
+            raise ValueError(f"chunk offsets {tuple(offsets)} and sizes {tuple(sizes)} differ in rank")
         object.__setattr__(self, "offsets", tuple(int(v) for v in offsets))
         object.__setattr__(self, "sizes", tuple(int(v) for v in sizes))
 

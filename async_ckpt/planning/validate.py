@@ -1,26 +1,32 @@
 """Checking that a global plan saves every tensor element exactly once.
 
 DCP compares chunks pairwise, which takes minutes once a tensor has a chunk
-per rank at 1024 ranks.  Here each tensor is checked in O(n log n):
+per rank at 1024 ranks.  Here the check is O(n log n), and batched: every
+tensor of the same number of dims is checked at once with numpy.
 
 * every chunk is in bounds;
-* no two non-empty chunks overlap, found by mapping chunks onto the grid
-  of all chunk boundaries (one sort per dimension);
+* no two non-empty chunks overlap, found by mapping chunks onto the grid of
+  their tensor's chunk boundaries (one sort per dimension).  In the grid
+  layouts DTensor produces each chunk is exactly one grid cell, so overlap
+  means two chunks on one cell, found by counting;
 * the chunk volumes add up to the tensor's, which, given in-bounds chunks
   that do not overlap, is the same as covering it with no gap.
+
+Tensors the batched pass cannot clear (irregular layouts, or any problem)
+are rechecked one at a time, which also writes the error message.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import operator
 from bisect import bisect_right, insort
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from .types import SavePlan, WriteItemType
 
@@ -35,14 +41,32 @@ _MIN_CELL_BUDGET = 1024
 Shape = tuple[int, ...]
 IntArray = npt.NDArray[np.int64]
 
+_type_of = operator.attrgetter("type")
+_fqn_of = operator.attrgetter("index.fqn")
+_tensor_data_of = operator.attrgetter("tensor_data")
+_offsets_of = operator.attrgetter("chunk.offsets")
+_sizes_of = operator.attrgetter("chunk.sizes")
+_shape_of = operator.attrgetter("size")
+_dtype_of = operator.attrgetter("properties.dtype")
+
 
 class PlanValidationError(ValueError):
     """A global plan would save some tensor wrongly (gap, overlap, mismatch)."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class _Chunks:
+    """Every tensor chunk, numbered by tensor in first-appearance order."""
+
+    fqns: list[str]
+    shapes: list[Shape]
+    chunk_tensor: IntArray
+    offsets: list[Shape]
+    sizes: list[Shape]
+
+
+@dataclass(frozen=True, slots=True)
 class _TensorChunks:
-    dtype: torch.dtype
     shape: Shape
     offsets: list[Shape]
     sizes: list[Shape]
@@ -57,71 +81,175 @@ def validate_coverage(plans: Sequence[SavePlan], *, per_rank_fqns: frozenset[str
     chunks must cover it with no gap and no overlap.  Tensors with no
     elements only need in-bounds chunks.
     """
-    tensors, byte_fqns = _collect(plans, per_rank_fqns)
-    both = byte_fqns & tensors.keys()
+    chunks = _collect(plans, per_rank_fqns)
+    for tensor in _suspects(chunks):
+        members = np.flatnonzero(chunks.chunk_tensor == tensor).tolist()
+        entry = _TensorChunks(
+            chunks.shapes[tensor],
+            [chunks.offsets[i] for i in members],
+            [chunks.sizes[i] for i in members],
+        )
+        _check_many_chunks(chunks.fqns[tensor], entry)
+
+
+def _collect(plans: Sequence[SavePlan], per_rank_fqns: frozenset[str]) -> _Chunks:
+    # Per-item work runs in C loops (map over attrgetter); at 1024 ranks a
+    # plan can hold millions of chunks.
+    items = list(itertools.chain.from_iterable(plan.items for plan in plans))
+    fqns = list(map(_fqn_of, items))
+    checked = ~_flags(map(per_rank_fqns.__contains__, fqns), len(fqns))
+    is_bytes = _flags(
+        map(operator.is_, map(_type_of, items), itertools.repeat(WriteItemType.BYTE_IO)), len(items)
+    )
+    byte_fqns = set(itertools.compress(fqns, (checked & is_bytes).tolist()))
+    tensor_items = np.flatnonzero(checked & ~is_bytes).tolist()
+    fqns = list(map(fqns.__getitem__, tensor_items))
+    datas = list(map(_tensor_data_of, map(items.__getitem__, tensor_items)))
+    missing = _flags(map(operator.is_, datas, itertools.repeat(None)), len(datas))
+    if missing.any():
+        bad = items[tensor_items[int(np.argmax(missing))]]
+        raise PlanValidationError(f"tensor {bad.index.fqn!r}: {bad.type.value} item has no tensor data")
+    offsets: list[Shape] = list(map(_offsets_of, datas))
+    sizes: list[Shape] = list(map(_sizes_of, datas))
+    shapes: list[Shape] = list(map(_shape_of, datas))
+    dtypes = list(map(_dtype_of, datas))
+
+    first_seen: dict[str, int] = {}
+    first_at = np.fromiter(map(first_seen.setdefault, fqns, itertools.count()), np.int64, len(fqns))
+    firsts = np.fromiter(first_seen.values(), np.int64, len(first_seen))
+    chunk_tensor = np.searchsorted(firsts, first_at)
+    first_of_chunk = first_at.tolist()
+    _check_agreement(fqns, shapes, first_of_chunk, "global shape")
+    _check_agreement(fqns, dtypes, first_of_chunk, "dtype")
+    ndims = np.fromiter(map(len, offsets), np.int64, len(offsets))
+    want = np.fromiter(map(len, shapes), np.int64, len(shapes))
+    if (ndims != want).any():
+        i = int(np.argmax(ndims != want))
+        raise PlanValidationError(
+            f"tensor {fqns[i]!r}: chunk offsets={offsets[i]} has {ndims[i]} dims but the "
+            f"global shape {shapes[i]} has {want[i]}"
+        )
+    both = byte_fqns & first_seen.keys()
     if both:
-        fqn = min(both)
-        raise PlanValidationError(f"tensor {fqn!r}: saved both as bytes and as a tensor")
-    for fqn, entry in tensors.items():
-        _check_tensor(fqn, entry)
+        raise PlanValidationError(f"tensor {min(both)!r}: saved both as bytes and as a tensor")
+    first_list = firsts.tolist()
+    return _Chunks(
+        [fqns[i] for i in first_list],
+        [shapes[i] for i in first_list],
+        chunk_tensor,
+        offsets,
+        sizes,
+    )
 
 
-def _collect(
-    plans: Sequence[SavePlan], per_rank_fqns: frozenset[str]
-) -> tuple[dict[str, _TensorChunks], set[str]]:
-    tensors: dict[str, _TensorChunks] = {}
-    byte_fqns: set[str] = set()
-    byte_io = WriteItemType.BYTE_IO
-    for plan in plans:
-        for item in plan.items:
-            fqn = item.index.fqn
-            if fqn in per_rank_fqns:
-                continue
-            if item.type is byte_io:
-                byte_fqns.add(fqn)
-                continue
-            data = item.tensor_data
-            if data is None:
-                raise PlanValidationError(f"tensor {fqn!r}: {item.type.value} item has no tensor data")
-            chunk = data.chunk
-            entry = tensors.get(fqn)
-            if entry is None:
-                entry = tensors[fqn] = _TensorChunks(data.dtype, data.size, [], [])
-            elif data.size != entry.shape:
-                raise PlanValidationError(
-                    f"tensor {fqn!r}: items disagree on global shape: {entry.shape} vs {data.size}"
-                )
-            elif data.dtype != entry.dtype:
-                raise PlanValidationError(
-                    f"tensor {fqn!r}: items disagree on dtype: {entry.dtype} vs {data.dtype}"
-                )
-            if len(chunk.offsets) != len(entry.shape):
-                raise PlanValidationError(
-                    f"tensor {fqn!r}: chunk offsets={chunk.offsets} has "
-                    f"{len(chunk.offsets)} dims but the global shape {entry.shape} has "
-                    f"{len(entry.shape)}"
-                )
-            entry.offsets.append(chunk.offsets)
-            entry.sizes.append(chunk.sizes)
-    return tensors, byte_fqns
+def _flags(values: Iterable[object], count: int) -> npt.NDArray[np.bool_]:
+    return np.fromiter(values, bool, count)
 
 
-def _check_tensor(fqn: str, entry: _TensorChunks) -> None:
-    if len(entry.offsets) == 1:
-        _check_single_chunk(fqn, entry.shape, entry.offsets[0], entry.sizes[0])
-    else:
-        _check_many_chunks(fqn, entry)
+def _check_agreement(fqns: list[str], values: Sequence[object], first_of: list[int], what: str) -> None:
+    agree = _flags(map(operator.eq, values, map(values.__getitem__, first_of)), len(values))
+    if not agree.all():
+        i = int(np.argmax(~agree))
+        raise PlanValidationError(
+            f"tensor {fqns[i]!r}: items disagree on {what}: {values[first_of[i]]} vs {values[i]}"
+        )
 
 
-def _check_single_chunk(fqn: str, shape: Shape, offsets: Shape, sizes: Shape) -> None:
-    # Most tensors are saved whole by one rank; skip numpy for them.
-    for off, size, dim in zip(offsets, sizes, shape, strict=True):
-        if off < 0 or size < 0 or off + size > dim:
-            raise _out_of_bounds(fqn, shape, offsets, sizes)
-    numel = math.prod(shape)
-    covered = math.prod(sizes)
-    if numel and covered != numel:
-        raise _gap(fqn, shape, covered)
+def _suspects(chunks: _Chunks) -> list[int]:
+    """Tensors the batched checks cannot clear, in first-appearance order."""
+    tensor_ndim = np.fromiter(map(len, chunks.shapes), np.int64, len(chunks.shapes))
+    chunk_ndim = tensor_ndim[chunks.chunk_tensor]
+    suspects: set[int] = set()
+    for ndim in np.unique(tensor_ndim).tolist():
+        members = np.flatnonzero(chunk_ndim == ndim)
+        tensors = np.flatnonzero(tensor_ndim == ndim)
+        suspects |= _grid_suspects(chunks, ndim, members, tensors)
+    return sorted(suspects)
+
+
+def _gather(tuples: list[Shape], members: list[int], ndim: int) -> IntArray:
+    flat = itertools.chain.from_iterable(map(tuples.__getitem__, members))
+    return np.fromiter(flat, np.int64, len(members) * ndim).reshape(len(members), ndim)
+
+
+def _grid_suspects(chunks: _Chunks, ndim: int, members: IntArray, tensors: IntArray) -> set[int]:
+    """Tensors (of ``ndim`` dims) not shown exactly tiled by a grid of their chunks."""
+    member_list = members.tolist()
+    starts = _gather(chunks.offsets, member_list, ndim)
+    sizes = _gather(chunks.sizes, member_list, ndim)
+    ends = starts + sizes
+    # Renumber this group's tensors 0..n-1 so per-tensor tables stay dense.
+    local = np.full(len(chunks.shapes), -1, dtype=np.int64)
+    local[tensors] = np.arange(len(tensors))
+    tensor = local[chunks.chunk_tensor[members]]
+    shape = _gather(chunks.shapes, tensors.tolist(), ndim)
+    numel = [math.prod(chunks.shapes[t]) for t in tensors.tolist()]
+
+    bad = np.zeros(len(tensors), dtype=bool)
+    out = ((starts < 0) | (sizes < 0) | (ends > shape[tensor])).any(axis=1)
+    bad[tensor[out]] = True
+    # Empty tensors need nothing covered; empty chunks cover nothing.
+    has_elements = np.array([n > 0 for n in numel], dtype=bool)
+    keep = has_elements[tensor] & (sizes > 0).all(axis=1) & ~out
+    tensor, starts, ends = tensor[keep], starts[keep], ends[keep]
+    covered = np.zeros(len(tensors), dtype=np.int64)
+    np.add.at(covered, tensor, np.prod(ends - starts, axis=1))
+    bad |= has_elements & (covered != np.array(numel, dtype=np.int64))
+    bad |= _cell_collisions(tensor, starts, ends, len(tensors))
+    return set(tensors[bad].tolist())
+
+
+def _cell_collisions(
+    tensor: IntArray, starts: IntArray, ends: IntArray, n_tensors: int
+) -> npt.NDArray[np.bool_]:
+    """Tensors whose chunks are not one grid cell each, on distinct cells of a full grid."""
+    n, ndim = starts.shape
+    suspect = np.zeros(n_tensors, dtype=bool)
+    if n == 0:
+        return suspect
+    chunk_count = np.bincount(tensor, minlength=n_tensors)
+    if ndim == 0:
+        return chunk_count > 1
+    # Key each boundary by (tensor, value) in one int64 so one sort per dim
+    # numbers every tensor's grid lines; too-large values fall back.
+    shift = int(ends.max()).bit_length()
+    if shift + n_tensors.bit_length() > 62:
+        return chunk_count > 0
+    base = tensor << shift
+    cells_per_tensor = np.ones(n_tensors, dtype=np.int64)
+    cell = np.zeros(n, dtype=np.int64)
+    for d in range(ndim):
+        lo_key, hi_key = base | starts[:, d], base | ends[:, d]
+        lines = _sorted_unique(np.concatenate((lo_key, hi_key)))
+        lo, hi = np.searchsorted(lines, lo_key), np.searchsorted(lines, hi_key)
+        suspect[tensor[hi - lo != 1]] = True
+        first_line = np.searchsorted(lines, np.arange(n_tensors, dtype=np.int64) << shift)
+        next_first = np.append(first_line[1:], len(lines))
+        cells = np.maximum(next_first - first_line - 1, 1)
+        # Row-major cell number within the tensor's grid.
+        cell = cell * cells[tensor] + (lo - first_line[tensor])
+        cells_per_tensor = cells_per_tensor * cells
+        # A grid with more cells than chunks leaves a gap (and would overflow).
+        # (Tensors without chunks here have nothing to cover or fail the volume check.)
+        suspect |= (cells_per_tensor > chunk_count) & (chunk_count > 0)
+        cells_per_tensor = np.minimum(cells_per_tensor, chunk_count)
+    clear = ~suspect[tensor]
+    # With as many cells as chunks, chunks cover distinct cells iff no cell repeats.
+    offset = np.zeros(n_tensors, dtype=np.int64)
+    np.cumsum(chunk_count[:-1], out=offset[1:])
+    global_cell = (offset[tensor] + np.minimum(cell, chunk_count[tensor] - 1))[clear]
+    repeated = np.bincount(global_cell, minlength=n) > 1
+    owner = np.repeat(np.arange(n_tensors, dtype=np.int64), chunk_count)
+    suspect[owner[repeated]] = True
+    return suspect
+
+
+def _sorted_unique(values: IntArray) -> IntArray:
+    # np.unique may hash rather than sort; a plain sort is much faster here.
+    ordered = np.sort(values)
+    distinct = np.ones(len(ordered), dtype=bool)
+    distinct[1:] = ordered[1:] != ordered[:-1]
+    return ordered[distinct]
 
 
 def _check_many_chunks(fqn: str, entry: _TensorChunks) -> None:
@@ -161,7 +289,7 @@ def _find_overlap(starts: IntArray, ends: IntArray) -> tuple[int, int] | None:
     lo = np.empty_like(starts)
     hi = np.empty_like(starts)
     for d in range(ndim):
-        cuts = np.unique(np.concatenate((starts[:, d], ends[:, d])))
+        cuts = _sorted_unique(np.concatenate((starts[:, d], ends[:, d])))
         lo[:, d] = np.searchsorted(cuts, starts[:, d])
         hi[:, d] = np.searchsorted(cuts, ends[:, d])
     spans = hi - lo

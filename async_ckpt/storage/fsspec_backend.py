@@ -1,30 +1,135 @@
-"""Any file system fsspec knows (s3://, gs://, memory://, ...).
+"""Any file system fsspec knows (s3://, gs://, memory://, ...), with S3 as the first-class case.
 
-Object stores have no rename, so the commit is the marker protocol: shards go
-straight under the checkpoint prefix, and ``metadata.json`` is uploaded last;
-its presence is the commit. Readers never look at a prefix without it.
+Object stores have no rename, so the commit is the marker protocol, all under
+the checkpoint's own prefix:
+
+    begin_save   delete metadata.json if there is one (un-commit), PUT .async_ckpt-writing-<token>
+    every rank   PUT its shard files (S3: multipart, parts uploaded concurrently)
+    commit       check every shard the metadata names is there at its size,
+                 PUT metadata.json (the commit), delete the markers and stale shards
+    abort_save   delete this prefix's shards and markers, abort its multipart uploads
+
+``metadata.json`` is written last and its presence is the commit: readers
+never look at a prefix without it. A prefix that holds a marker and no
+``metadata.json`` is the leftover of an interrupted save (``remove_uncommitted``).
+
+On S3 a shard is streamed into parts of ``part_size`` bytes; a part starts
+uploading as soon as it is full, while the next one fills. At most
+``upload_concurrency`` parts are in flight per storage object and event loop,
+so the memory a save holds beyond its source buffers is at most
+``(upload_concurrency + open files) * part_size``. Parts grow by one
+``part_size`` every 1,000 parts to stay within S3's 10,000-part limit.
+Other file systems get fsspec's own buffered writer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import logging
+import re
+import sys
 import threading
+from collections.abc import Coroutine
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from ..format.metadata import METADATA_FILE
 
 __all__ = ["FsspecStorage"]
 
+log = logging.getLogger("async_ckpt.storage")
+
+METADATA_FILE = "metadata.json"  # == format.metadata.METADATA_FILE; not imported, it pulls in torch
 _MARKER_PREFIX = ".async_ckpt-writing-"
+_DELETING_MARKER = ".async_ckpt-deleting"
+_SHARD = re.compile(r"shard-r\d+-\d+\.safetensors")
+_MIN_PART = 5 << 20  # S3's smallest non-final part
+_PARTS_PER_STEP = 1000
+_READ_PIECE = 16 << 20
+_READ_CONCURRENCY = 4
+_POOL_CONNECTIONS = 64
+# Object stores have no directories, and making one can create a bucket: never call makedirs there.
+_OBJECT_STORES = frozenset(
+    {"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2", "wasb", "wasbs"}
+)
 
 
-class _FsspecSink:
-    def __init__(self, handle: Any, url: str) -> None:
+def _ours(name: str) -> bool:
+    return name == METADATA_FILE or name.startswith(".async_ckpt-") or bool(_SHARD.fullmatch(name))
+
+
+def _is_s3(fs: Any) -> bool:
+    s3fs = sys.modules.get("s3fs")  # an S3FileSystem exists only if s3fs was imported
+    return s3fs is not None and isinstance(fs, s3fs.S3FileSystem)
+
+
+async def _s3_send(fs: Any, method: str, data: bytes, **kwargs: Any) -> Any:
+    """``fs._call_s3(method, Body=data, ...)``, sending ``data`` as a fresh stream on every attempt.
+
+    A stream, because aiohttp pushes a big bytes body in one go on the event loop (and warns);
+    fresh on every attempt, because s3fs retries with the same arguments, and a stream that a
+    failed attempt half read would send the wrong bytes. ``io.BytesIO(bytes)`` does not copy.
+    """
+    from s3fs.core import _error_wrapper
+
+    await fs.set_session()
+    client = await fs.get_s3(kwargs.get("Bucket"))
+    call = getattr(client, method)
+    merged = fs._get_s3_method_kwargs(call, **kwargs)  # the fs's own extras (SSE, requester pays)
+
+    async def attempt() -> Any:
+        return await call(**merged, Body=io.BytesIO(data))
+
+    return await _error_wrapper(attempt, retries=fs.retries)
+
+
+def _put(fs: Any, path: str, data: bytes) -> None:
+    """Write a small object whole (on S3: one PUT)."""
+    if _is_s3(fs):
+        bucket, key, _ = fs.split_path(path)
+        fsspec.asyn.sync(fs.loop, _s3_send, fs, "put_object", data, Bucket=bucket, Key=key)
+        fs.invalidate_cache(path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _first_error(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+async def _on_fs_loop(fs: Any, coro: Coroutine[Any, Any, Any]) -> Any:
+    """Await ``coro`` on the file system's own I/O loop (fsspec runs one per process)."""
+    loop = fs.loop
+    if loop is asyncio.get_running_loop():
+        return await coro
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
+
+class _Limiter:
+    """One semaphore per event loop: a storage object may serve several loops, one after another."""
+
+    def __init__(self, slots: int) -> None:
+        self._slots = slots
+        self._current: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+
+    def get(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._current is None or self._current[0] is not loop:
+            self._current = (loop, asyncio.Semaphore(self._slots))
+        return self._current[1]
+
+
+class _FileSink:
+    """fsspec's buffered writer, driven from a thread (memory://, gs://, ...)."""
+
+    def __init__(self, handle: Any) -> None:
         self._f = handle
-        self._url = url
 
     async def write(self, data: memoryview) -> None:
         await asyncio.to_thread(self._f.write, data)
@@ -38,29 +143,151 @@ class _FsspecSink:
         await asyncio.to_thread(discard if callable(discard) else self._f.close)
 
 
+class _MultipartSink:
+    """One S3 object written as concurrently uploaded parts (one PUT if it fits in one part)."""
+
+    def __init__(self, fs: Any, path: str, part_size: int, limiter: asyncio.Semaphore) -> None:
+        self._fs = fs
+        self._path = path
+        self._bucket, self._key, _ = fs.split_path(path)
+        self._part_size = part_size
+        self._limiter = limiter
+        self._buf = io.BytesIO()
+        self._capacity = part_size
+        self._upload_id: str | None = None
+        self._checksum_key: str | None = None
+        self._parts: dict[int, dict[str, Any]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _call(self, method: str, body: bytes | None = None, **kwargs: Any) -> Any:
+        fs, where = self._fs, {"Bucket": self._bucket, "Key": self._key}
+        if body is None:
+            return await _on_fs_loop(fs, fs._call_s3(method, **where, **kwargs))
+        return await _on_fs_loop(fs, _s3_send(fs, method, body, **where, **kwargs))
+
+    def _raise_failed(self) -> None:
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def write(self, data: memoryview) -> None:
+        self._raise_failed()
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = min(len(view), self._capacity - self._buf.tell())
+            self._buf.write(view[:n])
+            view = view[n:]
+            if self._buf.tell() == self._capacity:
+                await self._send_part()
+
+    async def _send_part(self) -> None:
+        """Hand the filled buffer to a background upload; wait first while too many are in flight."""
+        part, number = self._buf.getvalue(), len(self._tasks) + 1
+        await self._limiter.acquire()
+        try:
+            if self._upload_id is None:
+                out = await self._call("create_multipart_upload")
+                self._upload_id = out["UploadId"]
+                algorithm = out.get("ChecksumAlgorithm")
+                self._checksum_key = f"Checksum{algorithm}" if algorithm else None
+        except BaseException:
+            self._limiter.release()
+            raise
+        self._tasks.append(asyncio.get_running_loop().create_task(self._upload(number, part)))
+        self._buf = io.BytesIO()
+        self._capacity = self._part_size * (1 + number // _PARTS_PER_STEP)
+
+    async def _upload(self, number: int, body: bytes) -> None:
+        try:
+            out = await self._call("upload_part", body, UploadId=self._upload_id, PartNumber=number)
+            record = {"PartNumber": number, "ETag": out["ETag"]}
+            if self._checksum_key and self._checksum_key in out:
+                record[self._checksum_key] = out[self._checksum_key]
+            self._parts[number] = record
+        finally:
+            self._limiter.release()
+
+    async def finish(self) -> None:
+        self._raise_failed()
+        if self._upload_id is None and not self._tasks:
+            await self._call("put_object", self._buf.getvalue())
+        else:
+            if self._buf.tell():
+                await self._send_part()
+            await asyncio.gather(*self._tasks)
+            parts = [self._parts[n] for n in sorted(self._parts)]
+            await self._call(
+                "complete_multipart_upload", UploadId=self._upload_id, MultipartUpload={"Parts": parts}
+            )
+            self._upload_id = None
+        self._buf = io.BytesIO()
+        self._fs.invalidate_cache(self._path)
+
+    async def abort(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._buf = io.BytesIO()
+        if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
+            await self._call("abort_multipart_upload", UploadId=upload_id)
+
+
 class _FsspecReader:
+    """Range reads of one object; thread-safe (S3: big reads split into concurrent ranged GETs)."""
+
     def __init__(self, fs: Any, path: str) -> None:
         self._fs = fs
         self._path = path
+        fs.invalidate_cache(path)
         try:
-            self._size = int(fs.size(path))
+            self._size = int(fs.info(path)["size"])
         except FileNotFoundError:
             raise CorruptCheckpointError(f"shard file {path} is missing") from None
-        self._lock = threading.Lock()
 
     def size(self) -> int:
         return self._size
 
     def readinto(self, offset: int, buf: memoryview) -> None:
+        buf = memoryview(buf).cast("B")
         if not len(buf):
             return
-        data = self._fs.cat_file(self._path, start=offset, end=offset + len(buf))
-        if len(data) != len(buf):
-            raise CorruptCheckpointError(
-                f"{self._path}: truncated; wanted bytes [{offset}, {offset + len(buf)}) "
-                f"of a {self._size}-byte file"
-            )
-        buf[:] = data
+        if offset + len(buf) > self._size:
+            raise self._truncated(offset, len(buf))
+        try:
+            if getattr(self._fs, "async_impl", False):
+                fsspec.asyn.sync(self._fs.loop, self._read_pieces, offset, buf)
+            else:
+                self._put(buf, 0, self._fs.cat_file(self._path, start=offset, end=offset + len(buf)), offset)
+        except BaseException as exc:
+            cause = _first_error(exc)
+            if isinstance(cause, FileNotFoundError):
+                raise CorruptCheckpointError(f"shard file {self._path} is missing") from None
+            if cause is exc:
+                raise
+            raise cause from None
+
+    async def _read_pieces(self, offset: int, buf: memoryview) -> None:
+        gate = asyncio.Semaphore(_READ_CONCURRENCY)
+
+        async def one(pos: int, n: int) -> None:
+            async with gate:
+                data = await self._fs._cat_file(self._path, start=offset + pos, end=offset + pos + n)
+            self._put(buf[pos : pos + n], pos, data, offset)
+
+        async with asyncio.TaskGroup() as group:
+            for pos in range(0, len(buf), _READ_PIECE):
+                group.create_task(one(pos, min(_READ_PIECE, len(buf) - pos)))
+
+    def _put(self, dest: memoryview, pos: int, data: bytes, offset: int) -> None:
+        if len(data) != len(dest):
+            raise self._truncated(offset + pos, len(dest))
+        dest[:] = data
+
+    def _truncated(self, offset: int, n: int) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self._path}: truncated; wanted bytes [{offset}, {offset + n}) of a {self._size}-byte file"
+        )
 
     def close(self) -> None:
         pass
@@ -69,65 +296,160 @@ class _FsspecReader:
 class FsspecStorage:
     """Checkpoints under a URL prefix on an fsspec file system.
 
-    Pass a configured file system (``FsspecStorage(s3fs.S3FileSystem(...))``)
-    to control endpoints and credentials; by default one is made from the URL.
+    ``storage_options`` go to ``fsspec.url_to_fs`` (for S3, to
+    ``s3fs.S3FileSystem``: ``endpoint_url``, ``key``/``secret``, ``profile``,
+    ``client_kwargs``, ...). Only these options are pickled into the
+    background worker, which builds its own file system from them; a live
+    file system passed as ``fs`` is pickled the way fsspec pickles it (by its
+    options, too). ``part_size`` and ``upload_concurrency`` shape S3 uploads.
     """
 
-    def __init__(self, fs: Any = None, **storage_options: Any) -> None:
-        self._fs = fs
+    def __init__(
+        self,
+        fs: Any = None,
+        *,
+        part_size: int = 16 << 20,
+        upload_concurrency: int = 8,
+        **storage_options: Any,
+    ) -> None:
+        if part_size < _MIN_PART:
+            raise ValueError(f"part_size must be at least 5 MiB ({_MIN_PART} bytes), S3's smallest part")
+        if upload_concurrency < 1:
+            raise ValueError("upload_concurrency must be at least 1")
+        self._user_fs = fs
         self._options = storage_options
+        self.part_size = part_size
+        self.upload_concurrency = upload_concurrency
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._fs_cache: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._limiter = _Limiter(self.upload_concurrency)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "fs": self._user_fs,
+            "options": self._options,
+            "part_size": self.part_size,
+            "upload_concurrency": self.upload_concurrency,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._user_fs = state["fs"]
+        self._options = state["options"]
+        self.part_size = state["part_size"]
+        self.upload_concurrency = state["upload_concurrency"]
+        self._init_runtime()
 
     def fs_for(self, location: str) -> Any:
-        if self._fs is None:
-            self._fs, _ = fsspec.core.url_to_fs(location, **self._options)
-        return self._fs
+        if self._user_fs is not None:
+            return self._user_fs
+        protocol = location.split("://", 1)[0] if "://" in location else "file"
+        with self._lock:
+            if protocol not in self._fs_cache:
+                options = dict(self._options)
+                if protocol in ("s3", "s3a"):
+                    # Several processes write and read the same prefixes: never trust a cached listing.
+                    options.setdefault("use_listings_cache", False)
+                    config = dict(options.get("config_kwargs") or {})
+                    config.setdefault("max_pool_connections", _POOL_CONNECTIONS)
+                    options["config_kwargs"] = config
+                self._fs_cache[protocol], _ = fsspec.core.url_to_fs(location, **options)
+            return self._fs_cache[protocol]
 
     def resolve(self, checkpoint_id: object) -> str:
         return str(checkpoint_id).rstrip("/")
 
     def _path(self, location: str, name: str = "") -> str:
-        fs = self.fs_for(location)
-        base = fs._strip_protocol(location).rstrip("/")
+        base = self.fs_for(location)._strip_protocol(location).rstrip("/")
         return f"{base}/{name}" if name else base
+
+    def _entries(self, fs: Any, path: str) -> dict[str, dict[str, Any]]:
+        """``name -> info`` of what is directly under ``path``; ``""`` if ``path`` is itself a file."""
+        fs.invalidate_cache(path)
+        try:
+            listing = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for info in listing:
+            full = str(info["name"]).rstrip("/")
+            out["" if full == path.rstrip("/") else full.rsplit("/", 1)[-1]] = info
+        return out
+
+    # ------------------------------------------------------------- writing
 
     def begin_save(self, location: str, token: str) -> None:
         fs = self.fs_for(location)
-        meta = self._path(location, METADATA_FILE)
+        base = self._path(location)
         try:
-            if fs.exists(meta):
-                # Overwriting in place: un-commit first so no reader mixes old and new.
-                fs.rm(meta)
-            fs.makedirs(self._path(location), exist_ok=True)
-            fs.pipe(self._path(location, _MARKER_PREFIX + token), b"")
+            entries = self._entries(fs, base)
+            if "" in entries:
+                raise CheckpointError(f"{location} is a file, not a checkpoint; choose another checkpoint id")
+            foreign = sorted(n for n, info in entries.items() if info.get("type") != "file" or not _ours(n))
+            if foreign:
+                raise CheckpointError(
+                    f"{location} exists and is not a checkpoint (it holds {', '.join(foreign[:3])}); "
+                    "refusing to write into it. Choose another checkpoint id or remove it."
+                )
+            if METADATA_FILE in entries:
+                # Overwriting: un-commit first, so no reader mixes the old checkpoint with the new.
+                fs.rm_file(f"{base}/{METADATA_FILE}")
+            protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+            if not protocols & _OBJECT_STORES:
+                fs.makedirs(base, exist_ok=True)
+            _put(fs, f"{base}/{_MARKER_PREFIX}{token}", b"")
         except OSError as exc:
             raise CheckpointError(f"cannot start checkpoint at {location}: {exc}") from exc
 
-    async def open_shard(self, location: str, token: str, name: str) -> _FsspecSink:
+    async def open_shard(self, location: str, token: str, name: str) -> _MultipartSink | _FileSink:
         fs = self.fs_for(location)
         path = self._path(location, name)
-        handle = await asyncio.to_thread(fs.open, path, "wb")
-        return _FsspecSink(handle, path)
+        if _is_s3(fs):
+            return _MultipartSink(fs, path, self.part_size, self._limiter.get())
+        return _FileSink(await asyncio.to_thread(fs.open, path, "wb"))
 
     def commit(self, location: str, token: str, metadata: bytes) -> None:
         fs = self.fs_for(location)
-        fs.pipe(self._path(location, METADATA_FILE), metadata)
-        try:
-            fs.rm(self._path(location, _MARKER_PREFIX + token))
-        except FileNotFoundError:
-            pass
+        base = self._path(location)
+        entries = self._entries(fs, base)
+        expected = _file_sizes(metadata)
+        for name, size in (expected or {}).items():
+            have = entries.get(name, {}).get("size")
+            if have != size:  # a listing may lag behind on some S3-compatible stores; ask the object
+                have = _size_or_none(fs, f"{base}/{name}")
+            if have != size:
+                state = "missing" if have is None else f"{have} bytes"
+                raise CheckpointError(
+                    f"cannot commit {location}: shard {name} is {state}, the metadata says {size} bytes"
+                )
+        _put(fs, f"{base}/{METADATA_FILE}", metadata)  # the commit: one PUT, visible whole or not at all
+        leftovers = [n for n in entries if n.startswith(".async_ckpt-")]
+        if expected is not None:  # shards of an earlier checkpoint that this one replaced
+            leftovers += [n for n in entries if _SHARD.fullmatch(n) and n not in expected]
+        self._remove(fs, base, leftovers)
 
     def abort_save(self, location: str, token: str) -> None:
-        fs = self.fs_for(location)
         try:
-            if not fs.exists(self._path(location, METADATA_FILE)):
-                fs.rm(self._path(location), recursive=True)
-        except (FileNotFoundError, OSError):
-            pass
+            fs = self.fs_for(location)
+            base = self._path(location)
+            entries = self._entries(fs, base)
+            if METADATA_FILE in entries:
+                return  # committed after all (the failure came later); keep it
+            self._remove(fs, base, [n for n in entries if _ours(n)])
+            self._abort_uploads(fs, base)
+        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the error that caused it
+            log.warning("could not clean up the aborted save at %s: %s", location, exc)
+
+    # ------------------------------------------------------------- reading
 
     def read_metadata(self, location: str) -> bytes:
         fs = self.fs_for(location)
+        path = self._path(location, METADATA_FILE)
+        fs.invalidate_cache(path)
         try:
-            return bytes(fs.cat_file(self._path(location, METADATA_FILE)))
+            return bytes(fs.cat_file(path))
         except FileNotFoundError:
             raise CheckpointNotFoundError(
                 f"no committed checkpoint at {location} ({METADATA_FILE} not found)"
@@ -136,43 +458,90 @@ class FsspecStorage:
     def open_reader(self, location: str, name: str) -> _FsspecReader:
         return _FsspecReader(self.fs_for(location), self._path(location, name))
 
+    # ------------------------------------------------------------ managing
+
     def list_children(self, root: str) -> list[str]:
-        fs = self.fs_for(root)
-        try:
-            children = fs.ls(self._path(root), detail=False)
-        except FileNotFoundError:
-            return []
-        proto = root.split("://", 1)[0] + "://" if "://" in root else ""
-        out = []
-        for child in sorted(children):
-            name = child.rstrip("/").rsplit("/", 1)[-1]
-            if not name.startswith("."):
-                out.append(f"{proto}{child.rstrip('/')}" if proto and not child.startswith(proto) else child)
-        return out
+        entries = self._entries(self.fs_for(root), self._path(root))
+        return [f"{root.rstrip('/')}/{n}" for n in sorted(entries) if n and not n.startswith(".")]
 
     def delete(self, location: str) -> None:
         fs = self.fs_for(location)
+        base = self._path(location)
+        # Mark, then un-commit: a delete cut short leaves a leftover remove_uncommitted finds.
+        _put(fs, f"{base}/{_DELETING_MARKER}", b"")
+        self._remove(fs, base, [METADATA_FILE])
         try:
-            fs.rm(self._path(location, METADATA_FILE))
+            fs.rm(base, recursive=True)
         except FileNotFoundError:
             pass
-        try:
-            fs.rm(self._path(location), recursive=True)
-        except FileNotFoundError:
-            pass
+        fs.invalidate_cache(base)
 
     def remove_uncommitted(self, root: str) -> list[str]:
+        """Remove what interrupted saves (and deletes) left under ``root``; call it while none runs."""
         fs = self.fs_for(root)
         base = self._path(root)
         removed: list[str] = []
-        try:
-            children = fs.ls(base, detail=False)
-        except FileNotFoundError:
-            return removed
-        for child in sorted(children):
-            if fs.isdir(child) and not fs.exists(f"{child}/{METADATA_FILE}"):
-                names = [p.rsplit("/", 1)[-1] for p in fs.ls(child, detail=False)]
-                if any(n.startswith(_MARKER_PREFIX) for n in names):
-                    fs.rm(child, recursive=True)
-                    removed.append(child)
+        for name, info in sorted(self._entries(fs, base).items()):
+            if info.get("type") != "directory":
+                continue
+            names = self._entries(fs, f"{base}/{name}")
+            if METADATA_FILE in names or not any(n.startswith(".async_ckpt-") for n in names):
+                continue
+            self._remove(fs, f"{base}/{name}", [n for n in names if _ours(n)])
+            try:
+                self._abort_uploads(fs, f"{base}/{name}")
+            except Exception as exc:  # noqa: BLE001 - e.g. no permission to list uploads; the files are gone
+                log.warning("could not abort multipart uploads under %s/%s: %s", root, name, exc)
+            removed.append(f"{root.rstrip('/')}/{name}")
         return removed
+
+    # ------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _remove(fs: Any, base: str, names: list[str]) -> None:
+        if not names:
+            return
+        try:
+            fs.rm([f"{base}/{n}" for n in names])
+        except FileNotFoundError:
+            pass
+        fs.invalidate_cache(base)
+
+    @staticmethod
+    def _abort_uploads(fs: Any, base: str) -> None:
+        """Abort unfinished multipart uploads of objects directly under ``base`` (S3 keeps and bills them)."""
+        if not _is_s3(fs):
+            return
+        bucket, key, _ = fs.split_path(base)
+        prefix = f"{key}/" if key else ""
+        markers: dict[str, str] = {}
+        while True:
+            out = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+            for upload in out.get("Uploads", []):
+                if "/" not in upload["Key"][len(prefix) :]:
+                    fs.call_s3(
+                        "abort_multipart_upload",
+                        Bucket=bucket,
+                        Key=upload["Key"],
+                        UploadId=upload["UploadId"],
+                    )
+            if not out.get("IsTruncated"):
+                return
+            markers = {"KeyMarker": out["NextKeyMarker"], "UploadIdMarker": out["NextUploadIdMarker"]}
+
+
+def _size_or_none(fs: Any, path: str) -> int | None:
+    fs.invalidate_cache(path)
+    try:
+        return int(fs.info(path)["size"])
+    except FileNotFoundError:
+        return None
+
+
+def _file_sizes(metadata: bytes) -> dict[str, int] | None:
+    """Shard name -> size, from the metadata's ``files``; None if it cannot be read (then not checked)."""
+    try:
+        files = json.loads(metadata)["body"]["files"]
+        return {str(name): int(rec["size"]) for name, rec in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None

@@ -160,10 +160,12 @@ class LocalStorage:
         path = Path(location) / METADATA_FILE
         try:
             return path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise CheckpointNotFoundError(
                 f"no committed checkpoint at {location} ({METADATA_FILE} not found)"
             ) from None
+        except PermissionError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc}") from exc
         except IsADirectoryError:
             raise CorruptCheckpointError(f"{path} is a directory") from None
 

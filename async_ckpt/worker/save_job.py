@@ -154,7 +154,7 @@ class SaveJobRunner:
             failed = [r.failure for r in reports if r.failure is not None]
             if failed:
                 req.storage.abort_save(req.location, token)
-                raise RanksFailedError("writing shards", failed)
+                raise RanksFailedError("save", failed)
             plan_ids = {r.plan_id for r in reports}
             if None in plan_ids or len(plan_ids) != 1:
                 req.storage.abort_save(req.location, token)

@@ -1,0 +1,535 @@
+"""The ``async-ckpt`` command line: ls, inspect, verify, convert, gc. See docs/cli.md.
+
+Every command reads through the library (metadata parsing, verified region
+reads); none of them parses the on-disk format itself. Errors end as one red
+``error: ...`` line and exit status 2, or a traceback with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import os
+import reprlib
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from .errors import CheckpointError
+from .format.dtypes import dtype_name
+from .format.metadata import METADATA_FILE, Metadata, TensorRecord, decode_metadata
+from .format.shard import ShardEntry, layout_shard
+from .format.values import PickleRefusedError, decode_value
+from .load import read_checkpoint_metadata, read_region
+from .manager import RootEntry, remove_uncommitted, scan_root
+from .storage import LocalStorage, Storage, detect_storage
+from .verify import verify_checkpoint
+
+__all__ = ["main"]
+
+_MiB = 1 << 20
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 verification failed, 2 error)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed by argparse
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out.width = 200  # piped or captured: do not fold names into an 80-column table
+    try:
+        status: int = args.run(args, out, err)
+        return status
+    except KeyboardInterrupt:
+        _say(err, "interrupted", "red")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line and exit 2, or --debug
+        if args.debug:
+            traceback.print_exc(file=sys.stderr)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _say(err, f"error: {message}", "bold red")
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        prog="async-ckpt", description="Inspect, verify, convert and clean async_ckpt checkpoints."
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ls", parents=[common], help="list the checkpoints under a root")
+    p.add_argument("root", metavar="ROOT")
+    p.set_defaults(run=_cmd_ls)
+
+    p = sub.add_parser("inspect", parents=[common], help="show a checkpoint's tensors and values")
+    p.add_argument("ckpt", metavar="CKPT")
+    p.set_defaults(run=_cmd_inspect)
+
+    p = sub.add_parser("verify", parents=[common], help="check every checksum; exit 1 on any problem")
+    p.add_argument("ckpt", metavar="CKPT")
+    p.set_defaults(run=_cmd_verify)
+
+    p = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="write one consolidated file of full tensors",
+        description=(
+            "--to safetensors streams full tensors in slabs of at most --slab-mb MiB (one reused "
+            "buffer; reads add at most two checksum blocks per saved piece a slab touches) and "
+            "skips non-tensor values. --to torch builds the whole nested state dict in memory "
+            "and torch.save()s it (loadable with torch.load(weights_only=True))."
+        ),
+    )
+    p.add_argument("ckpt", metavar="CKPT")
+    p.add_argument("out", metavar="OUT", help="output file (local path)")
+    p.add_argument("--to", choices=["safetensors", "torch"], required=True, help="output format")
+    p.add_argument("--slab-mb", type=float, default=256.0, help="read buffer size in MiB (default 256)")
+    p.add_argument("--rank", type=int, default=None, help="take per-rank entries from this rank's copy")
+    p.set_defaults(run=_cmd_convert)
+
+    p = sub.add_parser(
+        "gc",
+        parents=[common],
+        help="remove leftovers of interrupted saves (never while a job is saving to ROOT)",
+    )
+    p.add_argument("root", metavar="ROOT")
+    p.set_defaults(run=_cmd_gc)
+    return parser
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _say(console: Console, text: str, style: str = "") -> None:
+    # Text, not markup: paths and messages often hold [brackets].
+    console.print(Text(text, style=style), soft_wrap=True)
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _age(mtime: float | None) -> str:
+    if mtime is None:
+        return "-"
+    s = max(0.0, time.time() - mtime)
+    for limit, unit, div in ((120, "s", 1), (7200, "m", 60), (172800, "h", 3600)):
+        if s < limit:
+            return f"{int(s // div)}{unit} ago"
+    return f"{int(s // 86400)}d ago"
+
+
+def _open(ckpt: str) -> tuple[Storage, str, Metadata]:
+    backend, location = detect_storage(ckpt)
+    return backend, location, read_checkpoint_metadata(backend, location)
+
+
+def _progress(err: Console, label: str) -> Progress:
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    )
+
+
+# ------------------------------------------------------------------------ ls
+
+
+def _cmd_ls(args: argparse.Namespace, out: Console, err: Console) -> int:
+    backend, root = detect_storage(args.root)
+    if isinstance(backend, LocalStorage) and not Path(root).is_dir():
+        raise CheckpointError(f"{root} is not a directory")
+    entries = scan_root(backend, root)
+    if not entries:
+        _say(out, f"nothing under {root}")
+        return 0
+    table = Table(show_edge=False, title=Text(root), title_justify="left")
+    table.add_column("name", overflow="fold")
+    table.add_column("step", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("committed")
+    table.add_column("age", justify="right")
+    for e in entries:
+        size, state = _entry_size(backend, e)
+        style = {"yes": "green", "no": "yellow"}.get(state, "red")
+        table.add_row(
+            e.name,
+            "" if e.step is None else str(e.step),
+            _human(size),
+            Text(state, style=style),
+            _age(_mtime(backend, e)),
+        )
+    out.print(table)
+    return 0
+
+
+def _entry_size(backend: Storage, e: RootEntry) -> tuple[int | None, str]:
+    """(total bytes, committed column) of one entry."""
+    if e.state == "committed":
+        try:
+            raw = backend.read_metadata(e.location)
+            md = decode_metadata(raw, where=f"{e.location}/{METADATA_FILE}")
+        except CheckpointError:
+            return None, "corrupt"
+        return len(raw) + sum(f.size for f in md.files.values()), "yes"
+    state = {"uncommitted": "no", "file": "not a checkpoint"}.get(e.state, e.state)
+    if isinstance(backend, LocalStorage):
+        path = Path(e.location)
+        if path.is_file():
+            return path.stat().st_size, state
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()), state
+    return None, state
+
+
+def _mtime(backend: Storage, e: RootEntry) -> float | None:
+    if isinstance(backend, LocalStorage):
+        path = Path(e.location)
+        meta = path / METADATA_FILE
+        try:
+            return (meta if e.committed else path).stat().st_mtime
+        except OSError:
+            return None
+    fs_for = getattr(backend, "fs_for", None)
+    if fs_for is None:
+        return None
+    try:
+        fs = fs_for(e.location)
+        return float(fs.modified(fs._strip_protocol(f"{e.location}/{METADATA_FILE}")).timestamp())
+    except (OSError, NotImplementedError, ValueError, AttributeError, TypeError):
+        return None
+
+
+# ------------------------------------------------------------------- inspect
+
+
+def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
+    _, location, md = _open(args.ckpt)
+    total = sum(f.size for f in md.files.values())
+    _say(
+        out,
+        f"{location}: format version {md.version}, saved by {md.world_size} rank(s), "
+        f"{len(md.tensors)} tensor(s) and {len(md.values)} value(s) in {len(md.files)} file(s), "
+        f"{_human(total)}",
+        "bold",
+    )
+    if md.tensors:
+        table = Table(show_edge=False, title="tensors", title_justify="left")
+        table.add_column("key", overflow="fold")
+        table.add_column("dtype")
+        table.add_column("shape")
+        table.add_column("chunks", justify="right", no_wrap=True)
+        table.add_column("bytes", justify="right", no_wrap=True)
+        table.add_column("file(s)", overflow="fold")
+        for fqn, rec in md.tensors.items():
+            files = sorted({c.file for c in rec.chunks})
+            shown = files[0] + (f" (+{len(files) - 1})" if len(files) > 1 else "") if files else "-"
+            chunks = f"{len(rec.chunks)} (per rank)" if rec.per_rank else str(len(rec.chunks))
+            table.add_row(
+                fqn,
+                dtype_name(rec.dtype),
+                str(tuple(rec.shape)),
+                chunks,
+                _human(sum(c.byte_length for c in rec.chunks)),
+                shown,
+            )
+        out.print(table)
+    if md.values:
+        table = Table(show_edge=False, title="values", title_justify="left")
+        table.add_column("key", overflow="fold")
+        table.add_column("value", overflow="fold")
+        for fqn, value in md.values.items():
+            if value.per_rank is None:
+                shown = _short(value.value, fqn)
+            else:
+                shown = "per rank: " + ", ".join(_short(v, fqn) for v in value.per_rank)
+            table.add_row(fqn, shown)
+        out.print(table)
+    return 0
+
+
+_repr = reprlib.Repr()
+_repr.maxstring = 60
+_repr.maxother = 60
+_repr.maxlong = 40
+
+
+def _short(encoded: Any, fqn: str) -> str:
+    if isinstance(encoded, dict) and encoded.get("$absent") is True:
+        return "-"
+    try:
+        return _repr.repr(decode_value(encoded, fqn=fqn, allow_pickle=False))
+    except PickleRefusedError:
+        return "<pickled>"
+
+
+# -------------------------------------------------------------------- verify
+
+
+def _cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
+    backend, location = detect_storage(args.ckpt)
+    try:
+        total: int | None = sum(f.size for f in read_checkpoint_metadata(backend, location).files.values())
+    except CheckpointError:
+        total = None  # verify_checkpoint reports it
+    with _progress(err, "verifying") as progress:
+        task = progress.add_task("verify", total=total)
+        report = verify_checkpoint(location, storage=backend, progress=lambda n: progress.advance(task, n))
+        if total is not None:
+            progress.update(task, completed=total)
+    if report.ok:
+        _say(
+            out,
+            f"ok: {location}: {report.files_checked} file(s), {_human(report.bytes_checked)} verified",
+            "green",
+        )
+        return 0
+    _say(out, f"FAILED: {location}: {len(report.problems)} problem(s)", "bold red")
+    for problem in report.problems:
+        _say(out, f"  {problem}", "red")
+    return 1
+
+
+# ------------------------------------------------------------------- convert
+
+
+def _cmd_convert(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if not args.slab_mb > 0:
+        raise ValueError("--slab-mb must be positive")
+    backend, location, md = _open(args.ckpt)
+    target = Path(args.out)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        if args.to == "safetensors":
+            summary = _to_safetensors(backend, location, md, tmp, args, err)
+        else:
+            summary = _to_torch(backend, location, md, tmp, args, err)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _say(out, f"wrote {target}: {summary}", "green")
+    return 0
+
+
+def _select(md: Metadata, fqn: str, rank: int | None, err: Console) -> Metadata | None:
+    """Metadata through which ``read_region`` reads ``fqn``; None to skip it."""
+    rec = md.tensors[fqn]
+    if not rec.per_rank:
+        return md
+    if rank is None:
+        _say(
+            err, f"warning: skipped '{fqn}': each rank saved its own copy (pick one with --rank R)", "yellow"
+        )
+        return None
+    chunk = next((c for c in rec.chunks if c.rank == rank), None)
+    if chunk is None:
+        _say(err, f"warning: skipped '{fqn}': rank {rank} did not save it", "yellow")
+        return None
+    # Rank R's copy is a whole tensor: read it as if it were the only one.
+    one = dataclasses.replace(rec, per_rank=False, chunks=(chunk,))
+    return dataclasses.replace(md, tensors={**md.tensors, fqn: one})
+
+
+def _slabs(
+    shape: tuple[int, ...], itemsize: int, budget: int
+) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Boxes ``(offsets, sizes)`` tiling ``shape`` in row-major order, each within ``budget`` bytes.
+
+    Slabs run along dim 0; when one row alone exceeds the budget, along the
+    first dim whose sub-rows fit (the outer indices stepping one at a time).
+    """
+    nd = len(shape)
+    if nd == 0:
+        yield (), ()
+        return
+    if math.prod(shape) == 0:
+        return
+    k = 0
+    while k < nd - 1 and math.prod(shape[k + 1 :]) * itemsize > budget:
+        k += 1
+    inner = math.prod(shape[k + 1 :]) * itemsize
+    n = max(1, min(shape[k], budget // inner))
+    rest = (0,) * (nd - k - 1)
+    for outer in itertools.product(*(range(d) for d in shape[:k])):
+        for j in range(0, shape[k], n):
+            yield (*outer, j, *rest), ((1,) * k + (min(n, shape[k] - j),) + shape[k + 1 :])
+
+
+def _to_safetensors(
+    backend: Storage, location: str, md: Metadata, tmp: Path, args: argparse.Namespace, err: Console
+) -> str:
+    budget = max(16, int(args.slab_mb * _MiB))
+    chosen: list[tuple[str, TensorRecord, Metadata]] = []
+    for fqn, rec in md.tensors.items():
+        view = _select(md, fqn, args.rank, err)
+        if view is not None:
+            chosen.append((fqn, rec, view))
+    if md.values:
+        names = ", ".join(list(md.values)[:5]) + (", ..." if len(md.values) > 5 else "")
+        _say(
+            err,
+            f"note: {len(md.values)} non-tensor value(s) skipped ({names}): safetensors holds tensors only",
+        )
+    sizes = [math.prod(rec.shape) * rec.dtype.itemsize for _, rec, _ in chosen]
+    layout = layout_shard(
+        [ShardEntry(fqn, rec.dtype, rec.shape, n) for (fqn, rec, _), n in zip(chosen, sizes, strict=True)],
+        {"format": "pt"},
+    )
+    biggest = max((_first_box_bytes(rec, budget) for _, rec, _ in chosen), default=0)
+    buf = torch.empty(biggest, dtype=torch.uint8)  # reused for every slab
+    with open(tmp, "wb") as f, _progress(err, "converting") as progress:
+        task = progress.add_task("convert", total=layout.size)
+        f.write(layout.header)
+        progress.advance(task, len(layout.header))
+        for fqn, rec, view in chosen:
+            for offsets, box in _slabs(rec.shape, rec.dtype.itemsize, budget):
+                n = math.prod(box) * rec.dtype.itemsize
+                read_region(backend, location, view, fqn, offsets, buf[:n].view(rec.dtype).view(box))
+                f.write(buf[:n].numpy().data)
+                progress.advance(task, n)
+        if f.tell() != layout.size:
+            raise CheckpointError(f"internal error: wrote {f.tell()} bytes, expected {layout.size}")
+        f.flush()
+        os.fsync(f.fileno())
+    return f"{len(chosen)} tensor(s), {_human(layout.size)}"
+
+
+def _first_box_bytes(rec: TensorRecord, budget: int) -> int:
+    box = next(_slabs(rec.shape, rec.dtype.itemsize, budget), None)
+    return 0 if box is None else math.prod(box[1]) * rec.dtype.itemsize
+
+
+_SKIP = object()
+
+
+def _to_torch(
+    backend: Storage, location: str, md: Metadata, tmp: Path, args: argparse.Namespace, err: Console
+) -> str:
+    seen: set[str] = set()
+    counts = {"tensors": 0, "values": 0}
+
+    def leaf(fqn: str) -> Any:
+        seen.add(fqn)
+        if fqn in md.tensors:
+            view = _select(md, fqn, args.rank, err)
+            if view is None:
+                return _SKIP
+            rec = md.tensors[fqn]
+            full = torch.empty(rec.shape, dtype=rec.dtype)
+            if full.numel():
+                read_region(backend, location, view, fqn, (0,) * len(rec.shape), full)
+            counts["tensors"] += 1
+            return full
+        if fqn in md.values:
+            value = _value(md, fqn, args.rank, err)
+            if value is not _SKIP:
+                counts["values"] += 1
+            return value
+        _say(err, f"warning: the tree names '{fqn}', which the checkpoint does not hold; skipped", "yellow")
+        return _SKIP
+
+    result = _rebuild(md.tree, leaf)
+    state: dict[Any, Any] = result if isinstance(result, dict) else {}
+    for fqn in itertools.chain(md.tensors, md.values):
+        if fqn not in seen and fqn not in state:
+            # Saved only by ranks other than 0: not in rank 0's tree, kept under its flat key.
+            value = leaf(fqn)
+            if value is not _SKIP:
+                state[fqn] = value
+    torch.save(state, tmp)
+    return f"{counts['tensors']} tensor(s), {counts['values']} value(s), {_human(tmp.stat().st_size)}"
+
+
+def _value(md: Metadata, fqn: str, rank: int | None, err: Console) -> Any:
+    rec = md.values[fqn]
+    encoded = rec.value
+    if rec.per_rank is not None:
+        if rank is None:
+            _say(
+                err,
+                f"warning: skipped '{fqn}': each rank saved its own value (pick one with --rank R)",
+                "yellow",
+            )
+            return _SKIP
+        encoded = rec.per_rank[rank] if 0 <= rank < len(rec.per_rank) else {"$absent": True}
+        if isinstance(encoded, dict) and encoded.get("$absent") is True:
+            _say(err, f"warning: skipped '{fqn}': rank {rank} did not save it", "yellow")
+            return _SKIP
+    try:
+        return decode_value(encoded, fqn=fqn, allow_pickle=False)
+    except PickleRefusedError:
+        _say(err, f"warning: skipped '{fqn}': it is pickled, and converting never unpickles", "yellow")
+        return _SKIP
+
+
+def _rebuild(node: Any, leaf: Callable[[str], Any]) -> Any:
+    """The container tree of ``md.tree`` with leaves from ``leaf`` (``_SKIP`` drops dict items)."""
+    if not isinstance(node, dict) or len(node) != 1:
+        return _SKIP
+    ((kind, body),) = node.items()
+    if kind == "x" and isinstance(body, str):
+        return leaf(body)
+    if kind == "d" and isinstance(body, list):
+        out = {}
+        for pair in body:
+            if isinstance(pair, list) and len(pair) == 2:
+                value = _rebuild(pair[1], leaf)
+                if value is not _SKIP:
+                    out[pair[0]] = value
+        return out
+    if kind in ("l", "t") and isinstance(body, list):
+        # A skipped element becomes None: dropping it would shift the indices after it.
+        items = [None if (v := _rebuild(c, leaf)) is _SKIP else v for c in body]
+        return items if kind == "l" else tuple(items)
+    return _SKIP
+
+
+# ------------------------------------------------------------------------ gc
+
+
+def _cmd_gc(args: argparse.Namespace, out: Console, err: Console) -> int:
+    backend, root = detect_storage(args.root)
+    if isinstance(backend, LocalStorage) and not Path(root).is_dir():
+        raise CheckpointError(f"{root} is not a directory")
+    removed = remove_uncommitted(backend, root)
+    for location in removed:
+        _say(out, f"removed {location}")
+    _say(
+        out, f"{len(removed)} leftover(s) removed from {root}" if removed else f"nothing to remove in {root}"
+    )
+    return 0
