@@ -78,7 +78,8 @@ class SaveJobRunner:
             except Exception as exc:  # noqa: BLE001 - reported at the commit barrier
                 report = _Report(plan_id, None, _failure(comm.rank, exc))
         t1 = time.perf_counter()
-        kill_point("before_commit", req.save_id, comm.rank)
+        if cached is not None:
+            kill_point("before_commit", req.save_id, comm.rank)
         outcome = await asyncio.to_thread(self._commit_or_replan, req, token, report)
         if isinstance(outcome, Metadata):
             kill_point("after_commit", req.save_id, comm.rank)
