@@ -14,7 +14,6 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +22,8 @@ import torch.distributed as dist
 
 from ._faults import kill_point
 from .errors import CheckpointError
-from .format.metadata import Metadata
 from .local_plan import build_local_plan
+from .pending import PendingCheckpoint
 from .save_flow import SaveOptions
 from .staging import Layout, StagingPool, StagingSlot, make_layout
 from .state_dict import flatten
@@ -33,62 +32,9 @@ from .worker.client import WorkerClient, WorkerDiedError
 from .worker.group import WorkerGroup, join_worker_group
 from .worker.messages import Finished, LocalFailure, Released, SaveRequest, WorkerConfig
 
-__all__ = ["AsyncCheckpointer", "PendingCheckpoint", "StagedHandle"]
+__all__ = ["AsyncCheckpointer", "PendingCheckpoint"]
 
 log = logging.getLogger("async_ckpt")
-
-
-class StagedHandle:
-    """Resolves when a save's staging copy is complete (awaitable, or ``wait()``)."""
-
-    def __init__(self) -> None:
-        self._future: concurrent.futures.Future[float] = concurrent.futures.Future()
-
-    def __await__(self) -> Generator[Any, None, float]:
-        return asyncio.wrap_future(self._future).__await__()
-
-    def wait(self, timeout: float | None = None) -> float:
-        """Block until staged; returns the staging time in seconds."""
-        return self._future.result(timeout)
-
-    def done(self) -> bool:
-        return self._future.done()
-
-
-class PendingCheckpoint:
-    """A save in flight. Await it (or call ``result()``) for the committed ``Metadata``."""
-
-    def __init__(self, checkpoint_id: Any, save_id: int) -> None:
-        self.checkpoint_id = checkpoint_id
-        self.save_id = save_id
-        self.staged = StagedHandle()
-        self._future: concurrent.futures.Future[Metadata] = concurrent.futures.Future()
-
-    def __await__(self) -> Generator[Any, None, Metadata]:
-        return asyncio.wrap_future(self._future).__await__()
-
-    def result(self, timeout: float | None = None) -> Metadata:
-        return self._future.result(timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        return self._future.exception(timeout)
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def add_done_callback(self, fn: Callable[[PendingCheckpoint], Any]) -> None:
-        self._future.add_done_callback(lambda _: fn(self))
-
-    def __repr__(self) -> str:
-        state = "done" if self.done() else "pending"
-        return f"<PendingCheckpoint {self.checkpoint_id!s} save {self.save_id} {state}>"
-
-    # called by the checkpointer
-    def _fail(self, error: BaseException) -> None:
-        if not self.staged.done():
-            self.staged._future.set_exception(error)
-        if not self._future.done():
-            self._future.set_exception(error)
 
 
 @dataclass

@@ -12,10 +12,7 @@ the caller allows it.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,10 +20,9 @@ from torch.distributed.tensor import DTensor
 
 from .dist import Comm, run_collectively
 from .errors import CheckpointError, CorruptCheckpointError
-from .format import checksum
-from .format.metadata import METADATA_FILE, ChunkRecord, Metadata, TensorRecord, decode_metadata
+from .format.metadata import METADATA_FILE, Metadata, TensorRecord, decode_metadata
 from .format.values import PickleRefusedError, decode_value
-from .local_plan import local_chunk, raw_bytes
+from .local_plan import local_chunk
 from .planning import (
     ChunkStorageMetadata,
     MetadataIndex,
@@ -37,13 +33,12 @@ from .planning import (
     WriteItemType,
     validate_coverage,
 )
-from .planning.reshard import ChunkIndex, Overlap, contiguous_byte_range
+from .planning.reshard import ChunkIndex
+from .read_ops import Read, execute_reads
 from .state_dict import LoadView, is_missing
-from .storage.base import ShardReader, Storage
+from .storage.base import Storage
 
 __all__ = ["load_collective", "read_checkpoint_metadata", "read_region"]
-
-_READ_THREADS = 8
 
 
 def read_checkpoint_metadata(storage: Storage, location: str) -> Metadata:
@@ -86,15 +81,6 @@ def _validate_per_rank(fqn: str, rec: TensorRecord, location: str) -> None:
                 f"duplicated copy for rank {c.rank}"
             )
         seen.add(c.rank)
-
-
-@dataclass(frozen=True, slots=True)
-class _Read:
-    fqn: str
-    chunk: ChunkRecord
-    overlap: Overlap
-    dest: torch.Tensor  # this rank's local target tensor (CPU)
-    dtype: torch.dtype
 
 
 def load_collective(
@@ -148,7 +134,7 @@ def _load_into(
     allow_pickle: bool,
     verify: bool,
 ) -> None:
-    reads: list[_Read] = []
+    reads: list[Read] = []
     gpu_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         for fqn, target in list(view.leaves.items()):
@@ -193,7 +179,7 @@ def _load_into(
                     f"key '{fqn}' is missing from checkpoint {location}; pass strict=False "
                     "to leave such keys untouched"
                 )
-        _execute(reads, storage, location, md, verify)
+        execute_reads(reads, storage, location, md, verify)
         for dest, host in gpu_copies:
             dest.copy_(host, non_blocking=False)
 
@@ -269,124 +255,13 @@ def _plan_reads(
     target: ChunkStorageMetadata,
     dest: torch.Tensor,
     rank: int,
-) -> Iterator[_Read]:
+) -> Iterator[Read]:
     chunks = rec.chunks
     if rec.per_rank:
         chunks = tuple(c for c in chunks if c.rank == rank)
     index = ChunkIndex([ChunkStorageMetadata(c.offsets, c.sizes) for c in chunks])
     for i, ov in index.overlapping(target):
-        yield _Read(fqn, chunks[i], ov, dest, rec.dtype)
-
-
-def _execute(reads: list[_Read], storage: Storage, location: str, md: Metadata, verify: bool) -> None:
-    readers = _Readers(storage, location, md, verify)
-    reads.sort(key=lambda r: (r.chunk.file, r.chunk.byte_offset))
-    try:
-        with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="async_ckpt-read") as pool:
-            for fut in [pool.submit(_do_read, r, readers, md.block_size, verify, location) for r in reads]:
-                fut.result()
-    finally:
-        readers.close()
-
-
-def _do_read(r: _Read, readers: _Readers, block: int, verify: bool, location: str) -> None:
-    # Grad mode is per thread: the caller's no_grad does not reach the pool's threads.
-    with torch.no_grad():
-        _read_chunk(r, readers, block, verify, location)
-
-
-def _read_chunk(r: _Read, readers: _Readers, block: int, verify: bool, location: str) -> None:
-    reader = readers.get(r.chunk.file)
-    c = r.chunk
-    if c.byte_length == 0:
-        return
-    whole = r.overlap.lengths == c.sizes and r.overlap.target_offsets == (0,) * len(c.sizes)
-    dest_whole = whole and tuple(r.dest.shape) == c.sizes
-    if dest_whole and r.dest.is_contiguous():
-        buf = raw_bytes(r.dest)
-        reader.readinto(c.byte_offset, buf)
-        if verify:
-            _verify(buf, c, 0, r.fqn, block, location)
-        return
-    itemsize = r.dtype.itemsize
-    start, end = contiguous_byte_range(c.sizes, r.overlap.saved_offsets, r.overlap.lengths, itemsize)
-    if verify:
-        start = start // block * block
-        end = min(c.byte_length, -(-end // block) * block)
-    scratch = torch.empty(end - start, dtype=torch.uint8)
-    buf = raw_bytes(scratch)
-    reader.readinto(c.byte_offset + start, buf)
-    if verify:
-        _verify(buf, c, start, r.fqn, block, location)
-    typed = scratch.view(r.dtype)
-    strides = _row_major_strides(c.sizes)
-    base = sum(o * s for o, s in zip(r.overlap.saved_offsets, strides, strict=True)) - start // itemsize
-    region = typed.as_strided(r.overlap.lengths, strides, base)
-    idx = tuple(slice(o, o + n) for o, n in zip(r.overlap.target_offsets, r.overlap.lengths, strict=True))
-    r.dest[idx].copy_(region)
-
-
-def _row_major_strides(sizes: tuple[int, ...]) -> tuple[int, ...]:
-    strides = []
-    acc = 1
-    for s in reversed(sizes):
-        strides.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(strides))
-
-
-def _verify(buf: memoryview, c: ChunkRecord, start: int, fqn: str, block: int, location: str) -> None:
-    first = start // block
-    for i, pos in enumerate(range(0, len(buf), block)):
-        expected = c.checksums[first + i]
-        actual = checksum.digest(buf[pos : pos + block])
-        if actual != expected:
-            lo = c.byte_offset + start + pos
-            raise CorruptCheckpointError(
-                f"{location}/{c.file}: checksum mismatch in key '{fqn}' (chunk at offsets "
-                f"{list(c.offsets)}, file bytes [{lo}, {lo + min(block, len(buf) - pos)})); "
-                "the file is damaged. Restore it or load an earlier checkpoint."
-            )
-
-
-class _Readers:
-    """One open reader per shard file, checked against the metadata on first use."""
-
-    def __init__(self, storage: Storage, location: str, md: Metadata, verify: bool) -> None:
-        self._storage = storage
-        self._location = location
-        self._md = md
-        self._verify = verify
-        self._open: dict[str, ShardReader] = {}
-        self._lock = threading.Lock()
-
-    def get(self, name: str) -> ShardReader:
-        with self._lock:
-            if name not in self._open:
-                self._open[name] = self._check(self._storage.open_reader(self._location, name), name)
-            return self._open[name]
-
-    def _check(self, reader: ShardReader, name: str) -> ShardReader:
-        rec = self._md.files[name]
-        where = f"{self._location}/{name}"
-        if reader.size() != rec.size:
-            reader.close()
-            raise CorruptCheckpointError(
-                f"{where}: size is {reader.size()} bytes, metadata says {rec.size}; the file "
-                "was truncated or modified"
-            )
-        if self._verify:
-            header = bytearray(rec.header_length)
-            reader.readinto(0, memoryview(header))
-            if checksum.digest(bytes(header)) != rec.header_checksum:
-                reader.close()
-                raise CorruptCheckpointError(f"{where}: safetensors header checksum mismatch")
-        return reader
-
-    def close(self) -> None:
-        for reader in self._open.values():
-            reader.close()
-        self._open.clear()
+        yield Read(fqn, chunks[i], ov, dest, rec.dtype)
 
 
 def read_region(
@@ -415,4 +290,4 @@ def read_region(
     if any(o + s > d for o, s, d in zip(target.offsets, target.sizes, rec.shape, strict=True)):
         raise CheckpointError(f"key '{fqn}': region {offsets} + {tuple(out.shape)} exceeds {rec.shape}")
     reads = list(_plan_reads(fqn, rec, target, out, rank=0))
-    _execute(reads, storage, location, md, verify)
+    execute_reads(reads, storage, location, md, verify)
