@@ -8,19 +8,14 @@ reads); none of them parses the on-disk format itself. Errors end as one red
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import itertools
-import math
 import os
 import reprlib
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -33,12 +28,12 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from .convert import to_safetensors, to_torch
 from .errors import CheckpointError
 from .format.dtypes import dtype_name
-from .format.metadata import METADATA_FILE, Metadata, TensorRecord, decode_metadata
-from .format.shard import ShardEntry, layout_shard
+from .format.metadata import METADATA_FILE, Metadata, decode_metadata
 from .format.values import PickleRefusedError, decode_value
-from .load import read_checkpoint_metadata, read_region
+from .load import read_checkpoint_metadata
 from .manager import RootEntry, remove_uncommitted, scan_root
 from .storage import LocalStorage, Storage, detect_storage
 from .verify import verify_checkpoint
@@ -332,191 +327,37 @@ def _cmd_convert(args: argparse.Namespace, out: Console, err: Console) -> int:
     if not args.slab_mb > 0:
         raise ValueError("--slab-mb must be positive")
     backend, location, md = _open(args.ckpt)
+
+    def warn(text: str) -> None:
+        _say(err, text, "yellow" if text.startswith("warning") else "")
+
     target = Path(args.out)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         if args.to == "safetensors":
-            summary = _to_safetensors(backend, location, md, tmp, args, err)
+            with _progress(err, "converting") as progress:
+                task = progress.add_task("convert", total=None)
+
+                def tick(n: int, total: int) -> None:
+                    progress.update(task, advance=n, total=total)
+
+                summary = to_safetensors(
+                    backend,
+                    location,
+                    md,
+                    tmp,
+                    rank=args.rank,
+                    slab_bytes=int(args.slab_mb * _MiB),
+                    warn=warn,
+                    progress=tick,
+                )
         else:
-            summary = _to_torch(backend, location, md, tmp, args, err)
+            summary = to_torch(backend, location, md, tmp, rank=args.rank, warn=warn)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     _say(out, f"wrote {target}: {summary}", "green")
     return 0
-
-
-def _select(md: Metadata, fqn: str, rank: int | None, err: Console) -> Metadata | None:
-    """Metadata through which ``read_region`` reads ``fqn``; None to skip it."""
-    rec = md.tensors[fqn]
-    if not rec.per_rank:
-        return md
-    if rank is None:
-        _say(
-            err, f"warning: skipped '{fqn}': each rank saved its own copy (pick one with --rank R)", "yellow"
-        )
-        return None
-    chunk = next((c for c in rec.chunks if c.rank == rank), None)
-    if chunk is None:
-        _say(err, f"warning: skipped '{fqn}': rank {rank} did not save it", "yellow")
-        return None
-    # Rank R's copy is a whole tensor: read it as if it were the only one.
-    one = dataclasses.replace(rec, per_rank=False, chunks=(chunk,))
-    return dataclasses.replace(md, tensors={**md.tensors, fqn: one})
-
-
-def _slabs(
-    shape: tuple[int, ...], itemsize: int, budget: int
-) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Boxes ``(offsets, sizes)`` tiling ``shape`` in row-major order, each within ``budget`` bytes.
-
-    Slabs run along dim 0; when one row alone exceeds the budget, along the
-    first dim whose sub-rows fit (the outer indices stepping one at a time).
-    """
-    nd = len(shape)
-    if nd == 0:
-        yield (), ()
-        return
-    if math.prod(shape) == 0:
-        return
-    k = 0
-    while k < nd - 1 and math.prod(shape[k + 1 :]) * itemsize > budget:
-        k += 1
-    inner = math.prod(shape[k + 1 :]) * itemsize
-    n = max(1, min(shape[k], budget // inner))
-    rest = (0,) * (nd - k - 1)
-    for outer in itertools.product(*(range(d) for d in shape[:k])):
-        for j in range(0, shape[k], n):
-            yield (*outer, j, *rest), ((1,) * k + (min(n, shape[k] - j),) + shape[k + 1 :])
-
-
-def _to_safetensors(
-    backend: Storage, location: str, md: Metadata, tmp: Path, args: argparse.Namespace, err: Console
-) -> str:
-    budget = max(16, int(args.slab_mb * _MiB))
-    chosen: list[tuple[str, TensorRecord, Metadata]] = []
-    for fqn, rec in md.tensors.items():
-        view = _select(md, fqn, args.rank, err)
-        if view is not None:
-            chosen.append((fqn, rec, view))
-    if md.values:
-        names = ", ".join(list(md.values)[:5]) + (", ..." if len(md.values) > 5 else "")
-        _say(
-            err,
-            f"note: {len(md.values)} non-tensor value(s) skipped ({names}): safetensors holds tensors only",
-        )
-    sizes = [math.prod(rec.shape) * rec.dtype.itemsize for _, rec, _ in chosen]
-    layout = layout_shard(
-        [ShardEntry(fqn, rec.dtype, rec.shape, n) for (fqn, rec, _), n in zip(chosen, sizes, strict=True)],
-        {"format": "pt"},
-    )
-    biggest = max((_first_box_bytes(rec, budget) for _, rec, _ in chosen), default=0)
-    buf = torch.empty(biggest, dtype=torch.uint8)  # reused for every slab
-    with open(tmp, "wb") as f, _progress(err, "converting") as progress:
-        task = progress.add_task("convert", total=layout.size)
-        f.write(layout.header)
-        progress.advance(task, len(layout.header))
-        for fqn, rec, view in chosen:
-            for offsets, box in _slabs(rec.shape, rec.dtype.itemsize, budget):
-                n = math.prod(box) * rec.dtype.itemsize
-                read_region(backend, location, view, fqn, offsets, buf[:n].view(rec.dtype).view(box))
-                f.write(buf[:n].numpy().data)
-                progress.advance(task, n)
-        if f.tell() != layout.size:
-            raise CheckpointError(f"internal error: wrote {f.tell()} bytes, expected {layout.size}")
-        f.flush()
-        os.fsync(f.fileno())
-    return f"{len(chosen)} tensor(s), {_human(layout.size)}"
-
-
-def _first_box_bytes(rec: TensorRecord, budget: int) -> int:
-    box = next(_slabs(rec.shape, rec.dtype.itemsize, budget), None)
-    return 0 if box is None else math.prod(box[1]) * rec.dtype.itemsize
-
-
-_SKIP = object()
-
-
-def _to_torch(
-    backend: Storage, location: str, md: Metadata, tmp: Path, args: argparse.Namespace, err: Console
-) -> str:
-    seen: set[str] = set()
-    counts = {"tensors": 0, "values": 0}
-
-    def leaf(fqn: str) -> Any:
-        seen.add(fqn)
-        if fqn in md.tensors:
-            view = _select(md, fqn, args.rank, err)
-            if view is None:
-                return _SKIP
-            rec = md.tensors[fqn]
-            full = torch.empty(rec.shape, dtype=rec.dtype)
-            if full.numel():
-                read_region(backend, location, view, fqn, (0,) * len(rec.shape), full)
-            counts["tensors"] += 1
-            return full
-        if fqn in md.values:
-            value = _value(md, fqn, args.rank, err)
-            if value is not _SKIP:
-                counts["values"] += 1
-            return value
-        _say(err, f"warning: the tree names '{fqn}', which the checkpoint does not hold; skipped", "yellow")
-        return _SKIP
-
-    result = _rebuild(md.tree, leaf)
-    state: dict[Any, Any] = result if isinstance(result, dict) else {}
-    for fqn in itertools.chain(md.tensors, md.values):
-        if fqn not in seen and fqn not in state:
-            # Saved only by ranks other than 0: not in rank 0's tree, kept under its flat key.
-            value = leaf(fqn)
-            if value is not _SKIP:
-                state[fqn] = value
-    torch.save(state, tmp)
-    return f"{counts['tensors']} tensor(s), {counts['values']} value(s), {_human(tmp.stat().st_size)}"
-
-
-def _value(md: Metadata, fqn: str, rank: int | None, err: Console) -> Any:
-    rec = md.values[fqn]
-    encoded = rec.value
-    if rec.per_rank is not None:
-        if rank is None:
-            _say(
-                err,
-                f"warning: skipped '{fqn}': each rank saved its own value (pick one with --rank R)",
-                "yellow",
-            )
-            return _SKIP
-        encoded = rec.per_rank[rank] if 0 <= rank < len(rec.per_rank) else {"$absent": True}
-        if isinstance(encoded, dict) and encoded.get("$absent") is True:
-            _say(err, f"warning: skipped '{fqn}': rank {rank} did not save it", "yellow")
-            return _SKIP
-    try:
-        return decode_value(encoded, fqn=fqn, allow_pickle=False)
-    except PickleRefusedError:
-        _say(err, f"warning: skipped '{fqn}': it is pickled, and converting never unpickles", "yellow")
-        return _SKIP
-
-
-def _rebuild(node: Any, leaf: Callable[[str], Any]) -> Any:
-    """The container tree of ``md.tree`` with leaves from ``leaf`` (``_SKIP`` drops dict items)."""
-    if not isinstance(node, dict) or len(node) != 1:
-        return _SKIP
-    ((kind, body),) = node.items()
-    if kind == "x" and isinstance(body, str):
-        return leaf(body)
-    if kind == "d" and isinstance(body, list):
-        out = {}
-        for pair in body:
-            if isinstance(pair, list) and len(pair) == 2:
-                value = _rebuild(pair[1], leaf)
-                if value is not _SKIP:
-                    out[pair[0]] = value
-        return out
-    if kind in ("l", "t") and isinstance(body, list):
-        # A skipped element becomes None: dropping it would shift the indices after it.
-        items = [None if (v := _rebuild(c, leaf)) is _SKIP else v for c in body]
-        return items if kind == "l" else tuple(items)
-    return _SKIP
 
 
 # ------------------------------------------------------------------------ gc

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import async_ckpt as ac
-from async_ckpt import cli
+from async_ckpt import cli, convert
 from async_ckpt.cli import main
 
 
@@ -192,13 +192,13 @@ def test_convert_safetensors_two_ranks_in_slabs(
 ) -> None:
     budget_mb = 48 / (1 << 20)  # 48 bytes: several slabs per tensor, some of a part of a row
     boxes: list[tuple[str, int]] = []
-    real = cli.read_region
+    real = convert.read_region
 
     def counting(storage: Any, location: str, md: Any, fqn: str, offsets: Any, out: torch.Tensor) -> None:
         boxes.append((fqn, out.numel() * out.element_size()))
         real(storage, location, md, fqn, offsets, out)
 
-    monkeypatch.setattr(cli, "read_region", counting)
+    monkeypatch.setattr(convert, "read_region", counting)
     out_file = tmp_path / "two.safetensors"
     assert (
         main(["convert", str(two_ranks), "--to", "safetensors", str(out_file), "--slab-mb", str(budget_mb)])
@@ -214,7 +214,7 @@ def test_convert_safetensors_two_ranks_in_slabs(
     assert sum(1 for fqn, _ in boxes if fqn == "model.emb") >= 3
     assert max(n for _, n in boxes) <= 48
 
-    monkeypatch.setattr(cli, "read_region", real)
+    monkeypatch.setattr(convert, "read_region", real)
     assert main(["convert", str(two_ranks), "--to", "safetensors", str(out_file), "--rank", "1"]) == 0
     assert _same_bits(load_file(out_file)["local"], torch.full((2,), 1.0))
 
@@ -227,15 +227,15 @@ def test_slabs_tile_in_row_major_order() -> None:
         ((2, 3), 4, 1 << 20),
     ]:
         expected = 0
-        for offsets, sizes in cli._slabs(shape, itemsize, budget):
+        for offsets, sizes in convert._slabs(shape, itemsize, budget):
             assert math.prod(sizes) * itemsize <= max(budget, itemsize)
             # Row-major position of the box's first element follows the previous box.
             strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
             assert sum(o * s for o, s in zip(offsets, strides, strict=True)) == expected
             expected += math.prod(sizes)
         assert expected == math.prod(shape)
-    assert list(cli._slabs((), 4, 16)) == [((), ())]
-    assert list(cli._slabs((0, 3), 4, 16)) == []
+    assert list(convert._slabs((), 4, 16)) == [((), ())]
+    assert list(convert._slabs((0, 3), 4, 16)) == []
 
 
 def test_convert_torch(

@@ -1,0 +1,216 @@
+"""Converting a checkpoint to one consolidated file: safetensors (streamed) or torch.save.
+
+Both reshard from whatever layout was saved, reading through ``read_region``
+(verified). Neither ever unpickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .format.metadata import Metadata, TensorRecord
+from .format.shard import ShardEntry, layout_shard
+from .format.values import PickleRefusedError, decode_value
+from .load import read_region
+from .storage import Storage
+
+__all__ = ["to_safetensors", "to_torch"]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _select(md: Metadata, fqn: str, rank: int | None, warn: Callable[[str], None]) -> Metadata | None:
+    """Metadata through which ``read_region`` reads ``fqn``; None to skip it."""
+    rec = md.tensors[fqn]
+    if not rec.per_rank:
+        return md
+    if rank is None:
+        warn(f"warning: skipped '{fqn}': each rank saved its own copy (pick one with --rank R)")
+        return None
+    chunk = next((c for c in rec.chunks if c.rank == rank), None)
+    if chunk is None:
+        warn(f"warning: skipped '{fqn}': rank {rank} did not save it")
+        return None
+    # Rank R's copy is a whole tensor: read it as if it were the only one.
+    one = dataclasses.replace(rec, per_rank=False, chunks=(chunk,))
+    return dataclasses.replace(md, tensors={**md.tensors, fqn: one})
+
+
+def _slabs(
+    shape: tuple[int, ...], itemsize: int, budget: int
+) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Boxes ``(offsets, sizes)`` tiling ``shape`` in row-major order, each within ``budget`` bytes.
+
+    Slabs run along dim 0; when one row alone exceeds the budget, along the
+    first dim whose sub-rows fit (the outer indices stepping one at a time).
+    """
+    nd = len(shape)
+    if nd == 0:
+        yield (), ()
+        return
+    if math.prod(shape) == 0:
+        return
+    k = 0
+    while k < nd - 1 and math.prod(shape[k + 1 :]) * itemsize > budget:
+        k += 1
+    inner = math.prod(shape[k + 1 :]) * itemsize
+    n = max(1, min(shape[k], budget // inner))
+    rest = (0,) * (nd - k - 1)
+    for outer in itertools.product(*(range(d) for d in shape[:k])):
+        for j in range(0, shape[k], n):
+            yield (*outer, j, *rest), ((1,) * k + (min(n, shape[k] - j),) + shape[k + 1 :])
+
+
+def to_safetensors(
+    backend: Storage,
+    location: str,
+    md: Metadata,
+    tmp: Path,
+    *,
+    rank: int | None,
+    slab_bytes: int,
+    warn: Callable[[str], None],
+    progress: Callable[[int, int], None] | None = None,
+) -> str:
+    """One safetensors file of full tensors, filled slab by slab through a reused buffer.
+
+    Memory stays within ``slab_bytes`` (plus one row when a row is larger),
+    so a checkpoint larger than RAM converts. ``progress(n, total)`` is called
+    as bytes are written. Returns a one-line summary.
+    """
+    budget = max(16, slab_bytes)
+    chosen: list[tuple[str, TensorRecord, Metadata]] = []
+    for fqn, rec in md.tensors.items():
+        view = _select(md, fqn, rank, warn)
+        if view is not None:
+            chosen.append((fqn, rec, view))
+    if md.values:
+        names = ", ".join(list(md.values)[:5]) + (", ..." if len(md.values) > 5 else "")
+        warn(f"note: {len(md.values)} non-tensor value(s) skipped ({names}): safetensors holds tensors only")
+    sizes = [math.prod(rec.shape) * rec.dtype.itemsize for _, rec, _ in chosen]
+    layout = layout_shard(
+        [ShardEntry(fqn, rec.dtype, rec.shape, n) for (fqn, rec, _), n in zip(chosen, sizes, strict=True)],
+        {"format": "pt"},
+    )
+    biggest = max((_first_box_bytes(rec, budget) for _, rec, _ in chosen), default=0)
+    buf = torch.empty(biggest, dtype=torch.uint8)  # reused for every slab
+    tick = progress or (lambda n, total: None)
+    with open(tmp, "wb") as f:
+        f.write(layout.header)
+        tick(len(layout.header), layout.size)
+        for fqn, rec, view in chosen:
+            for offsets, box in _slabs(rec.shape, rec.dtype.itemsize, budget):
+                n = math.prod(box) * rec.dtype.itemsize
+                read_region(backend, location, view, fqn, offsets, buf[:n].view(rec.dtype).view(box))
+                f.write(buf[:n].numpy().data)
+                tick(n, layout.size)
+        if f.tell() != layout.size:
+            raise CheckpointError(f"internal error: wrote {f.tell()} bytes, expected {layout.size}")
+        f.flush()
+        os.fsync(f.fileno())
+    return f"{len(chosen)} tensor(s), {_human(layout.size)}"
+
+
+def _first_box_bytes(rec: TensorRecord, budget: int) -> int:
+    box = next(_slabs(rec.shape, rec.dtype.itemsize, budget), None)
+    return 0 if box is None else math.prod(box[1]) * rec.dtype.itemsize
+
+
+_SKIP = object()
+
+
+def to_torch(
+    backend: Storage, location: str, md: Metadata, tmp: Path, *, rank: int | None, warn: Callable[[str], None]
+) -> str:
+    """A ``torch.save`` file of the nested state dict rebuilt from the tree (all in memory).
+
+    Pickled values are skipped, never unpickled. Returns a one-line summary.
+    """
+    seen: set[str] = set()
+    counts = {"tensors": 0, "values": 0}
+
+    def leaf(fqn: str) -> Any:
+        seen.add(fqn)
+        if fqn in md.tensors:
+            view = _select(md, fqn, rank, warn)
+            if view is None:
+                return _SKIP
+            rec = md.tensors[fqn]
+            full = torch.empty(rec.shape, dtype=rec.dtype)
+            if full.numel():
+                read_region(backend, location, view, fqn, (0,) * len(rec.shape), full)
+            counts["tensors"] += 1
+            return full
+        if fqn in md.values:
+            value = _value(md, fqn, rank, warn)
+            if value is not _SKIP:
+                counts["values"] += 1
+            return value
+        warn(f"warning: the tree names '{fqn}', which the checkpoint does not hold; skipped")
+        return _SKIP
+
+    result = _rebuild(md.tree, leaf)
+    state: dict[Any, Any] = result if isinstance(result, dict) else {}
+    for fqn in itertools.chain(md.tensors, md.values):
+        if fqn not in seen and fqn not in state:
+            # Saved only by ranks other than 0: not in rank 0's tree, kept under its flat key.
+            value = leaf(fqn)
+            if value is not _SKIP:
+                state[fqn] = value
+    torch.save(state, tmp)
+    return f"{counts['tensors']} tensor(s), {counts['values']} value(s), {_human(tmp.stat().st_size)}"
+
+
+def _value(md: Metadata, fqn: str, rank: int | None, warn: Callable[[str], None]) -> Any:
+    rec = md.values[fqn]
+    encoded = rec.value
+    if rec.per_rank is not None:
+        if rank is None:
+            warn(f"warning: skipped '{fqn}': each rank saved its own value (pick one with --rank R)")
+            return _SKIP
+        encoded = rec.per_rank[rank] if 0 <= rank < len(rec.per_rank) else {"$absent": True}
+        if isinstance(encoded, dict) and encoded.get("$absent") is True:
+            warn(f"warning: skipped '{fqn}': rank {rank} did not save it")
+            return _SKIP
+    try:
+        return decode_value(encoded, fqn=fqn, allow_pickle=False)
+    except PickleRefusedError:
+        warn(f"warning: skipped '{fqn}': it is pickled, and converting never unpickles")
+        return _SKIP
+
+
+def _rebuild(node: Any, leaf: Callable[[str], Any]) -> Any:
+    """The container tree of ``md.tree`` with leaves from ``leaf`` (``_SKIP`` drops dict items)."""
+    if not isinstance(node, dict) or len(node) != 1:
+        return _SKIP
+    ((kind, body),) = node.items()
+    if kind == "x" and isinstance(body, str):
+        return leaf(body)
+    if kind == "d" and isinstance(body, list):
+        out = {}
+        for pair in body:
+            if isinstance(pair, list) and len(pair) == 2:
+                value = _rebuild(pair[1], leaf)
+                if value is not _SKIP:
+                    out[pair[0]] = value
+        return out
+    if kind in ("l", "t") and isinstance(body, list):
+        # A skipped element becomes None: dropping it would shift the indices after it.
+        items = [None if (v := _rebuild(c, leaf)) is _SKIP else v for c in body]
+        return items if kind == "l" else tuple(items)
+    return _SKIP
