@@ -82,8 +82,13 @@ def validate_coverage(plans: Sequence[SavePlan], *, per_rank_fqns: frozenset[str
     elements only need in-bounds chunks.
     """
     chunks = _collect(plans, per_rank_fqns)
-    for tensor in _suspects(chunks):
-        members = np.flatnonzero(chunks.chunk_tensor == tensor).tolist()
+    suspects = _suspects(chunks)
+    if not suspects:
+        return
+    by_tensor = np.argsort(chunks.chunk_tensor, kind="stable")
+    bounds = np.searchsorted(chunks.chunk_tensor[by_tensor], [suspects, np.add(suspects, 1)])
+    for tensor, begin, end in zip(suspects, *bounds.tolist(), strict=True):
+        members = by_tensor[begin:end].tolist()
         entry = _TensorChunks(
             chunks.shapes[tensor],
             [chunks.offsets[i] for i in members],
@@ -229,15 +234,16 @@ def _cell_collisions(
         # Row-major cell number within the tensor's grid.
         cell = cell * cells[tensor] + (lo - first_line[tensor])
         cells_per_tensor = cells_per_tensor * cells
-        # A grid with more cells than chunks leaves a gap (and would overflow).
-        # (Tensors without chunks here have nothing to cover or fail the volume check.)
+        # A grid with more cells than chunks leaves a gap; tensors with no
+        # chunk here have nothing to cover or fail the volume check.  Clamping
+        # keeps the product from overflowing; suspects' cells go unused.
         suspect |= (cells_per_tensor > chunk_count) & (chunk_count > 0)
         cells_per_tensor = np.minimum(cells_per_tensor, chunk_count)
     clear = ~suspect[tensor]
     # With as many cells as chunks, chunks cover distinct cells iff no cell repeats.
     offset = np.zeros(n_tensors, dtype=np.int64)
     np.cumsum(chunk_count[:-1], out=offset[1:])
-    global_cell = (offset[tensor] + np.minimum(cell, chunk_count[tensor] - 1))[clear]
+    global_cell = (offset[tensor] + cell)[clear]
     repeated = np.bincount(global_cell, minlength=n) > 1
     owner = np.repeat(np.arange(n_tensors, dtype=np.int64), chunk_count)
     suspect[owner[repeated]] = True
