@@ -22,10 +22,10 @@ import torch.distributed as dist
 
 from ._faults import kill_point
 from .errors import CheckpointError
-from .local_plan import build_local_plan
+from .layout_cache import LayoutCache, Prepared
 from .pending import PendingCheckpoint
 from .save_flow import SaveOptions
-from .staging import Layout, StagingPool, StagingSlot, make_layout
+from .staging import StagingPool, StagingSlot
 from .state_dict import flatten
 from .storage import Storage, detect_storage
 from .worker.client import WorkerClient, WorkerDiedError
@@ -87,6 +87,7 @@ class AsyncCheckpointer:
         self._closed = False
         self._stream: Any = None
         self._stager = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-stage")
+        self._layouts = LayoutCache()
         self.worker_starts = 0
         if start:
             self.start()
@@ -220,8 +221,8 @@ class AsyncCheckpointer:
         try:
             backend, location = detect_storage(checkpoint_id, storage or self._storage)
             flat = flatten(state_dict, allow_pickle=self._options.allow_pickle)
-            local = build_local_plan(
-                flat.entries,
+            prepared = self._layouts.prepare(
+                flat,
                 allow_pickle=self._options.allow_pickle,
                 verify_replicas=self._options.verify_replicas,
             )
@@ -230,7 +231,7 @@ class AsyncCheckpointer:
             # would wait for this rank at the commit barrier until the timeout.
             self._report_local_failure(save_id, exc)
             raise
-        return _Job(pending, backend, location, local, flat.tree, make_layout(local.tensors), t0)
+        return _Job(pending, backend, location, prepared, t0)
 
     def _report_local_failure(self, save_id: int, exc: BaseException) -> None:
         try:
@@ -245,15 +246,17 @@ class AsyncCheckpointer:
         try:
             with self._lock:
                 worker = self._ensure_worker()
-            slot, waited = self._pool.acquire(job.layout, timeout=self._timeout)
+            slot, waited = self._pool.acquire(job.prepared.layout, timeout=self._timeout)
             try:
                 if slot.registered_with != worker.pid:
                     worker.register(slot)
+                worker.register_layout(job.prepared.layout_id, job.prepared.local.plan, job.prepared.tree)
                 t_stage = time.perf_counter()
                 rank = self._group.rank if self._group is not None else 0
+                tensors = job.prepared.local.tensors
                 event = slot.copy_in(
-                    job.local.tensors,
-                    self._cuda_stream(job.local.tensors),
+                    tensors,
+                    self._cuda_stream(tensors),
                     on_half=lambda: kill_point("stage", pending.save_id, rank),
                 )
                 if event is not None:
@@ -265,12 +268,11 @@ class AsyncCheckpointer:
                     SaveRequest(
                         save_id=pending.save_id,
                         slot_id=slot.slot_id,
-                        layout_key=job.layout.key,
+                        layout_key=job.prepared.layout.key,
+                        layout_id=job.prepared.layout_id,
                         storage=job.storage,
                         location=job.location,
-                        plan=job.local.plan,
-                        values=job.local.values,
-                        tree=job.tree,
+                        values=job.prepared.local.values,
                         options=self._options,
                         stage_s=stage_s,
                         stall_s=time.perf_counter() - job.t0,
@@ -372,7 +374,5 @@ class _Job:
     pending: PendingCheckpoint
     storage: Storage
     location: str
-    local: Any
-    tree: Any
-    layout: Layout
+    prepared: Prepared
     t0: float

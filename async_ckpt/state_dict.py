@@ -54,33 +54,40 @@ def flatten(state_dict: dict[str, Any], *, allow_pickle: bool = False) -> Flat:
 
 
 def _flatten_node(node: Any, fqn: str, out: dict[str, Any], allow_pickle: bool, depth: int) -> Any:
+    # Ordered by frequency: this runs once per leaf on every save, thousands of times.
+    if isinstance(node, torch.Tensor) or node is None or isinstance(node, _PLAIN):
+        return _leaf(node, fqn, out)
     if depth > 200:
         raise ValueError(f"key '{fqn}': state dict nested over 200 levels (a cycle?)")
-    if is_stateful(node):
-        node = node.state_dict()
     if isinstance(node, dict):
-        items = []
-        for key, child in node.items():
-            items.append(
+        return {
+            "d": [
                 [_json_key(key, fqn), _flatten_node(child, join(fqn, key), out, allow_pickle, depth + 1)]
-            )
-        return {"d": items}
+                for key, child in node.items()
+            ]
+        }
     if isinstance(node, (list, tuple)):
         kids = [_flatten_node(c, join(fqn, i), out, allow_pickle, depth + 1) for i, c in enumerate(node)]
         return {"t" if isinstance(node, tuple) else "l": kids}
+    if is_stateful(node):
+        return _flatten_node(node.state_dict(), fqn, out, allow_pickle, depth + 1)
+    encode_value(node, fqn=fqn, allow_pickle=allow_pickle)  # raises TypeError naming the key
+    return _leaf(node, fqn, out)
+
+
+_PLAIN = (bool, int, float, str, bytes)
+
+
+def _leaf(node: Any, fqn: str, out: dict[str, Any]) -> Any:
     if fqn in out:
-        raise ValueError(
-            f"two entries flatten to the same key '{fqn}'; rename one (keys are joined with '.')"
-        )
-    if isinstance(node, torch.Tensor):
-        out[fqn] = node
-    else:
-        encode_value(node, fqn=fqn, allow_pickle=allow_pickle)  # raises TypeError early
-        out[fqn] = node
+        raise ValueError(f"two entries flatten to the same key '{fqn}'; rename one (keys are joined by '.')")
+    out[fqn] = node
     return {"x": fqn}
 
 
 def _json_key(key: object, fqn: str) -> object:
+    if type(key) is str:
+        return key
     if isinstance(key, float) and not math.isfinite(key):
         raise TypeError(f"key '{join(fqn, key)}': non-finite float dict keys are not supported")
     if key is None or isinstance(key, (str, int, float, bool)):

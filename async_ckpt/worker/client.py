@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import send_handle
@@ -23,7 +24,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..staging import StagingSlot
-from .messages import Ready, RegisterSlot, Shutdown, WorkerConfig
+from .messages import Ready, RegisterLayout, RegisterSlot, Shutdown, WorkerConfig
 
 __all__ = ["WorkerClient", "WorkerDiedError"]
 
@@ -49,6 +50,7 @@ class WorkerClient:
         self.conn: Connection | None = None
         self.alive = False
         self._stopping = False
+        self._layouts: OrderedDict[str, None] = OrderedDict()
 
     @property
     def pid(self) -> int | None:
@@ -84,6 +86,17 @@ class WorkerClient:
             for seg in slot.segments:
                 send_handle(self.conn, seg.fd, self.proc.pid)
         slot.registered_with = self.proc.pid
+
+    def register_layout(self, layout_id: str, plan: Any, tree: Any) -> None:
+        """Send a layout's plan and tree once per worker; later saves only name it."""
+        if layout_id in self._layouts:
+            self._layouts.move_to_end(layout_id)
+            return
+        self.send(RegisterLayout(layout_id, plan, tree))
+        self._layouts[layout_id] = None
+        # The worker keeps the 8 most recent (worker/main.py); forget older ones so they are resent.
+        while len(self._layouts) > 8:
+            self._layouts.popitem(last=False)
 
     def send(self, msg: Any) -> None:
         if self.conn is None or not self.alive:

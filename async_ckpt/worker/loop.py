@@ -11,6 +11,7 @@ __all__ = ["new_event_loop", "run_blocking"]
 
 T = TypeVar("T")
 
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop

@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import traceback
+from collections import OrderedDict
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
@@ -33,6 +34,7 @@ from .messages import (
     Finished,
     LocalFailure,
     Ready,
+    RegisterLayout,
     RegisterSlot,
     Released,
     SaveRequest,
@@ -44,6 +46,7 @@ from .save_job import SaveJobRunner
 __all__ = ["entry", "worker_main"]
 
 log = logging.getLogger("async_ckpt.worker")
+_LAYOUTS_KEPT = 8  # the trainer's client forgets in step (worker/client.py)
 
 
 class _MappedSlot:
@@ -138,6 +141,7 @@ async def _serve(conn: Connection, comm: Comm, config: WorkerConfig) -> None:
 
     threading.Thread(target=reader, name="async_ckpt-worker-pipe", daemon=True).start()
     runner = SaveJobRunner(comm, config.session)
+    layouts: OrderedDict[str, RegisterLayout] = OrderedDict()
     while True:
         msg = await queue.get()
         if isinstance(msg, Shutdown):
@@ -150,8 +154,12 @@ async def _serve(conn: Connection, comm: Comm, config: WorkerConfig) -> None:
         elif isinstance(msg, DropSlot):
             if msg.slot_id in slots:
                 slots.pop(msg.slot_id).close()
+        elif isinstance(msg, RegisterLayout):
+            layouts[msg.layout_id] = msg
+            while len(layouts) > _LAYOUTS_KEPT:
+                layouts.popitem(last=False)
         elif isinstance(msg, SaveRequest):
-            await _one_save(conn, runner, msg, slots)
+            await _one_save(conn, runner, msg, slots, layouts.get(msg.layout_id))
         elif isinstance(msg, LocalFailure):
             # No reply: the trainer already raised. This only fails the other ranks promptly.
             with contextlib.suppress(Exception):
@@ -161,13 +169,19 @@ async def _serve(conn: Connection, comm: Comm, config: WorkerConfig) -> None:
 
 
 async def _one_save(
-    conn: Connection, runner: SaveJobRunner, req: SaveRequest, slots: dict[int, _MappedSlot]
+    conn: Connection,
+    runner: SaveJobRunner,
+    req: SaveRequest,
+    slots: dict[int, _MappedSlot],
+    layout: RegisterLayout | None,
 ) -> None:
     slot = slots.get(req.slot_id)
     try:
         if slot is None:
             raise RuntimeError(f"staging slot {req.slot_id} was never registered with this worker")
-        md = await runner.run(req, slot.views)
+        if layout is None:
+            raise RuntimeError(f"layout {req.layout_id} was never registered with this worker")
+        md = await runner.run(req, layout.plan, layout.tree, slot.views)
         reply = Finished(req.save_id, metadata=md)
         s = md.stats
         if s is not None:

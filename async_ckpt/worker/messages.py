@@ -16,6 +16,7 @@ __all__ = [
     "Finished",
     "LocalFailure",
     "Ready",
+    "RegisterLayout",
     "RegisterSlot",
     "Released",
     "SaveRequest",
@@ -56,15 +57,23 @@ class DropSlot:
 
 
 @dataclass(frozen=True, slots=True)
+class RegisterLayout:
+    """A rank's local plan and container tree, sent once; saves then name it by ``layout_id``."""
+
+    layout_id: str
+    plan: SavePlan
+    tree: Any
+
+
+@dataclass(frozen=True, slots=True)
 class SaveRequest:
     save_id: int
     slot_id: int
     layout_key: str
+    layout_id: str
     storage: Storage
     location: str
-    plan: SavePlan
     values: dict[str, Any]
-    tree: Any
     options: SaveOptions
     stage_s: float
     stall_s: float

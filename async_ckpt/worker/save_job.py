@@ -59,12 +59,14 @@ class SaveJobRunner:
         self.session = session
         self._cache: OrderedDict[tuple[str, Any], tuple[str, tuple[FileAssignment, ...]]] = OrderedDict()
 
-    async def run(self, req: SaveRequest, views: dict[Any, torch.Tensor]) -> Metadata:
+    async def run(
+        self, req: SaveRequest, plan: SavePlan, tree: Any, views: dict[Any, torch.Tensor]
+    ) -> Metadata:
         comm = self.comm
         if hasattr(comm, "begin"):
             comm.begin(f"save{req.save_id}")
         token = f"{self.session}{req.save_id:08x}"
-        local = LocalPlan(plan=req.plan, tensors=views, values=req.values)
+        local = LocalPlan(plan=plan, tensors=views, values=req.values)
         cache_key = (req.layout_key, req.options)
         cached = None if req.options.verify_replicas else self._cache.get(cache_key)
         t0 = time.perf_counter()
@@ -80,7 +82,7 @@ class SaveJobRunner:
         t1 = time.perf_counter()
         if cached is not None:
             kill_point("before_commit", req.save_id, comm.rank)
-        outcome = await asyncio.to_thread(self._commit_or_replan, req, token, report)
+        outcome = await asyncio.to_thread(self._commit_or_replan, req, tree, token, report)
         if isinstance(outcome, Metadata):
             kill_point("after_commit", req.save_id, comm.rank)
             written_bytes = sum(f.size for f in report.result.files) if report.result else 0
@@ -90,7 +92,7 @@ class SaveJobRunner:
         # Plan together, then write and commit.
         t2 = time.perf_counter()
         kill_point("plan", req.save_id, comm.rank)
-        assignment: RankAssignment = await asyncio.to_thread(self._plan, req, token)
+        assignment: RankAssignment = await asyncio.to_thread(self._plan, req, plan, token)
         self._cache[cache_key] = (token, assignment.files)
         while len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -98,7 +100,7 @@ class SaveJobRunner:
         written = await self._write_collectively(req, assignment, local)
         t4 = time.perf_counter()
         kill_point("before_commit", req.save_id, comm.rank)
-        md = await asyncio.to_thread(self._commit, req, token, RankResult(written, req.values))
+        md = await asyncio.to_thread(self._commit, req, tree, token, RankResult(written, req.values))
         kill_point("after_commit", req.save_id, comm.rank)
         return with_stats(
             md,
@@ -150,7 +152,7 @@ class SaveJobRunner:
                 req.storage.abort_save(req.location, assignment.token)
             raise
 
-    def _commit_or_replan(self, req: SaveRequest, token: str, report: _Report) -> Metadata | str:
+    def _commit_or_replan(self, req: SaveRequest, tree: Any, token: str, report: _Report) -> Metadata | str:
         def decide(reports: list[_Report]) -> list[Metadata | str]:
             failed = [r.failure for r in reports if r.failure is not None]
             if failed:
@@ -162,7 +164,7 @@ class SaveJobRunner:
                 return ["replan"] * len(reports)
             results = [r.result for r in reports]
             assert all(r is not None for r in results)
-            md = assemble_metadata(results, req.tree, req.options)  # type: ignore[arg-type]
+            md = assemble_metadata(results, tree, req.options)  # type: ignore[arg-type]
             req.storage.commit(req.location, token, encode_metadata(md))
             return [md] * len(reports)
 
@@ -173,17 +175,17 @@ class SaveJobRunner:
                 req.storage.abort_save(req.location, token)
             raise
 
-    def _plan(self, req: SaveRequest, token: str) -> RankAssignment:
-        def plan(plans: list[SavePlan]) -> list[RankAssignment]:
+    def _plan(self, req: SaveRequest, plan: SavePlan, token: str) -> RankAssignment:
+        def make(plans: list[SavePlan]) -> list[RankAssignment]:
             out = plan_assignments(plans, req.options, token)
             req.storage.begin_save(req.location, token)
             return out
 
-        return coordinate(self.comm, "save planning", req.plan, plan)  # type: ignore[no-any-return]
+        return coordinate(self.comm, "save planning", plan, make)  # type: ignore[no-any-return]
 
-    def _commit(self, req: SaveRequest, token: str, result: RankResult) -> Metadata:
+    def _commit(self, req: SaveRequest, tree: Any, token: str, result: RankResult) -> Metadata:
         def commit(results: list[RankResult]) -> list[Metadata]:
-            md = assemble_metadata(results, req.tree, req.options)
+            md = assemble_metadata(results, tree, req.options)
             req.storage.commit(req.location, token, encode_metadata(md))
             return [md] * len(results)
 

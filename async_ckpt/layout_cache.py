@@ -1,0 +1,100 @@
+"""Reusing a rank's local plan and staging layout while its state dict keeps its shape.
+
+Building write items and packing buffers for thousands of tensors costs tens
+of milliseconds, and it would be paid inside the training loop's stall on
+every save. A training loop saves the same structure every time, so the
+result is cached under a signature of that structure (keys, shapes, dtypes,
+devices, DTensor placements, the container tree) and only the tensors'
+current local data and the non-tensor values are taken afresh.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xxhash
+from torch.distributed.tensor import DTensor
+
+from .format.values import encode_value
+from .local_plan import LocalPlan, build_local_plan
+from .planning import WriteItemType
+from .staging import Layout, make_layout
+from .state_dict import Flat
+
+__all__ = ["LayoutCache", "Prepared"]
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    local: LocalPlan
+    layout: Layout
+    layout_id: str
+    """Names (plan, tree) for the worker, which keeps them between saves."""
+    tree: Any
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    local: LocalPlan
+    layout: Layout
+    layout_id: str
+    tree: Any
+    tensor_keys: tuple[tuple[str, tuple[int, ...] | None], ...]
+
+
+class LayoutCache:
+    def __init__(self, size: int = 4) -> None:
+        self._size = size
+        self._entries: OrderedDict[tuple[Any, ...], _Entry] = OrderedDict()
+        self.hits = 0
+
+    def prepare(self, flat: Flat, *, allow_pickle: bool, verify_replicas: bool) -> Prepared:
+        tree_json = json.dumps(flat.tree, separators=(",", ":"))
+        sig = (_tensor_signature(flat.entries), tree_json)
+        entry = None if verify_replicas else self._entries.get(sig)
+        if entry is not None:
+            self._entries.move_to_end(sig)
+            self.hits += 1
+            return Prepared(
+                self._refresh(entry, flat, allow_pickle), entry.layout, entry.layout_id, entry.tree
+            )
+        local = build_local_plan(flat.entries, allow_pickle=allow_pickle, verify_replicas=verify_replicas)
+        layout = make_layout(local.tensors)
+        layout_id = f"{layout.key}-{xxhash.xxh3_64_hexdigest(tree_json.encode())}"
+        keys = tuple(
+            (it.index.fqn, it.index.offset) for it in local.plan.items if it.type is not WriteItemType.BYTE_IO
+        )
+        self._entries[sig] = _Entry(local, layout, layout_id, flat.tree, keys)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return Prepared(local, layout, layout_id, flat.tree)
+
+    @staticmethod
+    def _refresh(entry: _Entry, flat: Flat, allow_pickle: bool) -> LocalPlan:
+        tensors = [v for v in flat.entries.values() if isinstance(v, torch.Tensor)]
+        local_data = {
+            key: (t.to_local() if isinstance(t, DTensor) else t)
+            for key, t in zip(entry.tensor_keys, tensors, strict=True)
+        }
+        values = {
+            fqn: encode_value(v, fqn=fqn, allow_pickle=allow_pickle)
+            for fqn, v in flat.entries.items()
+            if not isinstance(v, torch.Tensor)
+        }
+        return LocalPlan(plan=entry.local.plan, tensors=local_data, values=values)
+
+
+def _tensor_signature(entries: dict[str, Any]) -> tuple[Any, ...]:
+    parts: list[Any] = []
+    for fqn, v in entries.items():
+        if isinstance(v, DTensor):
+            parts.append((fqn, v.shape, v.dtype, v.device, v.placements, id(v.device_mesh)))
+        elif isinstance(v, torch.Tensor):
+            parts.append((fqn, v.shape, v.dtype, v.device))
+        else:
+            parts.append(fqn)
+    return tuple(parts)
