@@ -10,6 +10,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ._gc import gc_paused
 from .dist import comm_for, run_collectively
 from .format.metadata import Metadata
 from .load import load_collective, read_checkpoint_metadata
@@ -33,6 +34,18 @@ def save(
     verify_replicas: bool = False,
 ) -> Metadata:
     """Save ``state_dict`` and return the committed checkpoint's metadata (blocking, collective)."""
+    with gc_paused():
+        return _save(state_dict, checkpoint_id, process_group, storage, allow_pickle, verify_replicas)
+
+
+def _save(
+    state_dict: dict[str, Any],
+    checkpoint_id: Any,
+    process_group: dist.ProcessGroup | None,
+    storage: Storage | None,
+    allow_pickle: bool,
+    verify_replicas: bool,
+) -> Metadata:
     backend, location = detect_storage(checkpoint_id, storage)
     comm = comm_for(process_group)
     t0 = time.perf_counter()
@@ -74,15 +87,16 @@ def load(
     ``verify=False`` skips checksum verification (faster, and trusts the disk).
     """
     backend, location = detect_storage(checkpoint_id, storage)
-    load_collective(
-        comm_for(process_group),
-        backend,
-        location,
-        state_dict,
-        strict=strict,
-        allow_pickle=allow_pickle,
-        verify=verify,
-    )
+    with gc_paused():
+        load_collective(
+            comm_for(process_group),
+            backend,
+            location,
+            state_dict,
+            strict=strict,
+            allow_pickle=allow_pickle,
+            verify=verify,
+        )
 
 
 def read_metadata(checkpoint_id: Any, *, storage: Storage | None = None) -> Metadata:

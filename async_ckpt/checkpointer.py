@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ._faults import kill_point
+from ._gc import gc_paused
 from .errors import CheckpointError
 from .layout_cache import LayoutCache, Prepared
 from .pending import PendingCheckpoint
@@ -186,12 +187,13 @@ class AsyncCheckpointer:
         must wait for ``pending.staged`` before modifying the tensors (before
         the next optimizer step).
         """
-        job = self._prepare(state_dict, checkpoint_id, storage)
-        if overlap:
-            self._stager.submit(self._stage_and_send, job)
-        else:
-            self._stage_and_send(job)
-            job.pending.staged.wait()
+        with gc_paused():
+            job = self._prepare(state_dict, checkpoint_id, storage)
+            if overlap:
+                self._stager.submit(self._stage_and_send, job)
+            else:
+                self._stage_and_send(job)
+                job.pending.staged.wait()
         return job.pending
 
     async def async_save(
@@ -203,7 +205,8 @@ class AsyncCheckpointer:
         storage: Storage | None = None,
     ) -> PendingCheckpoint:
         """``save`` for asyncio loops: waits for staging (and for a free buffer) without blocking the loop."""
-        job = self._prepare(state_dict, checkpoint_id, storage)
+        with gc_paused():
+            job = self._prepare(state_dict, checkpoint_id, storage)
         fut = asyncio.wrap_future(self._stager.submit(self._stage_and_send, job))
         if not overlap:
             await fut

@@ -33,7 +33,7 @@ from .planning import (
     WriteItemType,
     validate_coverage,
 )
-from .planning.reshard import ChunkIndex
+from .planning.reshard import ChunkIndex, chunk_overlap
 from .read_ops import Read, execute_reads
 from .state_dict import LoadView, is_missing
 from .storage.base import Storage
@@ -259,6 +259,12 @@ def _plan_reads(
     chunks = rec.chunks
     if rec.per_rank:
         chunks = tuple(c for c in chunks if c.rank == rank)
+    if len(chunks) == 1:
+        # The common case (a whole tensor saved once): no index to build.
+        ov = chunk_overlap(ChunkStorageMetadata(chunks[0].offsets, chunks[0].sizes), target)
+        if ov is not None:
+            yield Read(fqn, chunks[0], ov, dest, rec.dtype)
+        return
     index = ChunkIndex([ChunkStorageMetadata(c.offsets, c.sizes) for c in chunks])
     for i, ov in index.overlapping(target):
         yield Read(fqn, chunks[i], ov, dest, rec.dtype)

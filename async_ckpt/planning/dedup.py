@@ -48,10 +48,12 @@ DEFAULT_ITEM_COST_BYTES = 64 * 1024
 KEEP_ALL = -1
 
 Key = tuple[str, tuple[int, ...] | None]
+Variant = tuple[str, tuple[int, ...] | None, str | None]
 IntArray = npt.NDArray[np.int64]
 
 _variant_of = operator.attrgetter("index.fqn", "index.offset", "value_hash")
-_key_of_variant = operator.itemgetter(0, 1)
+_fqn_of_variant = operator.itemgetter(0)
+_hash_of_variant = operator.itemgetter(2)
 _tensor_data_of = operator.attrgetter("tensor_data")
 
 
@@ -61,14 +63,17 @@ class Holdings:
 
     ``items`` is every plan's items back to back, plan ``p`` owning
     ``items[plan_start[p]:plan_start[p + 1]]``, and ``item_key`` gives each
-    one's key id.  The plan positions holding key ``k`` are
+    one's key id.  Items are first told apart by ``(fqn, offset, value_hash)``
+    ("variants"); key ``k`` is the ``(fqn, offset)`` of variant
+    ``key_variant[k]``.  The plan positions holding key ``k`` are
     ``holder_ranks[holder_start[k]:holder_start[k + 1]]``, ascending and
     without repeats.  ``first``/``last`` index into ``items`` the key's first
     and last occurrence in plan order.  ``mixed_hash`` holds the keys whose
     ``value_hash`` is not the same on every holder.
     """
 
-    keys: list[Key]
+    variants: list[Variant]
+    key_variant: IntArray
     items: list[WriteItem]
     plan_start: IntArray
     item_key: IntArray
@@ -82,8 +87,17 @@ class Holdings:
     def n_plans(self) -> int:
         return len(self.plan_start) - 1
 
-    def holders(self, key_id: int) -> IntArray:
-        return self.holder_ranks[self.holder_start[key_id] : self.holder_start[key_id + 1]]
+    @property
+    def n_keys(self) -> int:
+        return len(self.key_variant)
+
+    def key(self, key_id: int) -> Key:
+        fqn, offset, _ = self.variants[int(self.key_variant[key_id])]
+        return fqn, offset
+
+    def key_fqns(self) -> list[str]:
+        """The fqn of every key, by key id."""
+        return list(map(_fqn_of_variant, map(self.variants.__getitem__, self.key_variant.tolist())))
 
     def n_holders(self) -> IntArray:
         return np.diff(self.holder_start)
@@ -100,29 +114,24 @@ def collect_holdings(plans: Sequence[SavePlan]) -> Holdings:
     np.cumsum(lengths, out=plan_start[1:])
     n = len(items)
 
-    # One C-level pass over the items.  They are told apart by value_hash
-    # too ("variants"), so that differing replicas show up without a second
-    # pass.  setdefault hands back where each variant was first seen, and the
-    # dict keeps variants in first-appearance order, which numbers them.
-    seen: dict[tuple[str, tuple[int, ...] | None, str | None], int] = {}
+    # One C-level pass over the items, telling them apart by value_hash too,
+    # so that replicas that differ show up without a second pass.  setdefault
+    # hands back where each variant was first seen, and the dict keeps them
+    # in first-appearance order, which numbers them.
+    seen: dict[Variant, int] = {}
     seen_at = np.fromiter(map(seen.setdefault, map(_variant_of, items), itertools.count()), np.int64, n)
-    variant_first = np.fromiter(seen.values(), np.int64, len(seen))
+    variants = list(seen)
+    variant_first = np.fromiter(seen.values(), np.int64, len(variants))
     item_variant = np.searchsorted(variant_first, seen_at)
-    # The same trick again, over the variants, numbers the keys.
-    key_first_variant: dict[Key, int] = {}
-    variant_first_variant = np.fromiter(
-        map(key_first_variant.setdefault, map(_key_of_variant, seen), itertools.count()),
-        np.int64,
-        len(seen),
-    )
+    representative = _merge_variants(seen, variants)
     del seen
-    keys = list(key_first_variant)
-    first_variant = np.fromiter(key_first_variant.values(), np.int64, len(keys))
-    del key_first_variant
-    variant_key = np.searchsorted(first_variant, variant_first_variant)
+    is_key = representative == np.arange(len(variants))
+    key_variant = np.flatnonzero(is_key)
+    variant_key = (np.cumsum(is_key) - 1)[representative]
     item_key = variant_key[item_variant]
-    first = variant_first[first_variant]
-    mixed = np.flatnonzero(np.bincount(variant_key, minlength=len(keys)) > 1)
+    first = variant_first[key_variant]
+    n_keys = len(key_variant)
+    mixed = np.flatnonzero(np.bincount(variant_key, minlength=n_keys) > 1)
 
     # Grouping by key (stably, so positions stay ascending) yields holders.
     item_plan = np.repeat(np.arange(len(plans), dtype=np.int64), lengths)
@@ -132,12 +141,13 @@ def collect_holdings(plans: Sequence[SavePlan]) -> Holdings:
     new_pair = np.ones(n, dtype=bool)
     new_pair[1:] = (sorted_key[1:] != sorted_key[:-1]) | (sorted_plan[1:] != sorted_plan[:-1])
     holder_ranks = sorted_plan[new_pair]
-    holder_start = np.zeros(len(keys) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(sorted_key[new_pair], minlength=len(keys)), out=holder_start[1:])
-    occurrences_end = np.cumsum(np.bincount(item_key, minlength=len(keys)))
+    holder_start = np.zeros(n_keys + 1, dtype=np.int64)
+    np.cumsum(np.bincount(sorted_key[new_pair], minlength=n_keys), out=holder_start[1:])
+    occurrences_end = np.cumsum(np.bincount(item_key, minlength=n_keys))
     last = order[occurrences_end - 1]
     return Holdings(
-        keys,
+        variants,
+        key_variant,
         items,
         plan_start,
         item_key,
@@ -147,6 +157,26 @@ def collect_holdings(plans: Sequence[SavePlan]) -> Holdings:
         last,
         frozenset(mixed.tolist()),
     )
+
+
+def _merge_variants(seen: dict[Variant, int], variants: list[Variant]) -> IntArray:
+    """For each variant, the first variant with the same ``(fqn, offset)``.
+
+    Two variants of one key differ in hash, so at least one has a hash; only
+    those (the few non-tensor values, usually) need looking at.
+    """
+    representative = np.arange(len(variants), dtype=np.int64)
+    hashes = map(_hash_of_variant, variants)
+    hashed = np.fromiter(map(operator.is_not, hashes, itertools.repeat(None)), bool, len(variants))
+    first_of_key: dict[Key, int] = {}
+    for v in np.flatnonzero(hashed).tolist():
+        fqn, offset, _ = variants[v]
+        unhashed = seen.get((fqn, offset, None))
+        first = first_of_key.setdefault((fqn, offset), v if unhashed is None else min(v, unhashed))
+        representative[v] = first
+        if unhashed is not None:
+            representative[unhashed] = first
+    return representative
 
 
 def apply_owners(plans: Sequence[SavePlan], holdings: Holdings, owner: IntArray) -> list[SavePlan]:
@@ -210,7 +240,7 @@ def dedup_save_plans(plans: Sequence[SavePlan], save_to_lowest_rank: bool = Fals
         owner = holdings.holder_ranks[holdings.holder_start[:-1]]
         return apply_owners(plans, holdings, owner)
     planned = [0] * len(plans)
-    owner = np.empty(len(holdings.keys), dtype=np.int64)
+    owner = np.empty(holdings.n_keys, dtype=np.int64)
     sizes = map(_dcp_storage_size, map(holdings.items.__getitem__, holdings.last.tolist()))
     starts = holdings.holder_start.tolist()
     ranks = holdings.holder_ranks.tolist()
@@ -249,7 +279,7 @@ def balanced_owners(holdings: Holdings, keep_all: Collection[int], item_cost_byt
     Keys in ``keep_all`` are written by every holder.  The choice depends only
     on which positions hold which items, never on the order items arrive in.
     """
-    n_keys = len(holdings.keys)
+    n_keys = holdings.n_keys
     n_holders = holdings.n_holders()
     fixed = n_holders == 1
     if keep_all:
@@ -267,18 +297,14 @@ def balanced_owners(holdings: Holdings, keep_all: Collection[int], item_cost_byt
     owner = np.full(n_keys, KEEP_ALL, dtype=np.int64)
     single = np.flatnonzero(n_holders == 1)
     owner[single] = holdings.holder_ranks[holdings.holder_start[single]]
-    shared = np.flatnonzero(~fixed).tolist()
-    # Largest first; ties by fqn then offset (a non-tensor's None first).
-    order = sorted(
-        shared,
-        key=lambda k: (
-            -int(cost[k]),
-            holdings.keys[k][0],
-            holdings.keys[k][1] is not None,
-            holdings.keys[k][1] or (),
-        ),
-    )
-    _place(holdings, order, cost.tolist(), load, owner)
+    costs: list[int] = cost.tolist()
+    placing = []
+    for k in np.flatnonzero(~fixed).tolist():
+        fqn, offset = holdings.key(k)
+        # Largest first; ties by fqn then offset (a non-tensor's None first).
+        placing.append((-costs[k], fqn, offset is not None, offset or (), k))
+    placing.sort()
+    _place(holdings, [entry[-1] for entry in placing], costs, load, owner)
     return owner
 
 

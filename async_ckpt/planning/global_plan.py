@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -64,7 +63,7 @@ def create_global_plan(
     if item_cost_bytes < 0:
         raise ValueError(f"item_cost_bytes must be >= 0, got {item_cost_bytes}")
     holdings = collect_holdings(local_plans)
-    per_rank_fqns = frozenset(holdings.keys[kid][0] for kid in holdings.mixed_hash)
+    per_rank_fqns = frozenset(holdings.key(kid)[0] for kid in holdings.mixed_hash)
     keep_all = _keys_of(holdings, per_rank_fqns)
     if dedup == "none":
         plans = list(local_plans)
@@ -82,8 +81,7 @@ def _keys_of(holdings: Holdings, fqns: frozenset[str]) -> frozenset[int]:
     # the keys whose hashes happened to differ.
     if not fqns:
         return frozenset()
-    fqn_of_key = map(operator.itemgetter(0), holdings.keys)
-    hit = np.fromiter(map(fqns.__contains__, fqn_of_key), bool, len(holdings.keys))
+    hit = np.fromiter(map(fqns.__contains__, holdings.key_fqns()), bool, holdings.n_keys)
     return frozenset(np.flatnonzero(hit).tolist())
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .types import SavePlan, WriteItemType
+from .types import SavePlan, WriteItem, WriteItemType
 
 __all__ = ["PlanValidationError", "validate_coverage"]
 
@@ -46,8 +46,7 @@ _fqn_of = operator.attrgetter("index.fqn")
 _tensor_data_of = operator.attrgetter("tensor_data")
 _offsets_of = operator.attrgetter("chunk.offsets")
 _sizes_of = operator.attrgetter("chunk.sizes")
-_shape_of = operator.attrgetter("size")
-_dtype_of = operator.attrgetter("properties.dtype")
+_identity_of = operator.attrgetter("index.fqn", "tensor_data.size", "tensor_data.properties.dtype")
 
 
 class PlanValidationError(ValueError):
@@ -86,8 +85,11 @@ def validate_coverage(plans: Sequence[SavePlan], *, per_rank_fqns: frozenset[str
     if not suspects:
         return
     by_tensor = np.argsort(chunks.chunk_tensor, kind="stable")
-    bounds = np.searchsorted(chunks.chunk_tensor[by_tensor], [suspects, np.add(suspects, 1)])
-    for tensor, begin, end in zip(suspects, *bounds.tolist(), strict=True):
+    wanted = np.array(suspects, dtype=np.int64)
+    sorted_tensor = chunks.chunk_tensor[by_tensor]
+    begins = np.searchsorted(sorted_tensor, wanted).tolist()
+    ends = np.searchsorted(sorted_tensor, wanted + 1).tolist()
+    for tensor, begin, end in zip(suspects, begins, ends, strict=True):
         members = by_tensor[begin:end].tolist()
         entry = _TensorChunks(
             chunks.shapes[tensor],
@@ -98,66 +100,95 @@ def validate_coverage(plans: Sequence[SavePlan], *, per_rank_fqns: frozenset[str
 
 
 def _collect(plans: Sequence[SavePlan], per_rank_fqns: frozenset[str]) -> _Chunks:
-    # Per-item work runs in C loops (map over attrgetter); at 1024 ranks a
-    # plan can hold millions of chunks.
+    # Per-item work runs in C loops (map over attrgetter), as few passes as
+    # possible: at 1024 ranks a plan can hold millions of chunks.
     items = list(itertools.chain.from_iterable(plan.items for plan in plans))
-    fqns = list(map(_fqn_of, items))
-    checked = ~_flags(map(per_rank_fqns.__contains__, fqns), len(fqns))
-    is_bytes = _flags(
-        map(operator.is_, map(_type_of, items), itertools.repeat(WriteItemType.BYTE_IO)), len(items)
-    )
-    byte_fqns = set(itertools.compress(fqns, (checked & is_bytes).tolist()))
-    tensor_items = np.flatnonzero(checked & ~is_bytes).tolist()
-    fqns = list(map(fqns.__getitem__, tensor_items))
-    datas = list(map(_tensor_data_of, map(items.__getitem__, tensor_items)))
+    byte_io = itertools.repeat(WriteItemType.BYTE_IO)
+    is_bytes = _flags(map(operator.is_, map(_type_of, items), byte_io), len(items))
+    byte_fqns = set(map(_fqn_of, itertools.compress(items, is_bytes.tolist()))) - per_rank_fqns
+    tensor_items = list(itertools.compress(items, (~is_bytes).tolist()))
+    del items
+    datas = list(map(_tensor_data_of, tensor_items))
     missing = _flags(map(operator.is_, datas, itertools.repeat(None)), len(datas))
     if missing.any():
-        bad = items[tensor_items[int(np.argmax(missing))]]
+        bad = tensor_items[int(np.argmax(missing))]
         raise PlanValidationError(f"tensor {bad.index.fqn!r}: {bad.type.value} item has no tensor data")
+
+    # Name each chunk's (fqn, global shape, dtype) in one pass; when items
+    # agree there is one such triple per tensor, so the dict stays small.
+    seen: dict[tuple[str, Shape, object], int] = {}
+    first_at = np.fromiter(
+        map(seen.setdefault, map(_identity_of, tensor_items), itertools.count()), np.int64, len(datas)
+    )
+    triples = list(seen)
+    chunk_triple = np.searchsorted(np.fromiter(seen.values(), np.int64, len(triples)), first_at)
+    del seen, first_at
+    tensor_ids: dict[str, int] = {}
+    triple_tensor = np.array([tensor_ids.setdefault(t[0], len(tensor_ids)) for t in triples], dtype=np.int64)
+    chunk_tensor = triple_tensor[chunk_triple]
+    if len(tensor_ids) < len(triples):
+        _disagreement(tensor_items, triples, chunk_triple, triple_tensor)
+    shapes: list[Shape] = []
+    for fqn, shape, _ in triples:
+        if tensor_ids[fqn] == len(shapes):
+            shapes.append(shape)
+
+    both = byte_fqns & tensor_ids.keys()
+    if both:
+        raise PlanValidationError(f"tensor {min(both)!r}: saved both as bytes and as a tensor")
     offsets: list[Shape] = list(map(_offsets_of, datas))
     sizes: list[Shape] = list(map(_sizes_of, datas))
-    shapes: list[Shape] = list(map(_shape_of, datas))
-    dtypes = list(map(_dtype_of, datas))
-
-    first_seen: dict[str, int] = {}
-    first_at = np.fromiter(map(first_seen.setdefault, fqns, itertools.count()), np.int64, len(fqns))
-    firsts = np.fromiter(first_seen.values(), np.int64, len(first_seen))
-    chunk_tensor = np.searchsorted(firsts, first_at)
-    first_of_chunk = first_at.tolist()
-    _check_agreement(fqns, shapes, first_of_chunk, "global shape")
-    _check_agreement(fqns, dtypes, first_of_chunk, "dtype")
     ndims = np.fromiter(map(len, offsets), np.int64, len(offsets))
-    want = np.fromiter(map(len, shapes), np.int64, len(shapes))
+    want = np.fromiter(map(len, shapes), np.int64, len(shapes))[chunk_tensor]
     if (ndims != want).any():
         i = int(np.argmax(ndims != want))
         raise PlanValidationError(
-            f"tensor {fqns[i]!r}: chunk offsets={offsets[i]} has {ndims[i]} dims but the "
-            f"global shape {shapes[i]} has {want[i]}"
+            f"tensor {tensor_items[i].index.fqn!r}: chunk offsets={offsets[i]} has {ndims[i]} dims "
+            f"but the global shape {shapes[chunk_tensor[i]]} has {want[i]}"
         )
-    both = byte_fqns & first_seen.keys()
-    if both:
-        raise PlanValidationError(f"tensor {min(both)!r}: saved both as bytes and as a tensor")
-    first_list = firsts.tolist()
+    fqns = list(tensor_ids)
+    skipped = np.fromiter(map(per_rank_fqns.__contains__, fqns), bool, len(fqns))
+    if skipped.any():
+        return _without(_Chunks(fqns, shapes, chunk_tensor, offsets, sizes), skipped)
+    return _Chunks(fqns, shapes, chunk_tensor, offsets, sizes)
+
+
+def _disagreement(
+    items: list[WriteItem],
+    triples: list[tuple[str, Shape, object]],
+    chunk_triple: IntArray,
+    triple_tensor: IntArray,
+) -> None:
+    """Raise for the first item whose global shape or dtype differs from its fqn's first."""
+    # Triples are numbered in first-appearance order, so a tensor's first is its lowest.
+    first_triple = np.full(len(triple_tensor), len(triples), dtype=np.int64)
+    np.minimum.at(first_triple, triple_tensor, np.arange(len(triples), dtype=np.int64))
+    expected = first_triple[triple_tensor[chunk_triple]]
+    i = int(np.argmax(chunk_triple != expected))
+    fqn, want_shape, want_dtype = triples[int(expected[i])]
+    _, shape, dtype = triples[int(chunk_triple[i])]
+    what, first, other = (
+        ("global shape", want_shape, shape) if shape != want_shape else ("dtype", want_dtype, dtype)
+    )
+    raise PlanValidationError(f"tensor {fqn!r}: items disagree on {what}: {first} vs {other}")
+
+
+def _without(chunks: _Chunks, skipped: npt.NDArray[np.bool_]) -> _Chunks:
+    """``chunks`` less the tensors flagged in ``skipped``, renumbered."""
+    kept_tensor = np.flatnonzero(~skipped).tolist()
+    renumber = np.cumsum(~skipped) - 1
+    keep = (~skipped[chunks.chunk_tensor]).tolist()
     return _Chunks(
-        [fqns[i] for i in first_list],
-        [shapes[i] for i in first_list],
-        chunk_tensor,
-        offsets,
-        sizes,
+        [chunks.fqns[t] for t in kept_tensor],
+        [chunks.shapes[t] for t in kept_tensor],
+        renumber[chunks.chunk_tensor[np.array(keep, dtype=bool)]],
+        list(itertools.compress(chunks.offsets, keep)),
+        list(itertools.compress(chunks.sizes, keep)),
     )
 
 
 def _flags(values: Iterable[object], count: int) -> npt.NDArray[np.bool_]:
     return np.fromiter(values, bool, count)
-
-
-def _check_agreement(fqns: list[str], values: Sequence[object], first_of: list[int], what: str) -> None:
-    agree = _flags(map(operator.eq, values, map(values.__getitem__, first_of)), len(values))
-    if not agree.all():
-        i = int(np.argmax(~agree))
-        raise PlanValidationError(
-            f"tensor {fqns[i]!r}: items disagree on {what}: {values[first_of[i]]} vs {values[i]}"
-        )
 
 
 def _suspects(chunks: _Chunks) -> list[int]:

@@ -46,6 +46,18 @@ def _check_replaceable(final: Path) -> None:
     raise CheckpointError(f"{final} exists and is not a directory; choose another checkpoint id")
 
 
+def _writev_all(fd: int, parts: list[memoryview]) -> None:
+    pending = [p for p in parts if len(p)]
+    while pending:
+        n = os.writev(fd, pending)
+        # A short write: drop what was written and retry the rest.
+        while pending and n >= len(pending[0]):
+            n -= len(pending[0])
+            pending.pop(0)
+        if pending and n:
+            pending[0] = pending[0][n:]
+
+
 class _FileSink:
     def __init__(self, handle: Any, path: Path) -> None:
         self._f = handle
@@ -56,6 +68,10 @@ class _FileSink:
         while len(data):
             n = await self._f.write(data)
             data = data[n:]
+
+    async def write_many(self, parts: list[memoryview]) -> None:
+        """One vectored write (``writev``) for many small pieces."""
+        await aiofiles.os.wrap(_writev_all)(self._f.fileno(), parts)
 
     async def finish(self) -> None:
         await self._f.flush()

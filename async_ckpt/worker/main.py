@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .._gc import gc_paused
 from ..dist import Comm, LocalComm
 from ..staging import Layout
 from .comm import StoreComm
@@ -181,7 +182,8 @@ async def _one_save(
             raise RuntimeError(f"staging slot {req.slot_id} was never registered with this worker")
         if layout is None:
             raise RuntimeError(f"layout {req.layout_id} was never registered with this worker")
-        md = await runner.run(req, layout.plan, layout.tree, slot.views)
+        with gc_paused():
+            md = await runner.run(req, layout.plan, layout.tree, slot.views)
         reply = Finished(req.save_id, metadata=md)
         s = md.stats
         if s is not None:
