@@ -34,16 +34,80 @@ def execute_reads(reads: list[Read], storage: Storage, location: str, md: Metada
     reads.sort(key=lambda r: (r.chunk.file, r.chunk.byte_offset))
     try:
         with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="async_ckpt-read") as pool:
-            for fut in [pool.submit(_do_read, r, readers, md.block_size, verify, location) for r in reads]:
+            tasks = [
+                pool.submit(_do_batch, b, readers, md.block_size, verify, location) for b in _batches(reads)
+            ]
+            for fut in tasks:
                 fut.result()
     finally:
         readers.close()
 
 
-def _do_read(r: Read, readers: Readers, block: int, verify: bool, location: str) -> None:
+_BATCH_BYTES = 16 << 20
+_BATCH_READS = 512  # below IOV_MAX
+
+
+def _is_direct(r: Read) -> bool:
+    """Whether the whole saved chunk lands, as is, in the whole (contiguous) target."""
+    c = r.chunk
+    return (
+        r.overlap.lengths == c.sizes
+        and not any(r.overlap.target_offsets)
+        and tuple(r.dest.shape) == c.sizes
+        and r.dest.is_contiguous()
+    )
+
+
+def _batches(reads: list[Read]) -> list[list[Read]]:
+    """Group runs of small, adjacent, direct reads of one file: one vectored read each.
+
+    Thousands of small tensors would otherwise cost a pool task and a system
+    call apiece, which dominates their load time.
+    """
+    out: list[list[Read]] = []
+    run: list[Read] = []
+    run_bytes = 0
+    for r in reads:
+        c = r.chunk
+        small = _is_direct(r) and c.byte_length < _BATCH_BYTES
+        if (
+            run
+            and small
+            and c.file == run[-1].chunk.file
+            and c.byte_offset == run[-1].chunk.byte_offset + run[-1].chunk.byte_length
+            and run_bytes + c.byte_length <= _BATCH_BYTES
+            and len(run) < _BATCH_READS
+        ):
+            run.append(r)
+            run_bytes += c.byte_length
+            continue
+        if run:
+            out.append(run)
+        run, run_bytes = ([r], c.byte_length) if small else ([], 0)
+        if not small:
+            out.append([r])
+    if run:
+        out.append(run)
+    return out
+
+
+def _do_batch(batch: list[Read], readers: Readers, block: int, verify: bool, location: str) -> None:
     # Grad mode is per thread: the caller's no_grad does not reach the pool's threads.
     with torch.no_grad():
-        _read_chunk(r, readers, block, verify, location)
+        if len(batch) == 1:
+            _read_chunk(batch[0], readers, block, verify, location)
+            return
+        reader = readers.get(batch[0].chunk.file)
+        bufs = [raw_bytes(r.dest) for r in batch]
+        many = getattr(reader, "readinto_many", None)
+        if many is not None:
+            many(batch[0].chunk.byte_offset, bufs)
+        else:
+            for r, buf in zip(batch, bufs, strict=True):
+                reader.readinto(r.chunk.byte_offset, buf)
+        if verify:
+            for r, buf in zip(batch, bufs, strict=True):
+                _verify(buf, r.chunk, 0, r.fqn, block, location)
 
 
 def _read_chunk(r: Read, readers: Readers, block: int, verify: bool, location: str) -> None:

@@ -105,6 +105,25 @@ class _FileReader:
                 )
             done += n
 
+    def readinto_many(self, offset: int, bufs: list[memoryview]) -> None:
+        """Fill consecutive buffers from ``offset`` with one vectored read (``preadv``)."""
+        pending = [b for b in bufs if len(b)]
+        pos = offset
+        while pending:
+            n = os.preadv(self._fd, pending, pos)
+            if n == 0:
+                total = sum(len(b) for b in bufs)
+                raise CorruptCheckpointError(
+                    f"{self._path}: truncated; wanted bytes [{offset}, {offset + total}) "
+                    f"of a {self._size}-byte file"
+                )
+            pos += n
+            while pending and n >= len(pending[0]):
+                n -= len(pending[0])
+                pending.pop(0)
+            if pending and n:
+                pending[0] = pending[0][n:]
+
     def close(self) -> None:
         os.close(self._fd)
 
