@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 import xxhash
-from torch.distributed.tensor import DTensor
 
+from ._dtensor import dtensor_class
 from .format.values import encode_value
 from .local_plan import LocalPlan, build_local_plan
 from .planning import WriteItemType
@@ -76,8 +76,9 @@ class LayoutCache:
     @staticmethod
     def _refresh(entry: _Entry, flat: Flat, allow_pickle: bool) -> LocalPlan:
         tensors = [v for v in flat.entries.values() if isinstance(v, torch.Tensor)]
+        dt = dtensor_class() or ()
         local_data = {
-            key: (t.to_local() if isinstance(t, DTensor) else t)
+            key: (t.to_local() if isinstance(t, dt) else t)
             for key, t in zip(entry.tensor_keys, tensors, strict=True)
         }
         values = {
@@ -90,8 +91,9 @@ class LayoutCache:
 
 def _tensor_signature(entries: dict[str, Any]) -> tuple[Any, ...]:
     parts: list[Any] = []
+    dt = dtensor_class() or ()
     for fqn, v in entries.items():
-        if isinstance(v, DTensor):
+        if isinstance(v, dt):
             parts.append((fqn, v.shape, v.dtype, v.device, v.placements, id(v.device_mesh)))
         elif isinstance(v, torch.Tensor):
             parts.append((fqn, v.shape, v.dtype, v.device))

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
+from ._dtensor import dtensor_class, is_dtensor
 from .dist import Comm, run_collectively
 from .errors import CheckpointError, CorruptCheckpointError
 from .format.metadata import METADATA_FILE, Metadata, TensorRecord, decode_metadata
@@ -229,17 +229,18 @@ def _prepare_tensor(
         raise CheckpointError(
             f"key '{fqn}': shape mismatch, target is {tuple(target.shape)} but {location} holds {rec.shape}"
         )
-    if isinstance(target, DTensor):
-        local = target.to_local()
+    if is_dtensor(target):
+        dt: Any = target
+        local = dt.to_local()
         if local.is_meta:
-            fresh = torch.empty(local.shape, dtype=local.dtype, device=target.device_mesh.device_type)
-            new = DTensor.from_local(
+            fresh = torch.empty(local.shape, dtype=local.dtype, device=dt.device_mesh.device_type)
+            new = dtensor_class().from_local(
                 fresh,
-                target.device_mesh,
-                target.placements,
+                dt.device_mesh,
+                dt.placements,
                 run_check=False,
-                shape=target.shape,
-                stride=target.stride(),
+                shape=dt.shape,
+                stride=dt.stride(),
             )
             return fresh, new
         return local, None

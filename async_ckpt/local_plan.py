@@ -9,9 +9,8 @@ from typing import Any
 
 import torch
 import xxhash
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from ._dtensor import is_dtensor, local_shape_and_offset
 from .format.dtypes import dtype_name
 from .format.values import encode_value
 from .planning import (
@@ -40,17 +39,16 @@ class LocalPlan:
 
 def local_chunk(fqn: str, tensor: torch.Tensor) -> tuple[torch.Tensor, ChunkStorageMetadata, tuple[int, ...]]:
     """``(local data, chunk in the global tensor, global shape)`` of a tensor or DTensor."""
-    if isinstance(tensor, DTensor):
-        if any(p.is_partial() for p in tensor.placements):
+    if is_dtensor(tensor):
+        dt: Any = tensor
+        if any(p.is_partial() for p in dt.placements):
             raise ValueError(
-                f"key '{fqn}': DTensor has Partial placements {tensor.placements}; "
+                f"key '{fqn}': DTensor has Partial placements {dt.placements}; "
                 "redistribute it to Shard/Replicate before saving"
             )
         shape = tuple(tensor.shape)
-        local_shape, offsets = compute_local_shape_and_global_offset(
-            tensor.shape, tensor.device_mesh, tensor.placements
-        )
-        local = tensor.to_local()
+        local_shape, offsets = local_shape_and_offset(tensor)
+        local = dt.to_local()
         if tuple(local.shape) != tuple(local_shape):
             raise ValueError(
                 f"key '{fqn}': local shard shape {tuple(local.shape)} differs from the "
@@ -93,16 +91,16 @@ def build_local_plan(entries: Mapping[str, Any], *, allow_pickle: bool, verify_r
                 dtype_name(value.dtype)
             except TypeError as exc:
                 raise TypeError(f"cannot save key '{fqn}': {exc}") from None
-            if value.is_meta or (isinstance(value, DTensor) and value.to_local().is_meta):
+            if value.is_meta or (is_dtensor(value) and value.to_local().is_meta):  # type: ignore[attr-defined]
                 raise TypeError(
                     f"cannot save key '{fqn}': it is a meta-device tensor and holds no data; "
                     "materialise it (e.g. model.to_empty(device=...) and initialise) first"
                 )
             local, chunk, shape = local_chunk(fqn, value)
             digest = None
-            if verify_replicas and not isinstance(value, DTensor):
+            if verify_replicas and not is_dtensor(value):
                 digest = xxhash.xxh3_64_hexdigest(tensor_bytes(local))
-            kind = WriteItemType.SHARD if isinstance(value, DTensor) else WriteItemType.TENSOR
+            kind = WriteItemType.SHARD if is_dtensor(value) else WriteItemType.TENSOR
             items.append(
                 WriteItem(
                     index=MetadataIndex(fqn, chunk.offsets),

@@ -103,9 +103,13 @@ def _collect(plans: Sequence[SavePlan], per_rank_fqns: frozenset[str]) -> _Chunk
     # Per-item work runs in C loops (map over attrgetter), as few passes as
     # possible: at 1024 ranks a plan can hold millions of chunks.
     items = list(itertools.chain.from_iterable(plan.items for plan in plans))
+    if per_rank_fqns:
+        # Per-rank values may differ in anything, shape included: drop first.
+        per_rank = _flags(map(per_rank_fqns.__contains__, map(_fqn_of, items)), len(items))
+        items = list(itertools.compress(items, (~per_rank).tolist()))
     byte_io = itertools.repeat(WriteItemType.BYTE_IO)
     is_bytes = _flags(map(operator.is_, map(_type_of, items), byte_io), len(items))
-    byte_fqns = set(map(_fqn_of, itertools.compress(items, is_bytes.tolist()))) - per_rank_fqns
+    byte_fqns = set(map(_fqn_of, itertools.compress(items, is_bytes.tolist())))
     tensor_items = list(itertools.compress(items, (~is_bytes).tolist()))
     del items
     datas = list(map(_tensor_data_of, tensor_items))
@@ -146,11 +150,7 @@ def _collect(plans: Sequence[SavePlan], per_rank_fqns: frozenset[str]) -> _Chunk
             f"tensor {tensor_items[i].index.fqn!r}: chunk offsets={offsets[i]} has {ndims[i]} dims "
             f"but the global shape {shapes[chunk_tensor[i]]} has {want[i]}"
         )
-    fqns = list(tensor_ids)
-    skipped = np.fromiter(map(per_rank_fqns.__contains__, fqns), bool, len(fqns))
-    if skipped.any():
-        return _without(_Chunks(fqns, shapes, chunk_tensor, offsets, sizes), skipped)
-    return _Chunks(fqns, shapes, chunk_tensor, offsets, sizes)
+    return _Chunks(list(tensor_ids), shapes, chunk_tensor, offsets, sizes)
 
 
 def _disagreement(
@@ -171,20 +171,6 @@ def _disagreement(
         ("global shape", want_shape, shape) if shape != want_shape else ("dtype", want_dtype, dtype)
     )
     raise PlanValidationError(f"tensor {fqn!r}: items disagree on {what}: {first} vs {other}")
-
-
-def _without(chunks: _Chunks, skipped: npt.NDArray[np.bool_]) -> _Chunks:
-    """``chunks`` less the tensors flagged in ``skipped``, renumbered."""
-    kept_tensor = np.flatnonzero(~skipped).tolist()
-    renumber = np.cumsum(~skipped) - 1
-    keep = (~skipped[chunks.chunk_tensor]).tolist()
-    return _Chunks(
-        [chunks.fqns[t] for t in kept_tensor],
-        [chunks.shapes[t] for t in kept_tensor],
-        renumber[chunks.chunk_tensor[np.array(keep, dtype=bool)]],
-        list(itertools.compress(chunks.offsets, keep)),
-        list(itertools.compress(chunks.sizes, keep)),
-    )
 
 
 def _flags(values: Iterable[object], count: int) -> npt.NDArray[np.bool_]:
