@@ -47,6 +47,7 @@ __all__ = [
     "SaveOptions",
     "assemble_metadata",
     "assign_files",
+    "commit_checkpoint",
     "coordinate",
     "plan_assignments",
     "save_collective",
@@ -253,6 +254,20 @@ def assemble_metadata(results: Sequence[RankResult], tree: Any, options: SaveOpt
     )
 
 
+def commit_checkpoint(
+    storage: Storage,
+    location: str,
+    token: str,
+    results: Sequence[RankResult],
+    tree: Any,
+    options: SaveOptions,
+) -> Metadata:
+    """Coordinator only: metadata from every rank's report, written last, committing the checkpoint."""
+    md = assemble_metadata(results, tree, options)
+    storage.commit(location, token, encode_metadata(md))
+    return md
+
+
 def _merge_values(by_rank: Sequence[Mapping[str, Any]], world: int) -> dict[str, ValueRecord]:
     """One record per key; keys whose value differs between ranks keep each rank's own."""
     encoded: dict[str, dict[int, str]] = {}
@@ -312,8 +327,7 @@ def save_collective(
         t2 = time.perf_counter()
 
         def commit(results: list[RankResult]) -> list[Metadata]:
-            md = assemble_metadata(results, tree, options)
-            storage.commit(location, assignment.token, encode_metadata(md))
+            md = commit_checkpoint(storage, location, assignment.token, results, tree, options)
             return [md] * comm.world_size
 
         md: Metadata = coordinate(comm, "commit", RankResult(written, local.values), commit)

@@ -123,7 +123,7 @@ def collect_holdings(plans: Sequence[SavePlan]) -> Holdings:
     variants = list(seen)
     variant_first = np.fromiter(seen.values(), np.int64, len(variants))
     item_variant = np.searchsorted(variant_first, seen_at)
-    representative = _merge_variants(seen, variants)
+    representative = _merge_variants(seen, variants, variant_first)
     del seen
     is_key = representative == np.arange(len(variants))
     key_variant = np.flatnonzero(is_key)
@@ -159,11 +159,13 @@ def collect_holdings(plans: Sequence[SavePlan]) -> Holdings:
     )
 
 
-def _merge_variants(seen: dict[Variant, int], variants: list[Variant]) -> IntArray:
+def _merge_variants(seen: dict[Variant, int], variants: list[Variant], variant_first: IntArray) -> IntArray:
     """For each variant, the first variant with the same ``(fqn, offset)``.
 
     Two variants of one key differ in hash, so at least one has a hash; only
-    those (the few non-tensor values, usually) need looking at.
+    those (the few non-tensor values, usually) need looking at.  ``seen``
+    maps a variant to the item where it first appears, ``variant_first``
+    lists those items by variant.
     """
     representative = np.arange(len(variants), dtype=np.int64)
     hashes = map(_hash_of_variant, variants)
@@ -171,7 +173,8 @@ def _merge_variants(seen: dict[Variant, int], variants: list[Variant]) -> IntArr
     first_of_key: dict[Key, int] = {}
     for v in np.flatnonzero(hashed).tolist():
         fqn, offset, _ = variants[v]
-        unhashed = seen.get((fqn, offset, None))
+        unhashed_at = seen.get((fqn, offset, None))
+        unhashed = None if unhashed_at is None else int(np.searchsorted(variant_first, unhashed_at))
         first = first_of_key.setdefault((fqn, offset), v if unhashed is None else min(v, unhashed))
         representative[v] = first
         if unhashed is not None:

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,14 +25,14 @@ import torch
 
 from .._faults import kill_point
 from ..dist import Comm, RankFailure, RanksFailedError, run_collectively
-from ..format.metadata import Metadata, SaveStats, encode_metadata
+from ..format.metadata import Metadata, SaveStats
 from ..local_plan import LocalPlan
 from ..planning import SavePlan
 from ..save_flow import (
     FileAssignment,
     RankAssignment,
     RankResult,
-    assemble_metadata,
+    commit_checkpoint,
     coordinate,
     plan_assignments,
     with_stats,
@@ -164,16 +165,10 @@ class SaveJobRunner:
                 return ["replan"] * len(reports)
             results = [r.result for r in reports]
             assert all(r is not None for r in results)
-            md = assemble_metadata(results, tree, req.options)  # type: ignore[arg-type]
-            req.storage.commit(req.location, token, encode_metadata(md))
+            md = commit_checkpoint(req.storage, req.location, token, results, tree, req.options)  # type: ignore[arg-type]
             return [md] * len(reports)
 
-        try:
-            return coordinate(self.comm, "commit", report, decide)  # type: ignore[no-any-return]
-        except BaseException:
-            if self.comm.rank == 0:
-                req.storage.abort_save(req.location, token)
-            raise
+        return self._coordinate_or_abort(req, token, "commit", report, decide)  # type: ignore[no-any-return]
 
     def _plan(self, req: SaveRequest, plan: SavePlan, token: str) -> RankAssignment:
         def make(plans: list[SavePlan]) -> list[RankAssignment]:
@@ -185,12 +180,17 @@ class SaveJobRunner:
 
     def _commit(self, req: SaveRequest, tree: Any, token: str, result: RankResult) -> Metadata:
         def commit(results: list[RankResult]) -> list[Metadata]:
-            md = assemble_metadata(results, tree, req.options)
-            req.storage.commit(req.location, token, encode_metadata(md))
+            md = commit_checkpoint(req.storage, req.location, token, results, tree, req.options)
             return [md] * len(results)
 
+        return self._coordinate_or_abort(req, token, "commit", result, commit)  # type: ignore[no-any-return]
+
+    def _coordinate_or_abort(
+        self, req: SaveRequest, token: str, step: str, payload: Any, fn: Callable[[list[Any]], Any]
+    ) -> Any:
+        """``coordinate``, removing the staging area on the coordinator if the step fails anywhere."""
         try:
-            return coordinate(self.comm, "commit", result, commit)  # type: ignore[no-any-return]
+            return coordinate(self.comm, step, payload, fn)
         except BaseException:
             if self.comm.rank == 0:
                 req.storage.abort_save(req.location, token)
