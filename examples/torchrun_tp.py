@@ -87,6 +87,8 @@ def main() -> None:
                 raise SystemExit("run with an even number of ranks (dp x tp=2)")
             train_and_save(args.out, world)
     finally:
+        # Let every rank finish its last collective before any tears its group down.
+        dist.barrier()
         dist.destroy_process_group()
 
 
