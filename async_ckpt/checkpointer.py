@@ -359,8 +359,9 @@ class AsyncCheckpointer:
         for f in lost:
             f.pending._fail(
                 WorkerDiedError(
-                    f"{reason} while saving {f.pending.checkpoint_id}; the "
-                    "checkpoint was not committed. The next save starts a new worker."
+                    f"{reason} while saving {f.pending.checkpoint_id}; the save did not complete "
+                    "(it is committed only if the worker died after writing metadata.json: "
+                    "read_metadata tells). The next save starts a new worker."
                 )
             )
 

@@ -149,6 +149,9 @@ def _load_into(
                     fqn, {c.rank for c in rec.chunks}, md.world_size, world, rank, strict, location
                 ):
                     continue
+                if is_missing(target):
+                    # Sized by the checkpoint, not by the caller: prove the bytes exist first.
+                    _check_backed(storage, location, md, rec, fqn)
                 dest, new = _prepare_tensor(fqn, target, rec, location)
                 if new is not None:
                     view.set(fqn, new, materialized=True)
@@ -174,7 +177,12 @@ def _load_into(
                         f"{type(value).__qualname__}"
                     )
                 view.set(fqn, value)
-            elif strict and not is_missing(target):
+            elif is_missing(target):
+                raise CorruptCheckpointError(
+                    f"{location}/{METADATA_FILE}: the tree names '{fqn}', "
+                    "which is neither a tensor nor a value"
+                )
+            elif strict:
                 raise CheckpointError(
                     f"key '{fqn}' is missing from checkpoint {location}; pass strict=False "
                     "to leave such keys untouched"
@@ -182,6 +190,19 @@ def _load_into(
         execute_reads(reads, storage, location, md, verify)
         for dest, host in gpu_copies:
             dest.copy_(host, non_blocking=False)
+
+
+def _check_backed(storage: Storage, location: str, md: Metadata, rec: TensorRecord, fqn: str) -> None:
+    for name in {c.file for c in rec.chunks}:
+        reader = storage.open_reader(location, name)
+        try:
+            if reader.size() != md.files[name].size:
+                raise CorruptCheckpointError(
+                    f"{location}/{name}: size is {reader.size()} bytes, metadata says "
+                    f"{md.files[name].size} (key '{fqn}')"
+                )
+        finally:
+            reader.close()
 
 
 def _is_absent(enc: Any) -> bool:

@@ -179,7 +179,7 @@ def decode_metadata(raw: bytes, *, where: str) -> Metadata:
     if not isinstance(doc, dict):
         raise CorruptCheckpointError(f"{where}: body is not a JSON object")
     version = doc.get("version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise CheckpointError(
             f"{where}: format version {version!r} is not supported; this async_ckpt reads "
             f"version {FORMAT_VERSION}. Upgrade async_ckpt to read newer checkpoints."

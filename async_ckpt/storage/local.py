@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +83,29 @@ class _FileSink:
         await self._f.close()
 
 
+def _open_regular(path: Path) -> int:
+    """Open for reading, refusing anything but a regular file.
+
+    O_NONBLOCK keeps a FIFO planted in a checkpoint from blocking the open;
+    the type check then refuses it, and devices and sockets with it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptCheckpointError(f"{path} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
 class _FileReader:
     def __init__(self, path: Path) -> None:
         self._path = path
         try:
-            self._fd = os.open(path, os.O_RDONLY)
+            self._fd = _open_regular(path)
         except FileNotFoundError:
             raise CorruptCheckpointError(f"shard file {path} is missing") from None
+        except IsADirectoryError:
+            raise CorruptCheckpointError(f"{path} is a directory, not a shard file") from None
         self._size = os.fstat(self._fd).st_size
 
     def size(self) -> int:
@@ -152,7 +169,9 @@ class LocalStorage:
             stage.parent.mkdir(parents=True, exist_ok=True)
             stage.mkdir(exist_ok=True)  # every rank may call it (cached plans)
         except OSError as exc:
-            raise CheckpointError(f"cannot create checkpoint directory {stage}: {exc}") from exc
+            blocker = next((p for p in stage.parents if p.exists() and not p.is_dir()), None)
+            why = f"{blocker} is a file, not a directory" if blocker is not None else str(exc)
+            raise CheckpointError(f"cannot create checkpoint directory {stage}: {why}") from exc
 
     async def open_shard(self, location: str, token: str, name: str) -> _FileSink:
         path = staging_dir(location, token) / name
@@ -194,7 +213,9 @@ class LocalStorage:
     def read_metadata(self, location: str) -> bytes:
         path = Path(location) / METADATA_FILE
         try:
-            return path.read_bytes()
+            fd = _open_regular(path)
+            with os.fdopen(fd, "rb") as f:
+                return f.read()
         except (FileNotFoundError, NotADirectoryError):
             raise CheckpointNotFoundError(
                 f"no committed checkpoint at {location} ({METADATA_FILE} not found)"
