@@ -40,7 +40,7 @@ def train_and_save(out: str, world: int) -> None:
     optim = torch.optim.SGD(model.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(100 + mesh["dp"].get_local_rank())
     with ac.AsyncCheckpointer(start=True) as ckpt:
-        for step in range(1, STEPS + 1):
+        for _ in range(STEPS):
             x = torch.randn(16, DIM, generator=gen)
             loss = (model(x) - x).pow(2).mean()
             optim.zero_grad()

@@ -43,7 +43,8 @@ async def train(out: Path, steps: int, every: int) -> None:
             await asyncio.sleep(0)  # a real loop would await data loading here
         for pending in saves:
             md = await pending
-            print(f"committed {pending.checkpoint_id}: stall {md.stats.stall_s:.3f}s, {md.stats.bytes_written} bytes")
+            s = md.stats
+            print(f"committed {pending.checkpoint_id}: stall {s.stall_s:.3f}s, {s.bytes_written} bytes")
 
     restored = {"model": nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128)), "step": 0}
     ac.load(restored, out / f"step-{steps - steps % every}", strict=False)

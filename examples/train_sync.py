@@ -51,7 +51,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 state = {"model": model, "optim": optim, "step": step, "rng": data.get_state()}
                 pending.append(ckpt.save(state, out / f"step-{step}"))
-                print(f"step {step}: loss {loss.item():.4f}, checkpoint staged in {time.perf_counter() - t0:.3f}s")
+                staged = time.perf_counter() - t0
+                print(f"step {step}: loss {loss.item():.4f}, checkpoint staged in {staged:.3f}s")
     # Leaving the block waited for every save; each pending now holds its metadata.
     for p in pending:
         md = p.result()

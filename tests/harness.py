@@ -32,7 +32,13 @@ class RankFailed(AssertionError):
 
 
 def _child(
-    rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...], out: Any, pg_timeout: float
+    rank: int,
+    world: int,
+    port: int,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    out: Any,
+    pg_timeout: float,
 ) -> None:
     try:
         os.environ.setdefault("OMP_NUM_THREADS", "1")

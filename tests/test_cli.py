@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import async_ckpt as ac
-from async_ckpt import cli, convert
+from async_ckpt import convert
 from async_ckpt.cli import main
 
 
