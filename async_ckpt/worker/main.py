@@ -68,12 +68,6 @@ class _MappedSlot:
                 raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
             )
 
-    def release_pages(self) -> None:
-        """Drop our mapping of the pages (the trainer still holds them) so our RSS stays small."""
-        for m in self.maps:
-            with contextlib.suppress(OSError, ValueError):
-                m.madvise(mmap.MADV_DONTNEED)
-
     def close(self) -> None:
         self.views.clear()
         for m in self.maps:
@@ -205,8 +199,5 @@ async def _one_save(
             error_type=type(exc).__name__,
             traceback="".join(traceback.format_exception(exc)),
         )
-    finally:
-        if slot is not None:
-            slot.release_pages()
     conn.send(Released(req.save_id))
     conn.send(reply)

@@ -35,7 +35,7 @@ class WorkerConfig:
     session: str
     timeout: float
     log_level: int
-    nice: int = 5
+    nice: int = 15
 
 
 @dataclass(frozen=True, slots=True)
