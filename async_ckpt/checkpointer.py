@@ -99,10 +99,31 @@ class AsyncCheckpointer:
 
     # ------------------------------------------------------------- lifetime
 
-    def start(self) -> None:
-        """Start the background worker now (idempotent)."""
+    def start(self, state_dict: dict[str, Any] | None = None) -> None:
+        """Start the background worker now (idempotent).
+
+        Given a ``state_dict`` shaped like the ones that will be saved, also
+        allocate and fault in its staging buffers and hand them and its plan
+        to the worker, so that the first save costs what later saves cost
+        (filling fresh shared memory takes about ten times a warm copy).
+        """
         with self._lock:
-            self._ensure_worker()
+            worker = self._ensure_worker()
+        if state_dict is None:
+            return
+        with gc_paused():
+            flat = flatten(state_dict, allow_pickle=self._options.allow_pickle)
+            prepared = self._layouts.prepare(
+                flat, allow_pickle=self._options.allow_pickle, verify_replicas=self._options.verify_replicas
+            )
+            slot, _ = self._pool.acquire(prepared.layout, timeout=self._timeout)
+            try:
+                slot.prefault()
+                if slot.registered_with != worker.pid:
+                    worker.register(slot)
+                worker.register_layout(prepared.layout_id, prepared.local.plan, prepared.tree)
+            finally:
+                self._pool.release(slot)
 
     @property
     def worker_pid(self) -> int | None:

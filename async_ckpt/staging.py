@@ -121,6 +121,11 @@ class StagingSlot:
                 raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
             )
 
+    def prefault(self) -> None:
+        """Touch every page now, so the first staging copy runs at warm-copy speed."""
+        for seg in self.segments:
+            seg.base.zero_()
+
     @property
     def pinned(self) -> bool:
         return bool(self.segments) and all(seg.pinned for seg in self.segments)

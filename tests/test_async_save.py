@@ -303,6 +303,21 @@ def test_context_manager_max_in_flight_two_and_exit_waits(tmp_path: Path) -> Non
         c.save(small, tmp_path / "after_close")
 
 
+def test_start_with_a_template_prepares_buffers_and_plan(tmp_path: Path) -> None:
+    sd = _state(21)
+    want = _clone_tree(sd)
+    with ac.AsyncCheckpointer() as c:
+        c.start(sd)
+        # Buffers exist (and are faulted in) before the first save, which then reuses them.
+        assert c._pool.allocations == 1 and c.worker_pid is not None
+        slot = c._pool.slots()[0]
+        assert slot.registered_with == c.worker_pid
+        md = c.save(sd, tmp_path / "first").result(timeout=60)
+        assert c._pool.allocations == 1 and c.worker_starts == 1
+        assert md.stats is not None and md.stats.stage_s > 0
+    _assert_loads(tmp_path / "first", want)
+
+
 def test_overlap_mode_sync(ck: ac.AsyncCheckpointer, tmp_path: Path) -> None:
     sd = _state(4, mb=20)
     want = _clone_tree(sd)
