@@ -1,0 +1,294 @@
+"""Multi-rank background saves on one machine: async_ckpt against torch DCP.
+
+``--ranks`` gloo process groups (default 2 and 4 ranks) are spawned on this
+machine (TCPStore on port 0, as ``tests/harness.py`` does). Every rank builds a
+synthetic model + Adam state dict (``_common.make_state_dict``) of which a
+``--replicated`` fraction of the *unique* bytes is replicated (plain tensors,
+identical on every rank) and the rest sharded (every tensor of that part is a
+``DTensor`` with ``Shard(0)`` placement on a 1-D mesh over all ranks; each rank
+holds ``1/world`` of it)::
+
+    {"replicated": {...plain tensors...}, "sharded": {...DTensors...}}
+
+For each method, one untimed warm-up save, then ``--repeats`` timed ones:
+
+- ``ac``: one ``AsyncCheckpointer(start=True)`` per rank, steady-state saves;
+  *stall* is how long ``ck.save`` blocks, *durable* is until ``p.result()``;
+- ``dcp_save``: blocking ``dcp.save`` (stall = durable);
+- ``dcp_thread``: ``dcp.async_save`` in THREAD mode (DCP's default);
+  *stall* until it returns, *durable* until its future is done.
+
+Every save starts right after a barrier; a save's stall and durable are the
+maximum over ranks (the slowest rank gates training and commit); the figure is
+the median over the timed saves. Bytes written per rank: ours from
+``md.stats.bytes_written``, DCP's from the sizes of its ``__{rank}_*.distcp``
+files; balance is max / mean over ranks. Total bytes on disk (every file of the
+checkpoint directory) are compared with the unique bytes of the state dict.
+
+    python benchmarks/multirank.py --gib 1.0 --ranks 2 4 --replicated 0.5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from _common import iter_tensors, make_state_dict, print_table  # noqa: E402
+
+__all__ = ["build_state_dict", "main", "run_world"]
+
+
+def _log(msg: str) -> None:
+    print(f"[multirank] {msg}", file=sys.stderr, flush=True)
+
+
+def build_state_dict(rank: int, world: int, total_bytes: int, n_tensors: int, replicated: float) -> Any:
+    """This rank's state dict; ``total_bytes`` unique bytes, ``replicated`` of them on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    rep_bytes = int(total_bytes * replicated)
+    shard_bytes = total_bytes - rep_bytes
+    n_rep = max(4, int(n_tensors * replicated)) if rep_bytes else 0
+    n_sh = max(4, n_tensors - n_rep) if shard_bytes else 0
+    sd: dict[str, Any] = {}
+    if rep_bytes:
+        sd["replicated"] = make_state_dict(rep_bytes, n_rep, seed=0)  # same seed: identical on all ranks
+    if shard_bytes:
+        mesh = init_device_mesh("cpu", (world,))
+        # Same seed on every rank so shapes agree; values are offset by the rank so the shards differ.
+        local = make_state_dict(max(1, shard_bytes // world), n_sh, seed=1)
+
+        def wrap(node: Any) -> Any:
+            if isinstance(node, torch.Tensor):
+                if node.dim() == 0:
+                    return node
+                if node.is_floating_point():
+                    node.add_(rank)
+                return DTensor.from_local(node, mesh, [Shard(0)], run_check=False)
+            if isinstance(node, dict):
+                return {k: wrap(v) for k, v in node.items()}
+            if isinstance(node, list):
+                return [wrap(v) for v in node]
+            return node
+
+        sd["sharded"] = {"model": wrap(local["model"]), "optim": {"state": wrap(local["optim"]["state"])}}
+    return sd
+
+
+def _local_bytes(sd: Any) -> int:
+    from torch.distributed.tensor import DTensor
+
+    n = 0
+    for t in iter_tensors(sd):
+        t = t.to_local() if isinstance(t, DTensor) else t
+        n += t.numel() * t.element_size()
+    return n
+
+
+def _dir_files(path: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            with contextlib.suppress(OSError):
+                out[os.path.relpath(p, path)] = os.path.getsize(p)
+    return out
+
+
+_DISTCP = re.compile(r"__(\d+)_\d+\.distcp$")
+
+
+def _dcp_rank_bytes(files: dict[str, int], world: int) -> list[int]:
+    per = [0] * world
+    for name, size in files.items():
+        m = _DISTCP.search(os.path.basename(name))
+        if m and int(m.group(1)) < world:
+            per[int(m.group(1))] += size
+    return per
+
+
+def _rank_body(
+    rank: int, world: int, work: str, total_bytes: int, n_tensors: int, replicated: float,
+    repeats: int, skip_dcp: bool,
+) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    import async_ckpt as ac
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(1)
+    sd = build_state_dict(rank, world, total_bytes, n_tensors, replicated)
+    out: dict[str, Any] = {"rank": rank, "local_bytes": _local_bytes(sd), "runs": {}}
+
+    def sync_rm(path: str) -> dict[str, int] | None:
+        dist.barrier()
+        files = _dir_files(path) if rank == 0 else None
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        dist.barrier()
+        return files
+
+    def timed(name: str, call: Any) -> None:
+        runs = []
+        for i in range(repeats + 1):  # first one is the warm-up
+            path = os.path.join(work, f"{name}-{i}")
+            dist.barrier()
+            t0 = time.perf_counter()
+            handle = call(path)
+            t1 = time.perf_counter()
+            written = handle() if handle is not None else None
+            t2 = time.perf_counter()
+            files = sync_rm(path)
+            if i:
+                runs.append({"stall": t1 - t0, "durable": t2 - t0, "bytes_written": written, "files": files})
+        out["runs"][name] = runs
+
+    ck = ac.AsyncCheckpointer(start=True)
+    try:
+        def ours(path: str) -> Any:
+            p = ck.save(sd, path)
+            return lambda: p.result().stats.bytes_written
+
+        timed("ac", ours)
+    finally:
+        ck.close()
+
+    if not skip_dcp:
+        import torch.distributed.checkpoint as dcp
+
+        def dcp_blocking(path: str) -> Any:
+            dcp.save(sd, checkpoint_id=path)
+            return None
+
+        def dcp_thread(path: str) -> Any:
+            fut = dcp.async_save(sd, checkpoint_id=path)
+            return lambda: (fut.result(), None)[1]
+
+        timed("dcp_save", dcp_blocking)
+        timed("dcp_thread", dcp_thread)
+    return out
+
+
+def _med(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def run_world(world: int, args: argparse.Namespace, work: str) -> dict[str, Any]:
+    from harness import run_ranks
+
+    total = int(args.gib * (1 << 30))
+    t = time.perf_counter()
+    per_rank = run_ranks(
+        world, _rank_body, work, total, args.tensors, args.replicated, args.repeats, args.skip_dcp,
+        timeout=args.timeout, pg_timeout=args.timeout,
+    )
+    res: dict[str, Any] = {
+        "world": world, "unique_bytes": total, "replicated_fraction": args.replicated,
+        "local_bytes": [r["local_bytes"] for r in per_rank], "methods": {}, "wall_s": time.perf_counter() - t,
+    }
+    for name in per_rank[0]["runs"]:
+        runs = [r["runs"][name] for r in per_rank]  # [rank][repeat]
+        n = len(runs[0])
+        stall = [max(runs[k][i]["stall"] for k in range(world)) for i in range(n)]
+        durable = [max(runs[k][i]["durable"] for k in range(world)) for i in range(n)]
+        files = runs[0][-1]["files"] or {}
+        if name == "ac":
+            per = [runs[k][-1]["bytes_written"] or 0 for k in range(world)]
+        else:
+            per = _dcp_rank_bytes(files, world)
+        mean = sum(per) / world if world else 0
+        on_disk = sum(files.values())
+        res["methods"][name] = {
+            "stall": {"median": _med(stall), "values": stall},
+            "durable": {"median": _med(durable), "values": durable},
+            "bytes_per_rank": per,
+            "balance_max_over_mean": (max(per) / mean) if mean else None,
+            "bytes_on_disk": on_disk,
+            "on_disk_over_unique": on_disk / total if total else None,
+            "n_files": len(files),
+        }
+    return res
+
+
+def _fmt_gib(n: float) -> str:
+    return f"{n / (1 << 30):.3f}"
+
+
+def print_results(results: list[dict[str, Any]]) -> None:
+    rows = []
+    for r in results:
+        for name, m in r["methods"].items():
+            rows.append([
+                r["world"], name, f"{m['stall']['median']:.3f}", f"{m['durable']['median']:.3f}",
+                " / ".join(_fmt_gib(b) for b in m["bytes_per_rank"]),
+                "-" if m["balance_max_over_mean"] is None else f"{m['balance_max_over_mean']:.2f}",
+                _fmt_gib(m["bytes_on_disk"]), f"{m['on_disk_over_unique']:.3f}",
+            ])
+    print_table(
+        ["ranks", "method", "stall s", "durable s", "GiB per rank", "max/mean", "on disk GiB", "disk/unique"],
+        rows, title="Multi-rank saves (max over ranks; median over saves)",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    ap.add_argument("--gib", type=float, default=1.0,
+                    help="unique state-dict bytes (GiB), all ranks together")
+    ap.add_argument("--tensors", type=int, default=1000, help="tensors per rank")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--replicated", type=float, default=0.5, help="fraction of unique bytes replicated")
+    ap.add_argument("--repeats", type=int, default=3, help="timed saves per method (after one warm-up)")
+    ap.add_argument("--skip-dcp", action="store_true")
+    ap.add_argument("--dir", default=None, help="where to write (a fresh subdirectory is made and removed)")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per world size")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not 0.0 <= args.replicated <= 1.0:
+        ap.error("--replicated must be within [0, 1]")
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    base = args.dir or tempfile.gettempdir()
+    os.makedirs(base, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="bench_multirank-", dir=base)
+    results = []
+    try:
+        for world in args.ranks:
+            _log(f"{world} ranks, {args.gib:g} GiB unique, {args.replicated:g} replicated")
+            results.append(run_world(world, args, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_results(results)
+    out = {
+        "config": vars(args),
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+        "results": results,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+        _log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,484 @@
+"""Run every async_ckpt benchmark, merge the figures, check the targets, draw the plots.
+
+    python benchmarks/run.py --gib 2.0 --sizes 0.5 1 2 4 --repeats 3 --ranks 2 4 \\
+        --replicated 0.5 --planning-ranks 1024 4096 --out bench-out
+
+Each part runs as its own subprocess writing JSON (so the memory of one part is
+returned to the system before the next starts), in this order:
+
+1. ``bench_single.py`` at ``--gib``: blocking ``ac.save`` / ``ac.load`` against
+   write+fsync and a cold read, torch.save / torch.load;
+2. ``bench_async.py`` at ``--gib``: ``AsyncCheckpointer`` against DCP save /
+   async_save (THREAD, PROCESS) and dcp.load: stall, time to durable, peak tree
+   memory, step slowdown, first save;
+3. the size sweep: ``bench_single.py`` and ``bench_async.py`` at every ``--sizes``
+   (DCP in the async part unless ``--skip-dcp``);
+4. ``multirank.py`` at ``--ranks`` (``--replicated`` of the bytes on every rank);
+5. ``bench_planning.py`` at ``--planning-ranks`` (2000 items per rank).
+
+Then ``<out>/results.json`` holds every part's JSON, the machine, and the
+verdicts; one table of ratios (against the hardware limits, against DCP, and the
+targets) is printed; ``plots.py`` draws the PNGs (``--plots-dir``, default
+``docs/benchmarks``). Per-part logs go to ``<out>/logs``. A part that fails is
+recorded under ``errors`` and the others still run. ``--quick`` runs everything
+at tiny sizes (for CI; its timings mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+__all__ = ["TARGETS", "build_summary", "machine_info", "main"]
+
+# The issue's targets: (key, description, limit); every value must be <= its limit.
+TARGETS: list[tuple[str, str, float]] = [
+    ("stall_over_memcpy", "async stall / memcpy", 1.3),
+    ("durable_over_memcpy_plus_write", "async durable / (memcpy + write+fsync)", 1.3),
+    ("peak_pss_over_state", "peak tree PSS / state bytes", 2.3),
+    ("slowdown_vs_dcp_thread", "step slowdown (ours-1) / (DCP THREAD-1)", 0.5),
+    ("first_eager_over_steady", "first save (eager start) / steady, durable", 2.0),
+    ("save_over_write_fsync", "ac.save / write+fsync", 1.3),
+    ("load_over_cold_read", "ac.load cold / read cold", 1.3),
+    ("planning_1024_s", "planning 1024 ranks x 2000 items, s", 2.0),
+]
+
+QUICK = {
+    "gib": 0.0625, "tensors": 300, "sizes": [0.03, 0.06], "repeats": 1, "ranks": [2],
+    "planning_ranks": [64], "multirank_gib": 0.03, "multirank_tensors": 100,
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[run {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ machine
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _mount_of(path: str) -> dict[str, Any]:
+    path = os.path.realpath(path)
+    best: dict[str, Any] = {}
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, fstype, *_ = line.split()
+            mnt = mnt.replace("\\040", " ")
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
+                best.get("mount", "")
+            ):
+                best = {"device": dev, "mount": mnt, "fstype": fstype}
+    except OSError:
+        pass
+    dev = os.path.basename(best.get("device", ""))
+    rot = Path(f"/sys/block/{dev}/queue/rotational")
+    if dev and rot.exists():
+        best["rotational"] = rot.read_text().strip() == "1"
+    return best
+
+
+def _git(*args: str) -> str | None:
+    try:
+        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def machine_info(work_dir: str) -> dict[str, Any]:
+    import psutil
+    import torch
+
+    usage = shutil.disk_usage(work_dir)
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "hostname": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": _cpu_model(),
+        "ram_bytes": psutil.virtual_memory().total,
+        "disk": {**_mount_of(work_dir), "path": work_dir,
+                 "total_bytes": usage.total, "free_bytes": usage.free},
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "git_revision": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "loadavg_start": list(os.getloadavg()),
+        "date_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+# ------------------------------------------------------------------ parts
+
+
+def run_part(name: str, cmd: list[str], json_path: Path, logs: Path, timeout: float | None) -> dict[str, Any]:
+    """Run one benchmark subprocess; return its JSON, or {"error": ...}."""
+    log = logs / f"{name}.log"
+    _log(f"{name}: {' '.join(cmd[1:])}")
+    t0 = time.perf_counter()
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath)
+    try:
+        with open(log, "w") as fh:
+            r = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout,
+                               check=False)
+        rc: int | str = r.returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    wall = time.perf_counter() - t0
+    if rc == 0 and json_path.exists():
+        data = json.loads(json_path.read_text())
+        data["_wall_s"] = wall
+        _log(f"{name}: done in {wall:.0f}s")
+        return data
+    tail = log.read_text()[-3000:] if log.exists() else ""
+    _log(f"{name}: FAILED ({rc}) after {wall:.0f}s; see {log}")
+    return {"error": f"exit {rc}", "log": str(log), "log_tail": tail, "_wall_s": wall}
+
+
+def _py(script: str, *args: Any) -> list[str]:
+    return [sys.executable, str(HERE / script), *(str(a) for a in args)]
+
+
+def _dir_args(args: argparse.Namespace) -> list[str]:
+    return ["--dir", args.dir] if args.dir else []
+
+
+# ------------------------------------------------------------------ summary
+
+
+def _get(d: Any, *keys: Any) -> Any:
+    for k in keys:
+        if isinstance(d, dict) and k in d:
+            d = d[k]
+        elif isinstance(d, list) and isinstance(k, int) and -len(d) <= k < len(d):
+            d = d[k]
+        else:
+            return None
+    return d
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _async_figures(a: dict[str, Any]) -> dict[str, Any]:
+    """Medians (s) out of one bench_async JSON."""
+    sm = a.get("summary") or {}
+    out: dict[str, Any] = {
+        "state_bytes": a.get("state_bytes"),
+        "memcpy": _get(sm, "memcpy", "median"),
+        "write_fsync": _get(sm, "write_fsync", "median"),
+        "saves": {},
+    }
+    for k, v in (sm.get("saves") or {}).items():
+        out["saves"][k] = {"stall": _get(v, "stall", "median"), "durable": _get(v, "durable", "median")}
+    return out
+
+
+def _planning_seconds(p: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for r in p.get("results") or []:
+        rows.append({
+            "ranks": r.get("ranks"), "items": r.get("items"),
+            "ours_s": _get(r, "ours", "global plan (total)", "seconds"),
+            "dcp_s": _get(r, "dcp", "global plan (total)", "seconds"),
+            "ours_balance": _get(r, "ours", "dedup (balanced)", "balance"),
+            "dcp_balance": _get(r, "dcp", "dedup (DCP greedy)", "balance"),
+        })
+    return rows
+
+
+def build_summary(res: dict[str, Any]) -> dict[str, Any]:
+    """Ratios against the hardware limits and DCP, and the verdicts on the targets."""
+    single, asy = res.get("single") or {}, res.get("async") or {}
+    ar = asy.get("ratios") or {}
+    values: dict[str, Any] = {
+        "stall_over_memcpy": ar.get("stall_over_memcpy"),
+        "durable_over_memcpy_plus_write": ar.get("durable_over_memcpy_plus_write"),
+        "peak_pss_over_state": ar.get("peak_pss_over_state"),
+        "slowdown_vs_dcp_thread": ar.get("slowdown_vs_dcp_thread"),
+        "first_eager_over_steady": ar.get("first_eager_over_steady"),
+        "save_over_write_fsync": _get(single, "ratios", "save_over_write_fsync", "of_medians"),
+        "load_over_cold_read": _get(single, "ratios", "load_over_cold_read", "of_medians"),
+        "planning_1024_s": None,
+    }
+    plan = _planning_seconds(res.get("planning") or {})
+    for row in plan:
+        if row["ranks"] == 1024:
+            values["planning_1024_s"] = row["ours_s"]
+    targets = {}
+    for key, desc, limit in TARGETS:
+        v = values.get(key)
+        targets[key] = {"description": desc, "value": v, "target": limit,
+                        "met": None if v is None else bool(v <= limit)}
+
+    fig = _async_figures(asy) if asy and "error" not in asy else {"saves": {}}
+    saves = fig["saves"]
+    ours = saves.get("ac", {})
+    vs_dcp: dict[str, Any] = {}
+    for k in ("dcp_save", "dcp_thread", "dcp_process"):
+        if k in saves:
+            vs_dcp[f"{k}_stall_over_ours"] = _div(saves[k]["stall"], ours.get("stall"))
+            vs_dcp[f"{k}_durable_over_ours"] = _div(saves[k]["durable"], ours.get("durable"))
+    vs_dcp["dcp_load_over_ours"] = _div(1.0, ar.get("ac_load_over_dcp_load"))
+    slowdown = {"ours": ar.get("ac_step_slowdown"), "dcp_thread": ar.get("dcp_thread_step_slowdown"),
+                "dcp_process": ar.get("dcp_process_step_slowdown")}
+    for r in plan:
+        vs_dcp[f"planning_{r['ranks']}_dcp_over_ours"] = _div(r["dcp_s"], r["ours_s"])
+    for w in _get(res, "multirank", "results") or []:
+        m = w.get("methods") or {}
+        if "ac" in m and "dcp_thread" in m:
+            vs_dcp[f"multirank_{w['world']}_dcp_thread_durable_over_ours"] = _div(
+                _get(m, "dcp_thread", "durable", "median"), _get(m, "ac", "durable", "median"))
+            vs_dcp[f"multirank_{w['world']}_dcp_thread_stall_over_ours"] = _div(
+                _get(m, "dcp_thread", "stall", "median"), _get(m, "ac", "stall", "median"))
+
+    sweep = []
+    for pt in res.get("sweep") or []:
+        f = _async_figures(pt.get("async") or {})
+        ac_ = f["saves"].get("ac", {})
+        mc, wf = f.get("memcpy"), f.get("write_fsync")
+        sweep.append({
+            "gib": pt["gib"],
+            "stall_over_memcpy": _div(ac_.get("stall"), mc),
+            "durable_over_memcpy_plus_write": _div(ac_.get("durable"), (mc + wf) if mc and wf else None),
+            "save_over_write_fsync": _get(pt, "single", "ratios", "save_over_write_fsync", "of_medians"),
+            "load_over_cold_read": _get(pt, "single", "ratios", "load_over_cold_read", "of_medians"),
+        })
+    multirank = []
+    for w in _get(res, "multirank", "results") or []:
+        for name, m in (w.get("methods") or {}).items():
+            multirank.append({"world": w["world"], "method": name,
+                              "balance_max_over_mean": m.get("balance_max_over_mean"),
+                              "on_disk_over_unique": m.get("on_disk_over_unique")})
+    return {"targets": targets, "vs_dcp": vs_dcp, "step_slowdown": slowdown, "sweep": sweep,
+            "multirank": multirank, "planning": plan}
+
+
+def _f(x: Any, fmt: str = "{:.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    rows: list[list[str]] = []
+    verdict = {None: "n/a", True: "met", False: "MISSED"}
+    for t in s["targets"].values():
+        rows.append([t["description"], _f(t["value"]), f"<= {t['target']:g}", verdict[t["met"]]])
+    for p in s["sweep"]:
+        for key, desc, limit in TARGETS:
+            if key in p:
+                v = p[key]
+                rows.append([f"  at {p['gib']:g} GiB: {desc}", _f(v), f"<= {limit:g}",
+                             verdict[None if v is None else v <= limit]])
+    for k, v in s["vs_dcp"].items():
+        rows.append([f"vs DCP (DCP / ours): {k}", _f(v), "", ""])
+    for k, v in s["step_slowdown"].items():
+        rows.append([f"step time during a save / alone: {k}", _f(v), "", ""])
+    for m in s["multirank"]:
+        rows.append([f"{m['world']} ranks {m['method']}: bytes max/mean per rank",
+                     _f(m["balance_max_over_mean"]), "", ""])
+        rows.append([f"{m['world']} ranks {m['method']}: on disk / unique bytes",
+                     _f(m["on_disk_over_unique"]), "", ""])
+    for p in s["planning"]:
+        per_rank = p["items"] // max(1, p["ranks"])
+        rows.append([f"planning {p['ranks']} ranks x {per_rank} items: ours s / DCP s",
+                     f"{_f(p['ours_s'])} / {_f(p['dcp_s'])}", "", ""])
+    from _common import print_table
+
+    print()
+    print_table(["figure", "value", "target", "verdict"], rows,
+                title="async_ckpt benchmarks: ratios against the hardware, DCP, and the targets")
+
+
+def markdown_summary(res: dict[str, Any]) -> str:
+    """The Machine and Results sections of docs/benchmarks.md, from one run (``<out>/summary.md``)."""
+    m, s, c = res["machine"], res["summary"], res["config"]
+    d = m.get("disk") or {}
+    verdict = {None: "n/a", True: "met", False: "missed"}
+    lines = [
+        "## Machine",
+        "",
+        "Figures below are from the run described in the Machine section.",
+        "",
+        f"- command: `python benchmarks/{' '.join(res['command'])}`"
+        + (" (smoke size: timings at this size are noise)" if c.get("quick") else ""),
+        f"- date: {m.get('date_utc')}; git revision `{m.get('git_revision')}`"
+        + (" (working tree modified)" if m.get("git_dirty") else ""),
+        f"- CPU: {m.get('cpu_model')}, {m.get('cpu_count')} cpus; RAM {m['ram_bytes'] / (1 << 30):.1f} GiB",
+        f"- disk: {d.get('device')} ({d.get('fstype')}"
+        + ("" if d.get("rotational") is None else (", rotational" if d["rotational"] else ", non-rotational"))
+        + f"), {d.get('total_bytes', 0) / (1 << 30):.0f} GiB, benchmarks written under `{d.get('path')}`",
+        f"- Python {m.get('python')}, torch {m.get('torch')}, {m.get('platform')}",
+        f"- main size {c['gib']:g} GiB ({c['tensors']} tensors), "
+        f"sweep {', '.join(f'{x:g}' for x in c['sizes'])} GiB, {c['repeats']} repeats, "
+        f"ranks {c['ranks']} ({c['replicated']:g} replicated, "
+        f"{c['multirank_gib']:g} GiB unique), planning ranks {c['planning_ranks']}",
+        "",
+        "## Results",
+        "",
+        "| figure | value | target | verdict |",
+        "|---|---|---|---|",
+    ]
+    for t in s["targets"].values():
+        lines.append(f"| {t['description']} | {_f(t['value'])} | <= {t['target']:g} | {verdict[t['met']]} |")
+    for p in s["sweep"]:
+        for key, desc, limit in TARGETS:
+            if key in p:
+                v = p[key]
+                lines.append(f"| at {p['gib']:g} GiB: {desc} | {_f(v)} | <= {limit:g} | "
+                             f"{verdict[None if v is None else v <= limit]} |")
+    lines += ["", "Against DCP (DCP's figure / ours: above 1, we are faster or smaller):", "",
+              "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {_f(v)} |" for k, v in s["vs_dcp"].items()]
+    lines += ["", "Training-step time during a background save / step time alone:", "",
+              "| checkpointer | slowdown |", "|---|---|"]
+    lines += [f"| {k} | {_f(v)} |" for k, v in s["step_slowdown"].items()]
+    lines += ["", "Multi-rank:", "", "| ranks | method | bytes max/mean per rank | on disk / unique |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['world']} | {r['method']} | {_f(r['balance_max_over_mean'])} | "
+              f"{_f(r['on_disk_over_unique'])} |" for r in s["multirank"]]
+    lines += ["", "Planning (global plan, seconds):", "", "| ranks | items per rank | ours | DCP |",
+              "|---|---|---|---|"]
+    lines += [f"| {p['ranks']} | {p['items'] // max(1, p['ranks'])} | {_f(p['ours_s'])} | {_f(p['dcp_s'])} |"
+              for p in s["planning"]]
+    if res.get("errors"):
+        lines += ["", f"Parts that failed: {', '.join(res['errors'])}."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gib", type=float, default=2.0, help="state-dict size of the main runs (GiB)")
+    ap.add_argument("--tensors", type=int, default=2872, help="tensors in the state dict (every size)")
+    ap.add_argument("--sizes", type=float, nargs="*", default=[0.5, 1, 2, 4], help="size sweep (GiB)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ranks", type=int, nargs="*", default=[2, 4], help="multi-rank world sizes")
+    ap.add_argument("--replicated", type=float, default=0.5, help="multi-rank: fraction replicated")
+    ap.add_argument("--multirank-gib", type=float, default=1.0, help="multi-rank: unique bytes (GiB)")
+    ap.add_argument("--multirank-tensors", type=int, default=1000, help="multi-rank: tensors per rank")
+    ap.add_argument("--planning-ranks", type=int, nargs="*", default=[1024, 4096])
+    ap.add_argument("--out", default="bench-out", help="results.json and logs go here")
+    ap.add_argument("--plots-dir", default=str(ROOT / "docs" / "benchmarks"), help="PNGs go here")
+    ap.add_argument("--dir", default=None, help="where the benchmarks write checkpoints (default: $TMPDIR)")
+    ap.add_argument("--skip-dcp", action="store_true", help="no DCP in the size sweep")
+    ap.add_argument("--part-timeout", type=float, default=None, help="seconds allowed per part")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat: a smoke test for CI")
+    args = ap.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+        args.skip_dcp = True  # DCP is still measured at --gib and in the multi-rank part
+
+    out = Path(args.out)
+    logs = out / "logs"
+    parts = out / "parts"
+    logs.mkdir(parents=True, exist_ok=True)
+    parts.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(HERE))
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {
+        "command": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
+        "config": vars(args),
+        "machine": machine_info(args.dir or os.environ.get("TMPDIR") or "/tmp"),
+    }
+    common = ["--tensors", args.tensors, "--repeats", args.repeats, *_dir_args(args)]
+    to = args.part_timeout
+
+    def single(gib: float, tag: str) -> dict[str, Any]:
+        j = parts / f"single-{tag}.json"
+        cmd = _py("bench_single.py", "--gib", gib, *common, "--json", j)
+        return run_part(f"single-{tag}", cmd, j, logs, to)
+
+    def asyn(gib: float, tag: str, skip_dcp: bool) -> dict[str, Any]:
+        j = parts / f"async-{tag}.json"
+        extra = ["--skip-dcp"] if skip_dcp else []
+        return run_part(f"async-{tag}", _py("bench_async.py", "--gib", gib, *common, *extra, "--json", j),
+                        j, logs, to)
+
+    res["single"] = single(args.gib, "main")
+    res["async"] = asyn(args.gib, "main", False)
+    res["sweep"] = []
+    for gib in args.sizes:
+        tag = f"{gib:g}gib"
+        if gib == args.gib:  # the main runs are this size already (with DCP): reuse them
+            res["sweep"].append({"gib": gib, "single": res["single"], "async": res["async"], "main": True})
+            continue
+        res["sweep"].append({"gib": gib, "single": single(gib, tag), "async": asyn(gib, tag, args.skip_dcp)})
+    if args.ranks:
+        j = parts / "multirank.json"
+        res["multirank"] = run_part("multirank", _py(
+            "multirank.py", "--gib", args.multirank_gib, "--tensors", args.multirank_tensors,
+            "--ranks", *args.ranks, "--replicated", args.replicated, "--repeats", args.repeats,
+            *_dir_args(args), "--json", j), j, logs, to)
+    if args.planning_ranks:
+        j = parts / "planning.json"
+        res["planning"] = run_part("planning", _py(
+            "bench_planning.py", "--ranks", *args.planning_ranks, "--repeats", args.repeats, "--json", j),
+            j, logs, to)
+
+    res["errors"] = {}
+    for name in ("single", "async", "multirank", "planning"):
+        if isinstance(res.get(name), dict) and "error" in res[name]:
+            res["errors"][name] = res[name]["error"]
+    for pt in res["sweep"]:
+        for k in ("single", "async"):
+            if "error" in pt[k]:
+                res["errors"][f"sweep-{pt['gib']:g}-{k}"] = pt[k]["error"]
+    res["summary"] = build_summary(res)
+    res["machine"]["loadavg_end"] = list(os.getloadavg())
+    res["total_s"] = time.perf_counter() - t0
+    path = out / "results.json"
+    path.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    print_summary(res["summary"])
+    (out / "summary.md").write_text(markdown_summary(res))
+    m = res["machine"]
+    print(f"\nmachine: {m['cpu_count']} cpus ({m['cpu_model']}), {m['ram_bytes'] / (1 << 30):.1f} GiB RAM, "
+          f"disk {m['disk'].get('device')} {m['disk'].get('fstype')}, torch {m['torch']}, "
+          f"git {(m['git_revision'] or '?')[:12]}{' (dirty)' if m['git_dirty'] else ''}")
+    if res["errors"]:
+        print(f"FAILED parts: {res['errors']} (logs under {logs})")
+    print(f"wrote {path} in {res['total_s']:.0f}s")
+
+    import plots
+
+    try:
+        pngs = plots.make_plots(res, Path(args.plots_dir))
+        for p in pngs:
+            print(f"wrote {p}")
+    except Exception as e:  # noqa: BLE001 - the results are already saved; report and fail
+        print(f"plots failed: {e!r}", file=sys.stderr)
+        return 1
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Smoke test of the benchmark runner: ``benchmarks/run.py --quick`` end to end.
+
+It checks that every part runs, that ``results.json`` has every section and the
+PNGs are drawn; it asserts nothing about timings (tiny sizes on a shared CI
+machine measure nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PNGS = ("stall_durable.png", "size_sweep.png", "multirank_bytes.png")
+TARGET_KEYS = {
+    "stall_over_memcpy", "durable_over_memcpy_plus_write", "peak_pss_over_state", "slowdown_vs_dcp_thread",
+    "first_eager_over_steady", "save_over_write_fsync", "load_over_cold_read", "planning_1024_s",
+}
+
+
+@pytest.mark.timeout(300)
+def test_run_quick(tmp_path: Path) -> None:
+    out, plots = tmp_path / "out", tmp_path / "plots"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--quick", "--out", str(out), "--plots-dir", str(plots)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=260, check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["errors"] == {}
+    assert res["config"]["quick"] is True
+    m = res["machine"]
+    for key in ("cpu_count", "cpu_model", "ram_bytes", "disk", "torch", "git_revision", "python"):
+        assert key in m, key
+    assert m["cpu_count"] >= 1 and m["ram_bytes"] > 0
+
+    assert "ratios" in res["single"] and "results" in res["single"]
+    assert "memcpy" in res["single"]["results"] and "ac.save" in res["single"]["results"]
+    assert {"ac", "dcp_thread"} <= set(res["async"]["summary"]["saves"])
+    assert "ratios" in res["async"]
+
+    assert [p["gib"] for p in res["sweep"]] == [0.03, 0.06]
+    for p in res["sweep"]:
+        assert "ratios" in p["single"]
+        assert "ac" in p["async"]["summary"]["saves"]
+
+    worlds = res["multirank"]["results"]
+    assert [w["world"] for w in worlds] == [2]
+    for w in worlds:
+        assert {"ac", "dcp_save", "dcp_thread"} <= set(w["methods"])
+        for meth in w["methods"].values():
+            assert len(meth["bytes_per_rank"]) == w["world"]
+            assert all(b > 0 for b in meth["bytes_per_rank"])
+            assert meth["bytes_on_disk"] > 0
+
+    assert [r["ranks"] for r in res["planning"]["results"]] == [64]
+
+    s = res["summary"]
+    assert set(s["targets"]) == TARGET_KEYS
+    for t in s["targets"].values():
+        assert {"value", "target", "met", "description"} <= set(t)
+    assert "vs_dcp" in s and len(s["sweep"]) == 2
+
+    md = (out / "summary.md").read_text()
+    assert "## Machine" in md and "## Results" in md
+    assert "async stall / memcpy" in proc.stdout  # the merged table was printed
+    for name in PNGS:
+        png = plots / name
+        assert png.is_file() and png.stat().st_size > 1000, name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
