@@ -59,16 +59,7 @@ def _save(
     options = SaveOptions(allow_pickle=allow_pickle, verify_replicas=verify_replicas)
     md = save_collective(comm, backend, location, local, flat.tree, options, stage_s=time.perf_counter() - t0)
     if md.stats is not None:
-        s = md.stats
-        log.info(
-            "saved %s: plan %.3fs write %.3fs commit %.3fs, %d bytes on rank %d",
-            location,
-            s.plan_s,
-            s.write_s,
-            s.commit_s,
-            s.bytes_written,
-            comm.rank,
-        )
+        log.info("saved %s on rank %d: %s", location, comm.rank, md.stats.describe())
     return md
 
 

@@ -353,17 +353,10 @@ class AsyncCheckpointer:
                 s = msg.metadata.stats
                 if s is not None:
                     log.info(
-                        "async_ckpt: saved %s (save %d): stall %.3fs stage %.3fs plan %.3fs%s "
-                        "write %.3fs commit %.3fs, %d bytes",
+                        "async_ckpt: saved %s (save %d): %s",
                         f.pending.checkpoint_id,
                         msg.save_id,
-                        s.stall_s,
-                        s.stage_s,
-                        s.plan_s,
-                        " (cached)" if s.plan_cached else "",
-                        s.write_s,
-                        s.commit_s,
-                        s.bytes_written,
+                        s.describe(),
                     )
             else:
                 err = CheckpointError(

@@ -97,6 +97,14 @@ class SaveStats:
     plan_cached: bool = False
     stall_s: float = 0.0
 
+    def describe(self) -> str:
+        """One log line's worth: every figure, as the INFO log of each save shows it."""
+        cached = " (cached)" if self.plan_cached else ""
+        return (
+            f"stall {self.stall_s:.3f}s stage {self.stage_s:.3f}s plan {self.plan_s:.3f}s{cached} "
+            f"write {self.write_s:.3f}s commit {self.commit_s:.3f}s, {self.bytes_written} bytes"
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Metadata:

@@ -46,7 +46,6 @@ from .save_job import SaveJobRunner
 
 __all__ = ["entry", "worker_main"]
 
-log = logging.getLogger("async_ckpt.worker")
 _LAYOUTS_KEPT = 8  # the trainer's client forgets in step (worker/client.py)
 
 
@@ -179,19 +178,6 @@ async def _one_save(
         with gc_paused():
             md = await runner.run(req, layout.plan, layout.tree, slot.views)
         reply = Finished(req.save_id, metadata=md)
-        s = md.stats
-        if s is not None:
-            log.debug(
-                "save %d to %s: stage %.3fs plan %.3fs%s write %.3fs commit %.3fs, %d bytes",
-                req.save_id,
-                req.location,
-                s.stage_s,
-                s.plan_s,
-                " (cached)" if s.plan_cached else "",
-                s.write_s,
-                s.commit_s,
-                s.bytes_written,
-            )
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the trainer
         reply = Finished(
             req.save_id,
