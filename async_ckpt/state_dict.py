@@ -29,8 +29,15 @@ class Stateful(Protocol):
     def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
 
 
+_NEVER_STATEFUL = (dict, list, tuple, torch.Tensor, int, float, str, bytes, type(None))
+
+
 def is_stateful(value: object) -> bool:
-    return not isinstance(value, (dict, list, tuple, torch.Tensor)) and isinstance(value, Stateful)
+    # What isinstance(value, Stateful) decides, minus the protocol machinery,
+    # which cost ~5 us per leaf: thousands per load.
+    if isinstance(value, _NEVER_STATEFUL):
+        return False
+    return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
 
 
 def join(prefix: str, key: object) -> str:

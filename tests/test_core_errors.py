@@ -151,10 +151,17 @@ def test_tensor_versus_value_mismatch(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- unsupported values and pickle
 
 
+class NotStateful:
+    """Has the method names, but as data: it must be refused, not called."""
+
+    state_dict = None
+    load_state_dict = "no"
+
+
 @pytest.mark.parametrize(
     "bad",
-    [object(), {1, 2}, torch.float32, frozenset(), complex(1, 2), Path("x")],
-    ids=["object", "set", "torch_dtype", "frozenset", "complex", "path"],
+    [object(), {1, 2}, torch.float32, frozenset(), complex(1, 2), Path("x"), NotStateful()],
+    ids=["object", "set", "torch_dtype", "frozenset", "complex", "path", "not_stateful"],
 )
 def test_unsupported_value_raises_type_error_naming_flat_key(tmp_path: Path, bad: object) -> None:
     ck = tmp_path / "c"

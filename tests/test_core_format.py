@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import async_ckpt as ac
+from async_ckpt.storage import LocalStorage
 
 MiB = 1 << 20
 
@@ -275,6 +276,29 @@ def test_flipped_byte_detected_with_noncontiguous_target(tmp_path: Path) -> None
     target = {"victim": torch.zeros(64, 64).t()}
     with pytest.raises(ac.CorruptCheckpointError, match="victim"):
         ac.load(target, ck, strict=False)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_read_threads_load_exactly_and_detect_damage(tmp_path: Path, threads: int) -> None:
+    # One thread reads inline in file order; several go through the pool. Both
+    # must place every byte and report damage with the file and key.
+    ck, src = _saved(tmp_path)
+    storage = LocalStorage(read_threads=threads)
+    target = _targets(src)
+    ac.load(target, ck, storage=storage)
+    for k in src:
+        assert_bits_equal(target[k], src[k], k)
+    path, start, length = chunk_location(ck, "big")
+    flip_byte(path, start + length // 2)
+    with pytest.raises(ac.CorruptCheckpointError) as info:
+        ac.load(_targets(src), ck, storage=storage)
+    assert path.name in str(info.value) and "big" in str(info.value)
+
+
+def test_read_threads_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="read_threads"):
+        LocalStorage(read_threads=0)
+    assert LocalStorage().read_threads >= 1
 
 
 def test_verify_false_skips_checksums(tmp_path: Path) -> None:

@@ -178,6 +178,7 @@ def test_detected_storage_pickles_and_works_after_unpickling(root: str) -> None:
     ac.save({"x": torch.arange(10)}, location, storage=storage)  # builds its file system
     clone = pickle.loads(pickle.dumps(storage))
     assert clone.part_size == storage.part_size
+    assert clone.read_threads == storage.read_threads == 8
     got = {"x": torch.zeros(10, dtype=torch.int64)}
     ac.load(got, location, storage=clone)
     assert torch.equal(got["x"], torch.arange(10))

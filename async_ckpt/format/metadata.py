@@ -39,6 +39,7 @@ METADATA_FILE = "metadata.json"
 _PREFIX = b'{"format":"async_ckpt","checksum":"xxh3_64:'
 _MIDDLE = b'","body":'
 _HEX_LEN = 16
+_HEX = re.compile(f"[0-9a-f]{{{_HEX_LEN}}}")
 _SAFE_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,200}$")
 # Far beyond any real tensor, small enough that sizes times itemsize stay exact.
 _MAX_ELEMENTS = 1 << 56
@@ -388,6 +389,6 @@ def _dims(v: object, what: str) -> tuple[int, ...]:
 
 
 def _hex(v: object, what: str) -> str:
-    if not isinstance(v, str) or len(v) != _HEX_LEN or any(c not in "0123456789abcdef" for c in v):
+    if not isinstance(v, str) or _HEX.fullmatch(v) is None:
         raise _Bad(f"{what} must be {_HEX_LEN} lowercase hex digits")
     return v

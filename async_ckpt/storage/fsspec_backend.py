@@ -64,7 +64,9 @@ class FsspecStorage:
     ``client_kwargs``, ...). Only these options are pickled into the
     background worker, which builds its own file system from them; a live
     file system passed as ``fs`` is pickled the way fsspec pickles it (by its
-    options, too). ``part_size`` and ``upload_concurrency`` shape S3 uploads.
+    options, too). ``part_size`` and ``upload_concurrency`` shape S3 uploads;
+    ``read_threads`` is how many ranged reads a load keeps in flight (latency,
+    not the CPU, limits an object store, so the default is high).
     """
 
     def __init__(
@@ -73,16 +75,20 @@ class FsspecStorage:
         *,
         part_size: int = 16 << 20,
         upload_concurrency: int = 8,
+        read_threads: int = 8,
         **storage_options: Any,
     ) -> None:
         if part_size < _MIN_PART:
             raise ValueError(f"part_size must be at least 5 MiB ({_MIN_PART} bytes), S3's smallest part")
         if upload_concurrency < 1:
             raise ValueError("upload_concurrency must be at least 1")
+        if read_threads < 1:
+            raise ValueError("read_threads must be at least 1")
         self._user_fs = fs
         self._options = storage_options
         self.part_size = part_size
         self.upload_concurrency = upload_concurrency
+        self.read_threads = read_threads
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -96,6 +102,7 @@ class FsspecStorage:
             "options": self._options,
             "part_size": self.part_size,
             "upload_concurrency": self.upload_concurrency,
+            "read_threads": self.read_threads,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -103,6 +110,7 @@ class FsspecStorage:
         self._options = state["options"]
         self.part_size = state["part_size"]
         self.upload_concurrency = state["upload_concurrency"]
+        self.read_threads = state.get("read_threads", 8)
         self._init_runtime()
 
     def fs_for(self, location: str) -> Any:

@@ -146,6 +146,15 @@ class _FileReader:
         os.close(self._fd)
 
 
+def default_read_threads() -> int:
+    """One concurrent read per 4 CPUs this process may run on, 1 to 4."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus // 4))
+
+
 class LocalStorage:
     """Checkpoints as directories on a POSIX file system.
 
@@ -156,12 +165,19 @@ class LocalStorage:
 
     ``direct_io`` writes shards with O_DIRECT where the file system supports
     it (see ``direct_io.py``), saving the page-cache copy's CPU.
+    ``read_threads`` is how many reads a load keeps in flight; by default one
+    per 4 CPUs, 1 to 4: the kernel's readahead already keeps the disk busy
+    behind one sequential reader, and on a few cores more readers only contend
+    for the page cache.
     """
 
     direct_io: bool = True
 
-    def __init__(self, *, direct_io: bool = True) -> None:
+    def __init__(self, *, direct_io: bool = True, read_threads: int | None = None) -> None:
+        if read_threads is not None and read_threads < 1:
+            raise ValueError(f"read_threads must be at least 1, got {read_threads}")
         self.direct_io = direct_io
+        self.read_threads = read_threads if read_threads is not None else default_read_threads()
 
     def resolve(self, checkpoint_id: object) -> str:
         raw = os.fspath(checkpoint_id)  # type: ignore[call-overload]
