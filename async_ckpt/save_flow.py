@@ -131,11 +131,19 @@ def coordinate(comm: Comm, step: str, payload: Any, fn: Callable[[list[Any]], Se
 # ------------------------------------------------------------------ planning
 
 
-def plan_assignments(plans: Sequence[SavePlan], options: SaveOptions, token: str) -> list[RankAssignment]:
-    """The coordinator's part of planning: dedup, validate, spread each rank's items over files."""
+def plan_assignments(
+    plans: Sequence[SavePlan], options: SaveOptions, token: str, storage: Storage
+) -> list[RankAssignment]:
+    """The coordinator's part of planning: dedup, validate, spread each rank's items over files.
+
+    A rank writes at most ``options.max_files_per_rank`` files, fewer where the
+    storage says fewer streams suit it (``files_per_rank``, as LocalStorage has).
+    """
     gp = create_global_plan(plans, dedup=options.dedup)  # type: ignore[arg-type]
+    max_files = options.max_files_per_rank
+    max_files = max(1, min(max_files, int(getattr(storage, "files_per_rank", max_files))))
     return [
-        RankAssignment(token=token, files=assign_files(p, rank, gp.per_rank_fqns, options.max_files_per_rank))
+        RankAssignment(token=token, files=assign_files(p, rank, gp.per_rank_fqns, max_files))
         for rank, p in enumerate(gp.plans)
     ]
 
@@ -309,7 +317,7 @@ def save_collective(
 
     def plan(plans: list[SavePlan]) -> list[RankAssignment]:
         token = uuid.uuid4().hex[:16]
-        out = plan_assignments(plans, options, token)
+        out = plan_assignments(plans, options, token, storage)
         storage.begin_save(location, token)
         return out
 

@@ -298,7 +298,27 @@ def test_read_threads_load_exactly_and_detect_damage(tmp_path: Path, threads: in
 def test_read_threads_must_be_positive() -> None:
     with pytest.raises(ValueError, match="read_threads"):
         LocalStorage(read_threads=0)
-    assert LocalStorage().read_threads >= 1
+    with pytest.raises(ValueError, match="files_per_rank"):
+        LocalStorage(files_per_rank=0)
+    assert 1 <= LocalStorage().read_threads <= 4 and 1 <= LocalStorage().files_per_rank <= 4
+
+
+@pytest.mark.parametrize("files", [1, 3, 4])
+def test_files_per_rank_bounds_the_shard_files(
+    tmp_path: Path, files: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Files are at least 64 MiB each in real saves; 1 MiB here keeps the test small.
+    monkeypatch.setattr("async_ckpt.save_flow._MIN_FILE_BYTES", 1 * MiB)
+    src = {f"t{i}": torch.full((MiB // 4,), float(i)) for i in range(6)}  # 6 MiB
+    ck = tmp_path / "c"
+    ac.save(src, ck, storage=LocalStorage(files_per_rank=files))
+    assert len(shard_files(ck)) == files
+    for path in shard_files(ck):
+        load_file(path)  # each one a valid safetensors file
+    target = {k: torch.zeros_like(v) for k, v in src.items()}
+    ac.load(target, ck)
+    for k in src:
+        assert_bits_equal(target[k], src[k], k)
 
 
 def test_verify_false_skips_checksums(tmp_path: Path) -> None:

@@ -172,7 +172,7 @@ class SaveJobRunner:
 
     def _plan(self, req: SaveRequest, plan: SavePlan, token: str) -> RankAssignment:
         def make(plans: list[SavePlan]) -> list[RankAssignment]:
-            out = plan_assignments(plans, req.options, token)
+            out = plan_assignments(plans, req.options, token, req.storage)
             req.storage.begin_save(req.location, token)
             return out
 
