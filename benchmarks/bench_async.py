@@ -61,6 +61,11 @@ are removed after every save. Targets:
 
     python benchmarks/bench_async.py --gib 2.0 --tensors 2872 --repeats 3 --json out.json
 
+``--light`` is a size-sweep point: the rounds only, measuring stall and time to
+durable of async_ckpt, blocking ``dcp.save`` and DCP THREAD mode beside memcpy and
+write+fsync (no DCP PROCESS, whose helper spawn alone costs ~12 s per size, no
+step slowdown, memory, extra first saves or loads).
+
 ``--profile N`` also profiles one steady-state ``ck.save`` on the trainer side with
 cProfile and prints the top N functions by cumulative time. ``--worker-nice N``
 re-nices the async_ckpt worker after it starts (an experiment: the library starts it
@@ -101,7 +106,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
-    evict_from_page_cache,
+    cold_step,
     fmt_bytes,
     iter_tensors,
     make_state_dict,
@@ -726,23 +731,33 @@ def phase_loads(
         steps["dcp.load cold"] = (dcp_dir, lambda: dcp.load(target, checkpoint_id=dcp_dir))
     times: dict[str, list[float]] = {k: [] for k in steps}
     resident: dict[str, list[int | None]] = {k: [] for k in steps}
+    disturbed: dict[str, int] = {k: 0 for k in steps}
     correct: dict[str, bool] = {}
     for _ in range(args.repeats):
         for name, (src, fn) in steps.items():
             for t in iter_tensors(target):
                 t.zero_()
-            evict_from_page_cache(src)
-            resident[name].append(resident_bytes(src))
-            _quiesce()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+
+            def run(
+                src: str = src, fn: Callable[[], Any] = fn, seen: list[int | None] = resident[name]
+            ) -> float:
+                seen.append(resident_bytes(src))
+                _quiesce()
+                t0 = time.perf_counter()
+                fn()
+                return time.perf_counter() - t0
+
+            # One redo at most: dcp.load outlasts the 2 s grace every time.
+            dt, redone = cold_step(src, run, attempts=2)
+            times[name].append(dt)
+            disturbed[name] += redone
             if name not in correct:
                 correct[name] = _check_equal(target, sd)
     target.clear()
     release_free_memory()
     return {
-        k: {**summarize(v), "resident_after_evict": resident[k], "correct": correct[k]}
+        k: {**summarize(v), "resident_after_evict": resident[k], "correct": correct[k],
+            "disturbed_runs": disturbed[k]}
         for k, v in times.items()
     }
 
@@ -771,8 +786,9 @@ def run(sd: dict[str, Any], args: argparse.Namespace, work: Path, mem: TreeMemor
     dproc: DcpProcess | None = None
     modes: dict[str, Mode] = {}
     if not args.skip_dcp:
-        setup["process_group_initialised"] = _init_process_group()
         modes.update(dcp_modes(sd))
+    if not args.skip_dcp and not args.light:
+        setup["process_group_initialised"] = _init_process_group()
         dproc = DcpProcess(sd)
         modes["dcp_process"] = dproc.mode
         setup["dcp_process_stager"] = dproc.description
@@ -822,7 +838,7 @@ def run(sd: dict[str, Any], args: argparse.Namespace, work: Path, mem: TreeMemor
                 res[f"{key}_dir"] = path
             elif key != "ac":
                 rd["saves"][key] = timed_save(modes[key], path, cpu=cpu)
-            if key in ASYNC_KEYS:
+            if key in ASYNC_KEYS and not args.light:
                 rd["slowdown"][key] = slowdown_run(modes[key], trainer, p(f"{key}-train-{r}"))
         rd["load_after"] = _machine_load()
         res["rounds"].append(rd)
@@ -835,6 +851,9 @@ def run(sd: dict[str, Any], args: argparse.Namespace, work: Path, mem: TreeMemor
         )
     if args.profile:
         res["profile"] = _profile_save(ck, sd, p("ac-profile"), args.profile)
+    if args.light:  # a size-sweep point: stall and time to durable are all it is for
+        ck.close()
+        return res
 
     # --- memory, each method with nothing of the others alive
     if dproc is not None:
@@ -980,6 +999,15 @@ def _f2(x: float | None) -> str:
 
 def _kilo(x: float | None) -> str:
     return "-" if x is None else f"{x / 1000:.0f}k"
+
+
+def _get_in(d: dict[str, Any], key: str, field: str) -> Any:
+    """``d[key][field]``, or None where a light run did not measure it."""
+    return (d.get(key) or {}).get(field)
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def report(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -1187,21 +1215,21 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     ratios: dict[str, Any] = {
         "stall_over_memcpy": _med(sm["paired"]["stall_over_memcpy"]),
         "durable_over_memcpy_plus_write": _med(sm["paired"]["durable_over_memcpy_plus_write"]),
-        "peak_pss_over_state": _ratio(memr["ac"]["pss_peak"], nbytes),
+        "peak_pss_over_state": _ratio(_get_in(memr, "ac", "pss_peak"), nbytes),
         "first_eager_over_steady": _ratio(_med(sm["ac_first_eager"]["durable"]), _med(acs["durable"])),
         "stall_over_memcpy_of_medians": _ratio(_med(acs["stall"]), mc),
         "durable_over_memcpy_plus_write_of_medians": _ratio(_med(acs["durable"]), mc + wr),
         "stall_cpu_over_memcpy_cpu": _med(sm["paired"]["stall_cpu_over_memcpy_cpu"]),
-        "peak_rss_over_state": _ratio(memr["ac"]["rss_peak"], nbytes),
+        "peak_rss_over_state": _ratio(_get_in(memr, "ac", "rss_peak"), nbytes),
         "peak_pss_above_trainer_alone_over_state": _ratio(
-            memr["ac"]["pss_peak"] - memr["trainer_alone"]["pss_peak"], nbytes
+            _diff(_get_in(memr, "ac", "pss_peak"), _get_in(memr, "trainer_alone", "pss_peak")), nbytes
         ),
-        "trainer_alone_pss_over_state": _ratio(memr["trainer_alone"]["pss_peak"], nbytes),
+        "trainer_alone_pss_over_state": _ratio(_get_in(memr, "trainer_alone", "pss_peak"), nbytes),
         "first_eager_main_over_steady": _ratio(setup["ac_first"]["durable"], _med(acs["durable"])),
         "first_eager_stall_over_steady_stall": _ratio(
             _med(sm["ac_first_eager"]["stall"]), _med(acs["stall"])
         ),
-        "first_lazy_over_steady": _ratio(setup["ac_lazy_first"]["durable"], _med(acs["durable"])),
+        "first_lazy_over_steady": _ratio(_get_in(setup, "ac_lazy_first", "durable"), _med(acs["durable"])),
         "ac_step_slowdown": ac_slow,
         "dcp_thread_step_slowdown": th_slow,
         "dcp_process_step_slowdown": pr_slow,
@@ -1285,6 +1313,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-dcp", action="store_true", help="skip torch DCP")
     ap.add_argument("--skip-load", action="store_true", help="skip the cold-load comparison")
+    ap.add_argument(
+        "--light",
+        action="store_true",
+        help="a size-sweep point: only the rounds' stall and time to durable (no DCP PROCESS, "
+        "step slowdown, memory, extra first saves or loads)",
+    )
     ap.add_argument(
         "--profile",
         type=int,

@@ -11,10 +11,17 @@ returned to the system before the next starts), in this order:
 2. ``bench_async.py`` at ``--gib``: ``AsyncCheckpointer`` against DCP save /
    async_save (THREAD, PROCESS) and dcp.load: stall, time to durable, peak tree
    memory, step slowdown, first save;
-3. the size sweep: ``bench_single.py`` and ``bench_async.py`` at every ``--sizes``
-   (DCP in the async part unless ``--skip-dcp``);
-4. ``multirank.py`` at ``--ranks`` (``--replicated`` of the bytes on every rank);
-5. ``bench_planning.py`` at ``--planning-ranks`` (2000 items per rank).
+3. the size sweep: ``bench_async.py --light`` at every other ``--sizes`` point
+   (``--sweep-repeats`` rounds of stall and time to durable: async_ckpt, blocking
+   ``dcp.save`` and DCP THREAD mode beside memcpy and write+fsync; DCP PROCESS
+   is measured at the main size only, its helper spawn alone costing ~12 s a
+   size), and with ``--sweep-single`` also ``bench_single.py`` (save and load
+   against write+fsync and a cold read, torch.save/load left out);
+4. ``bench_gpu.py`` at ``--gib``, where CUDA is available (it reports itself
+   skipped elsewhere): pinned D2H staging against a plain pinned ``copy_``,
+   overlap mode, and DCP with a pinned ``DefaultStager``;
+5. ``multirank.py`` at ``--ranks`` (``--replicated`` of the bytes on every rank);
+6. ``bench_planning.py`` at ``--planning-ranks`` (2000 items per rank).
 
 Then ``<out>/results.json`` holds every part's JSON, the machine, and the
 verdicts; one table of ratios (against the hardware limits, against DCP, and the
@@ -57,7 +64,7 @@ TARGETS: list[tuple[str, str, float]] = [
 
 QUICK = {
     "gib": 0.0625, "tensors": 300, "sizes": [0.03, 0.06], "repeats": 1, "ranks": [2],
-    "planning_ranks": [64], "multirank_gib": 0.03, "multirank_tensors": 100,
+    "planning_ranks": [64], "multirank_gib": 0.03, "multirank_tensors": 100, "sweep_single": True,
 }
 
 
@@ -277,7 +284,18 @@ def build_summary(res: dict[str, Any]) -> dict[str, Any]:
                               "balance_max_over_mean": m.get("balance_max_over_mean"),
                               "on_disk_over_unique": m.get("on_disk_over_unique")})
     return {"targets": targets, "vs_dcp": vs_dcp, "step_slowdown": slowdown, "sweep": sweep,
-            "multirank": multirank, "planning": plan}
+            "multirank": multirank, "planning": plan, "gpu": _gpu_figures(res.get("gpu") or {})}
+
+
+def _gpu_figures(gpu: dict[str, Any]) -> dict[str, Any]:
+    """GPU mode's ratios, or why there are none."""
+    if not gpu or "error" in gpu:
+        return {"skipped": "GPU part did not run" if not gpu else "GPU part failed"}
+    if "skipped" in gpu:
+        return {"skipped": gpu["skipped"]}
+    slow = gpu.get("overlap_step_slowdown") or {}
+    return {"device": gpu.get("device"), **(gpu.get("ratios") or {}),
+            "overlap_gpu_step_slowdown": slow.get("median")}
 
 
 def _f(x: Any, fmt: str = "{:.3f}") -> str:
@@ -291,7 +309,7 @@ def print_summary(s: dict[str, Any]) -> None:
         rows.append([t["description"], _f(t["value"]), f"<= {t['target']:g}", verdict[t["met"]]])
     for p in s["sweep"]:
         for key, desc, limit in TARGETS:
-            if key in p:
+            if p.get(key) is not None:  # sweep points measure a subset
                 v = p[key]
                 rows.append([f"  at {p['gib']:g} GiB: {desc}", _f(v), f"<= {limit:g}",
                              verdict[None if v is None else v <= limit]])
@@ -308,6 +326,8 @@ def print_summary(s: dict[str, Any]) -> None:
         per_rank = p["items"] // max(1, p["ranks"])
         rows.append([f"planning {p['ranks']} ranks x {per_rank} items: ours s / DCP s",
                      f"{_f(p['ours_s'])} / {_f(p['dcp_s'])}", "", ""])
+    for k, v in s.get("gpu", {}).items():
+        rows.append([f"GPU mode: {k}", v if isinstance(v, str) else _f(v), "", ""])
     from _common import print_table
 
     print()
@@ -335,7 +355,8 @@ def markdown_summary(res: dict[str, Any]) -> str:
         + f"), {d.get('total_bytes', 0) / (1 << 30):.0f} GiB, benchmarks written under `{d.get('path')}`",
         f"- Python {m.get('python')}, torch {m.get('torch')}, {m.get('platform')}",
         f"- main size {c['gib']:g} GiB ({c['tensors']} tensors), "
-        f"sweep {', '.join(f'{x:g}' for x in c['sizes'])} GiB, {c['repeats']} repeats, "
+        f"sweep {', '.join(f'{x:g}' for x in c['sizes'])} GiB ({c.get('sweep_repeats', c['repeats'])} "
+        f"round(s) at each size but the main one), {c['repeats']} repeats, "
         f"ranks {c['ranks']} ({c['replicated']:g} replicated, "
         f"{c['multirank_gib']:g} GiB unique), planning ranks {c['planning_ranks']}",
         "",
@@ -348,7 +369,7 @@ def markdown_summary(res: dict[str, Any]) -> str:
         lines.append(f"| {t['description']} | {_f(t['value'])} | <= {t['target']:g} | {verdict[t['met']]} |")
     for p in s["sweep"]:
         for key, desc, limit in TARGETS:
-            if key in p:
+            if p.get(key) is not None:  # sweep points measure a subset
                 v = p[key]
                 lines.append(f"| at {p['gib']:g} GiB: {desc} | {_f(v)} | <= {limit:g} | "
                              f"{verdict[None if v is None else v <= limit]} |")
@@ -366,6 +387,13 @@ def markdown_summary(res: dict[str, Any]) -> str:
               "|---|---|---|---|"]
     lines += [f"| {p['ranks']} | {p['items'] // max(1, p['ranks'])} | {_f(p['ours_s'])} | {_f(p['dcp_s'])} |"
               for p in s["planning"]]
+    gpu = s.get("gpu") or {}
+    lines += ["", "GPU mode:", ""]
+    if "skipped" in gpu:
+        lines.append(f"Not measured: {gpu['skipped']}.")
+    else:
+        lines += ["| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v if isinstance(v, str) else _f(v)} |" for k, v in gpu.items()]
     if res.get("errors"):
         lines += ["", f"Parts that failed: {', '.join(res['errors'])}."]
     return "\n".join(lines) + "\n"
@@ -380,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gib", type=float, default=2.0, help="state-dict size of the main runs (GiB)")
     ap.add_argument("--tensors", type=int, default=2872, help="tensors in the state dict (every size)")
     ap.add_argument("--sizes", type=float, nargs="*", default=[0.5, 1, 2, 4], help="size sweep (GiB)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the main runs and multi-rank")
+    ap.add_argument("--sweep-repeats", type=int, default=1, help="rounds at each other size of the sweep")
+    ap.add_argument("--sweep-single", action="store_true",
+                    help="also run bench_single.py (save/load against the disk) at each sweep size")
     ap.add_argument("--ranks", type=int, nargs="*", default=[2, 4], help="multi-rank world sizes")
     ap.add_argument("--replicated", type=float, default=0.5, help="multi-rank: fraction replicated")
     ap.add_argument("--multirank-gib", type=float, default=1.0, help="multi-rank: unique bytes (GiB)")
@@ -396,7 +427,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
-        args.skip_dcp = True  # DCP is still measured at --gib and in the multi-rank part
 
     out = Path(args.out)
     logs = out / "logs"
@@ -410,29 +440,35 @@ def main(argv: list[str] | None = None) -> int:
         "config": vars(args),
         "machine": machine_info(args.dir or os.environ.get("TMPDIR") or "/tmp"),
     }
-    common = ["--tensors", args.tensors, "--repeats", args.repeats, *_dir_args(args)]
+    common = ["--tensors", args.tensors, *_dir_args(args)]
     to = args.part_timeout
 
-    def single(gib: float, tag: str) -> dict[str, Any]:
+    def single(gib: float, tag: str, extra: list[Any]) -> dict[str, Any]:
         j = parts / f"single-{tag}.json"
-        cmd = _py("bench_single.py", "--gib", gib, *common, "--json", j)
+        cmd = _py("bench_single.py", "--gib", gib, *common, *extra, "--json", j)
         return run_part(f"single-{tag}", cmd, j, logs, to)
 
-    def asyn(gib: float, tag: str, skip_dcp: bool) -> dict[str, Any]:
+    def asyn(gib: float, tag: str, extra: list[Any]) -> dict[str, Any]:
         j = parts / f"async-{tag}.json"
-        extra = ["--skip-dcp"] if skip_dcp else []
         return run_part(f"async-{tag}", _py("bench_async.py", "--gib", gib, *common, *extra, "--json", j),
                         j, logs, to)
 
-    res["single"] = single(args.gib, "main")
-    res["async"] = asyn(args.gib, "main", False)
+    res["single"] = single(args.gib, "main", ["--repeats", args.repeats])
+    res["async"] = asyn(args.gib, "main", ["--repeats", args.repeats])
+    j = parts / "gpu.json"
+    res["gpu"] = run_part("gpu", _py("bench_gpu.py", "--gib", args.gib, *common, "--repeats", args.repeats,
+                                     "--json", j), j, logs, to)
     res["sweep"] = []
+    light = ["--repeats", args.sweep_repeats, "--light", *(["--skip-dcp"] if args.skip_dcp else [])]
     for gib in args.sizes:
         tag = f"{gib:g}gib"
         if gib == args.gib:  # the main runs are this size already (with DCP): reuse them
             res["sweep"].append({"gib": gib, "single": res["single"], "async": res["async"], "main": True})
             continue
-        res["sweep"].append({"gib": gib, "single": single(gib, tag), "async": asyn(gib, tag, args.skip_dcp)})
+        pt: dict[str, Any] = {"gib": gib, "async": asyn(gib, tag, light)}
+        if args.sweep_single:
+            pt["single"] = single(gib, tag, ["--repeats", args.sweep_repeats, "--skip-torch"])
+        res["sweep"].append(pt)
     if args.ranks:
         j = parts / "multirank.json"
         res["multirank"] = run_part("multirank", _py(
@@ -446,12 +482,12 @@ def main(argv: list[str] | None = None) -> int:
             j, logs, to)
 
     res["errors"] = {}
-    for name in ("single", "async", "multirank", "planning"):
+    for name in ("single", "async", "gpu", "multirank", "planning"):
         if isinstance(res.get(name), dict) and "error" in res[name]:
             res["errors"][name] = res[name]["error"]
     for pt in res["sweep"]:
         for k in ("single", "async"):
-            if "error" in pt[k]:
+            if "error" in pt.get(k, {}):
                 res["errors"][f"sweep-{pt['gib']:g}-{k}"] = pt[k]["error"]
     res["summary"] = build_summary(res)
     res["machine"]["loadavg_end"] = list(os.getloadavg())

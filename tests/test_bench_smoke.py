@@ -48,8 +48,17 @@ def test_run_quick(tmp_path: Path) -> None:
 
     assert [p["gib"] for p in res["sweep"]] == [0.03, 0.06]
     for p in res["sweep"]:
-        assert "ratios" in p["single"]
-        assert "ac" in p["async"]["summary"]["saves"]
+        assert "ratios" in p["single"]  # --quick also runs bench_single in the sweep
+        assert "torch.load cold" not in p["single"]["results"]  # with --skip-torch
+        assert {"ac", "dcp_thread"} <= set(p["async"]["summary"]["saves"])
+        assert p["async"]["config"]["light"] is True
+
+    import torch
+
+    if torch.cuda.is_available():
+        assert {"ac", "ac_overlap", "dcp_pinned", "d2h", "ratios"} <= set(res["gpu"])
+    else:
+        assert "skipped" in res["gpu"] and "skipped" in res["summary"]["gpu"]
 
     worlds = res["multirank"]["results"]
     assert [w["world"] for w in worlds] == [2]
@@ -69,7 +78,7 @@ def test_run_quick(tmp_path: Path) -> None:
     assert "vs_dcp" in s and len(s["sweep"]) == 2
 
     md = (out / "summary.md").read_text()
-    assert "## Machine" in md and "## Results" in md
+    assert "## Machine" in md and "## Results" in md and "GPU mode:" in md
     assert "async stall / memcpy" in proc.stdout  # the merged table was printed
     for name in PNGS:
         png = plots / name
