@@ -31,6 +31,7 @@ __all__ = [
     "fmt_bytes",
     "iter_tensors",
     "make_state_dict",
+    "map_tensors",
     "median",
     "preallocated_like",
     "print_table",
@@ -229,18 +230,23 @@ def state_dict_bytes(node: Any) -> int:
     return sum(t.numel() * t.element_size() for t in iter_tensors(node))
 
 
+def map_tensors(node: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Same structure with ``fn`` applied to every tensor; other values kept as they are."""
+    if isinstance(node, torch.Tensor):
+        return fn(node)
+    if isinstance(node, dict):
+        return {k: map_tensors(v, fn) for k, v in node.items()}
+    if isinstance(node, list):
+        return [map_tensors(v, fn) for v in node]
+    if isinstance(node, tuple):
+        return tuple(map_tensors(v, fn) for v in node)
+    return node
+
+
 def preallocated_like(node: Any) -> Any:
     """Same structure; every tensor a fresh zero-filled one (pages touched, so no
     first-touch page faults land in a timed region); other values copied as-is."""
-    if isinstance(node, torch.Tensor):
-        return torch.empty_like(node).zero_()
-    if isinstance(node, dict):
-        return {k: preallocated_like(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [preallocated_like(v) for v in node]
-    if isinstance(node, tuple):
-        return tuple(preallocated_like(v) for v in node)
-    return node
+    return map_tensors(node, lambda t: torch.empty_like(t).zero_())
 
 
 # --------------------------------------------------------------------------- page cache

@@ -47,6 +47,7 @@ from _common import (
     fmt_bytes,
     iter_tensors,
     make_state_dict,
+    map_tensors,
     median,
     print_table,
     release_free_memory,
@@ -59,18 +60,6 @@ __all__ = ["main"]
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _to_cuda(node: Any) -> Any:
-    if isinstance(node, torch.Tensor):
-        return node.cuda()
-    if isinstance(node, dict):
-        return {k: _to_cuda(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_to_cuda(v) for v in node]
-    if isinstance(node, tuple):
-        return tuple(_to_cuda(v) for v in node)
-    return node
 
 
 def _rm(path: str) -> None:
@@ -189,7 +178,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import async_ckpt as ac
 
     _log(f"making a {args.gib:g} GiB state dict of {args.tensors} tensors on {torch.cuda.get_device_name()}")
-    sd = _to_cuda(make_state_dict(int(args.gib * (1 << 30)), args.tensors, args.seed))
+    sd = map_tensors(make_state_dict(int(args.gib * (1 << 30)), args.tensors, args.seed), lambda t: t.cuda())
     nbytes = state_dict_bytes(sd)
     tensors = list(iter_tensors(sd))
     release_free_memory()

@@ -300,7 +300,7 @@ def test_read_threads_must_be_positive() -> None:
         LocalStorage(read_threads=0)
     with pytest.raises(ValueError, match="files_per_rank"):
         LocalStorage(files_per_rank=0)
-    assert 1 <= LocalStorage().read_threads <= 4 and 1 <= LocalStorage().files_per_rank <= 4
+    assert 1 <= LocalStorage().read_threads <= 4 and LocalStorage().files_per_rank == 4
 
 
 @pytest.mark.parametrize("files", [1, 3, 4])
