@@ -113,14 +113,15 @@ from _common import (
     median,
     preallocated_like,
     print_table,
+    raw_write,
     release_free_memory,
     resident_bytes,
     state_dict_bytes,
     summarize,
+    tensor_views,
+    write_batches,
 )
 
-IO_BYTES = 64 << 20
-IOV_MAX = 1024
 TARGETS = {
     "stall_over_memcpy": 1.3,
     "durable_over_memcpy_plus_write": 1.3,
@@ -399,49 +400,6 @@ class Trainer:
 # --------------------------------------------------------------------------- hardware
 
 
-def _views(tensors: list[torch.Tensor]) -> list[memoryview]:
-    return [
-        memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
-        for t in tensors
-        if t.numel()
-    ]
-
-
-def _batches(views: list[memoryview]) -> list[list[memoryview]]:
-    batches: list[list[memoryview]] = []
-    cur: list[memoryview] = []
-    size = 0
-    for v in views:
-        for pos in range(0, len(v), IO_BYTES):
-            piece = v[pos : pos + IO_BYTES]
-            if cur and (size + len(piece) > IO_BYTES or len(cur) >= IOV_MAX):
-                batches.append(cur)
-                cur, size = [], 0
-            cur.append(piece)
-            size += len(piece)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-def raw_write(path: str, batches: list[list[memoryview]]) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    written = 0
-    try:
-        for batch in batches:
-            want = sum(len(b) for b in batch)
-            n = os.writev(fd, batch)
-            if n < want:  # partial writev: finish the batch with plain writes
-                flat = memoryview(b"".join(batch))
-                while n < want:
-                    n += os.write(fd, flat[n:])
-            written += want
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return written
-
-
 class Memcpy:
     """``copy_`` of every tensor into preallocated (already touched) tensors, which are
     kept only while an instance lives; timed on demand, in wall and CPU seconds."""
@@ -468,7 +426,7 @@ class Memcpy:
 
 
 def time_write(sd: dict[str, Any], path: str) -> dict[str, float]:
-    batches = _batches(_views(list(iter_tensors(sd))))
+    batches = write_batches(tensor_views(list(iter_tensors(sd))))
     _rm(path)
     _quiesce()
     c = time.process_time()

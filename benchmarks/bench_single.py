@@ -55,6 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
+    IO_BYTES,
     PeakRSS,
     cache_then_evict,
     cold_step,
@@ -64,70 +65,21 @@ from _common import (
     median,
     preallocated_like,
     print_table,
+    raw_write,
     release_free_memory,
     reported_kib,
     resident_bytes,
     state_dict_bytes,
     summarize,
+    tensor_views,
+    write_batches,
 )
 
-IO_BYTES = 64 << 20  # one write/read call moves at most this much
-IOV_MAX = 1024
 SAVE_TARGET = LOAD_TARGET = 1.3
 
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _tensor_views(tensors: list[torch.Tensor]) -> list[memoryview]:
-    out = []
-    for t in tensors:
-        if t.numel():
-            out.append(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B"))
-    return out
-
-
-def _write_batches(views: list[memoryview]) -> list[list[memoryview]]:
-    """Group the tensors' bytes into writev calls of at most IO_BYTES and IOV_MAX buffers."""
-    batches: list[list[memoryview]] = []
-    cur: list[memoryview] = []
-    size = 0
-    for v in views:
-        for pos in range(0, len(v), IO_BYTES):
-            piece = v[pos : pos + IO_BYTES]
-            if cur and (size + len(piece) > IO_BYTES or len(cur) >= IOV_MAX):
-                batches.append(cur)
-                cur, size = [], 0
-            cur.append(piece)
-            size += len(piece)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-def raw_write(
-    path: str, batches: list[list[memoryview]], phases: list[dict[str, float]] | None = None
-) -> int:
-    """Write the batches to a new file and fsync it; ``phases`` gets the write/fsync split."""
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    written = 0
-    try:
-        for batch in batches:
-            n = os.writev(fd, batch)
-            want = sum(len(b) for b in batch)
-            while n < want:  # partial writev: finish the batch with plain writes
-                flat = memoryview(b"".join(batch))[n:]
-                n += os.write(fd, flat)
-            written += want
-        t1 = time.perf_counter()
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if phases is not None:
-        phases.append({"write_s": t1 - t0, "fsync_s": time.perf_counter() - t1})
-    return written
 
 
 def raw_read(path: str, buf: memoryview) -> None:
@@ -275,7 +227,7 @@ def _run(args: argparse.Namespace, ac: Any, import_s: float, work: str) -> int:
     # for the whole run, so no step pays first-touch page faults another does not.
     _log("preallocating destinations")
     dst = [torch.empty_like(t).zero_() for t in tensors]  # memcpy
-    batches = _write_batches(_tensor_views(tensors))  # raw write: no copies, large writev calls
+    batches = write_batches(tensor_views(tensors))  # raw write: no copies, large writev calls
     buf = memoryview(torch.empty(nbytes, dtype=torch.uint8).zero_().numpy()).cast("B")  # raw read
     target = preallocated_like(sd)  # ac.load
 
