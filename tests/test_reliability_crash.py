@@ -529,7 +529,11 @@ def _dt_body(rank: int, world: int, root: str) -> list[str]:
                     seed = 2
                 pending = ck.save(_dt_sd(mesh, 3, extra=mode == "fresh"), b)
                 err = pending.exception(120)
-                assert isinstance(err, ac.CheckpointError) and "died" in str(err), err
+                # Rank 0's trainer closes the store its peers' workers use as soon as it
+                # sees its own worker die; a peer still inside the commit step then
+                # loses the store before reaching its own kill point.
+                lost = rank != 0 and "rank 0's checkpointer was closed or its process died" in str(err)
+                assert isinstance(err, ac.CheckpointError) and ("died" in str(err) or lost), err
         finally:
             del os.environ[KILL_ENV]
         dist.barrier()

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 
-__all__ = ["RankTimeoutError", "StoreComm"]
+__all__ = ["RankTimeoutError", "StoreComm", "StoreLostError"]
 
 
 class RankTimeoutError(CheckpointError):
@@ -34,9 +34,29 @@ class RankTimeoutError(CheckpointError):
         )
 
 
+class StoreLostError(CheckpointError):
+    """The workers' store stopped answering: the process hosting it is gone."""
+
+    def __init__(self, step: str, address: str, exc: BaseException) -> None:
+        super().__init__(
+            f"{step}: lost the connection to the workers' store at {address}, which rank 0's "
+            "trainer hosts: rank 0's checkpointer was closed or its process died "
+            f"({type(exc).__name__}: {exc})"
+        )
+
+
 class StoreComm:
-    def __init__(self, store: Any, rank: int, world_size: int, *, timeout: float, prefix: str = "") -> None:
-        self.store = store
+    def __init__(
+        self,
+        store: Any,
+        rank: int,
+        world_size: int,
+        *,
+        timeout: float,
+        prefix: str = "",
+        address: str = "?",
+    ) -> None:
+        self.store = _Guarded(store, self, address)
         self.rank = rank
         self.world_size = world_size
         self.timeout = timeout
@@ -102,3 +122,47 @@ class StoreComm:
                 raise RankTimeoutError(self.step, missing, self.timeout)
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
+
+
+class _Guarded:
+    """The store, with a lost connection reported as the workers' peer being gone.
+
+    A raw ``DistNetworkError`` ("Failed to recv, got 0 bytes") says nothing
+    about whose process went away; the user needs to hear it was rank 0's.
+    """
+
+    def __init__(self, store: Any, comm: StoreComm, address: str) -> None:
+        self._store = store
+        self._comm = comm
+        self._address = address
+
+    def _call(self, name: str, *args: Any) -> Any:
+        try:
+            return getattr(self._store, name)(*args)
+        except _NETWORK_ERRORS as exc:
+            raise StoreLostError(self._comm.step, self._address, exc) from exc
+
+    def set(self, key: str, value: bytes) -> None:
+        self._call("set", key, value)
+
+    def get(self, key: str) -> bytes:
+        return self._call("get", key)  # type: ignore[no-any-return]
+
+    def check(self, keys: list[str]) -> bool:
+        return self._call("check", keys)  # type: ignore[no-any-return]
+
+    def delete_key(self, key: str) -> bool:
+        return self._call("delete_key", key)  # type: ignore[no-any-return]
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    import torch.distributed as dist
+
+    errs: list[type[BaseException]] = [ConnectionError]
+    net = getattr(dist, "DistNetworkError", None)
+    if isinstance(net, type):
+        errs.append(net)
+    return tuple(errs)
+
+
+_NETWORK_ERRORS = _network_errors()

@@ -111,7 +111,12 @@ def _connect(config: WorkerConfig) -> Comm:
         wait_for_workers=False,
     )
     return StoreComm(
-        store, config.rank, config.world_size, timeout=config.timeout, prefix=config.store_prefix
+        store,
+        config.rank,
+        config.world_size,
+        timeout=config.timeout,
+        prefix=config.store_prefix,
+        address=f"{config.store_host}:{config.store_port}",
     )
 
 
