@@ -103,9 +103,9 @@ class AsyncCheckpointer:
         """Start the background worker now (idempotent).
 
         Given a ``state_dict`` shaped like the ones that will be saved, also
-        allocate and fault in its staging buffers and hand them and its plan
-        to the worker, so that the first save costs what later saves cost
-        (filling fresh shared memory takes about ten times a warm copy).
+        allocate and map its staging buffers and hand them and its plan to the
+        worker, so that the first save costs what later saves cost (backing
+        fresh shared memory takes several times a warm copy).
         """
         with self._lock:
             worker = self._ensure_worker()
@@ -118,7 +118,6 @@ class AsyncCheckpointer:
             )
             slot, _ = self._pool.acquire(prepared.layout, timeout=self._timeout)
             try:
-                slot.prefault()
                 if slot.registered_with != worker.pid:
                     worker.register(slot)
                 worker.register_layout(prepared.layout_id, prepared.local.plan, prepared.tree)

@@ -11,6 +11,7 @@ none free waits until the worker releases one. Segments have no name in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -18,16 +19,20 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .errors import CheckpointError
 
 __all__ = ["BufferSpec", "Layout", "StagingPool", "StagingSlot", "make_layout"]
 
 Key = tuple[str, tuple[int, ...] | None]
 _ALIGN = 64
 _SEGMENT_BYTES = 1 << 30
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; not in Python 3.11
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +79,29 @@ def make_layout(tensors: Mapping[Key, torch.Tensor]) -> Layout:
 class Segment:
     """One anonymous shared-memory segment, mapped here."""
 
-    def __init__(self, size: int, *, pin: bool) -> None:
+    def __init__(self, size: int) -> None:
         self.size = size
         self.fd = _anonymous_shm(size)
         self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.base = torch.frombuffer(self.mm, dtype=torch.uint8)
         self.pinned = False
-        if pin:
-            err = torch.cuda.cudart().cudaHostRegister(self.base.data_ptr(), size, 0)
-            self.pinned = int(err) == 0
+
+    def back(self) -> None:
+        """Allocate and map every page now, in bulk, instead of one fault per page in the copy.
+
+        Measured on 2 cores for 2 GiB of fresh memory: the first staging copy
+        took 2.0-2.8 s faulting page by page, against 0.25 s to allocate (two
+        segments at once) and about 0.5 s to map. It also turns running out of
+        memory into an error here instead of a SIGBUS in the middle of a copy.
+        """
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(self.fd, 0, self.size)
+        with contextlib.suppress(OSError, ValueError):  # before Linux 5.14: the copy maps pages
+            self.mm.madvise(_MADV_POPULATE_WRITE)
+
+    def pin(self) -> None:
+        err = torch.cuda.cudart().cudaHostRegister(self.base.data_ptr(), self.size, 0)
+        self.pinned = int(err) == 0
 
     def close(self) -> None:
         if self.pinned:
@@ -91,6 +110,23 @@ class Segment:
         del self.base
         self.mm.close()
         os.close(self.fd)
+
+
+def _back_all(segments: list[Segment], layout: Layout) -> None:
+    """Back every segment, several at once (each file's allocation is serial in the kernel)."""
+    try:
+        if len(segments) == 1:
+            segments[0].back()
+            return
+        workers = max(1, min(len(segments), os.cpu_count() or 1, 4))
+        with ThreadPoolExecutor(workers, thread_name_prefix="async_ckpt-stage-alloc") as pool:
+            list(pool.map(Segment.back, segments))
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot allocate {layout.nbytes / 2**30:.2f} GiB of shared memory to stage "
+            f"{len(layout.specs)} tensors ({exc.strerror or exc}); free host memory, or lower "
+            "max_in_flight so fewer copies of the state dict are held"
+        ) from exc
 
 
 def _anonymous_shm(size: int) -> int:
@@ -120,11 +156,6 @@ class StagingSlot:
             self.views[s.key] = (
                 raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
             )
-
-    def prefault(self) -> None:
-        """Touch every page now, so the first staging copy runs at warm-copy speed."""
-        for seg in self.segments:
-            seg.base.zero_()
 
     @property
     def pinned(self) -> bool:
@@ -212,7 +243,18 @@ class StagingPool:
                 return None
             self._slots.remove(stale)
             stale.close()
-        segments = [Segment(size, pin=self.pin) for size in layout.segment_sizes]
+        segments: list[Segment] = []
+        try:
+            for size in layout.segment_sizes:
+                segments.append(Segment(size))
+            _back_all(segments, layout)
+            if self.pin:
+                for seg in segments:
+                    seg.pin()
+        except BaseException:
+            for seg in segments:
+                seg.close()
+            raise
         slot = StagingSlot(self._next_id, layout, segments, busy=True)
         self._next_id += 1
         self.allocations += 1

@@ -1,0 +1,107 @@
+"""Staging buffers: backed in bulk when allocated, and a clear error when memory runs out."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import resource
+
+import pytest
+import torch
+
+import async_ckpt as ac
+from async_ckpt import staging
+from async_ckpt.staging import StagingPool, make_layout
+
+MB = 1 << 20
+
+
+def _tensors(n: int, mb: int) -> dict[tuple[str, None], torch.Tensor]:
+    return {(f"t{i}", None): torch.full((mb * MB // 4,), float(i)) for i in range(n)}
+
+
+def _populate_supported() -> bool:
+    probe = mmap.mmap(-1, mmap.PAGESIZE)
+    try:
+        probe.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+@pytest.mark.skipif(not _populate_supported(), reason="kernel before 5.14: no MADV_POPULATE_WRITE")
+def test_new_slot_is_backed_so_the_first_copy_does_not_fault() -> None:
+    tensors = _tensors(6, 16)  # 96 MiB over one segment
+    layout = make_layout(tensors)
+    pool = StagingPool(1, pin=False)
+    try:
+        slot, _ = pool.acquire(layout)
+        pages = layout.nbytes // mmap.PAGESIZE
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        slot.copy_in(tensors)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        # Faulting page by page would take one fault per page (24,576 here).
+        assert faults < pages // 20, (faults, pages)
+        for key, t in tensors.items():
+            assert torch.equal(slot.views[key], t)
+    finally:
+        pool.close()
+
+
+def test_segments_are_backed_in_parallel_and_hold_every_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(staging, "_SEGMENT_BYTES", 8 * MB)  # several segments from a small dict
+    tensors = {**_tensors(5, 3), ("tail", None): torch.arange(7.0)}
+    layout = make_layout(tensors)
+    assert len(layout.segment_sizes) >= 3
+    pool = StagingPool(1, pin=False)
+    try:
+        slot, _ = pool.acquire(layout)
+        for seg, size in zip(slot.segments, layout.segment_sizes, strict=True):
+            assert os.fstat(seg.fd).st_blocks * 512 >= size  # allocated, not sparse
+        slot.copy_in(tensors)
+        assert all(torch.equal(slot.views[k], t) for k, t in tensors.items())
+    finally:
+        pool.close()
+
+
+def test_out_of_memory_is_a_clear_error_and_leaks_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    fds_before = len(os.listdir("/proc/self/fd"))
+
+    def no_memory(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_memory)
+    tensors = _tensors(3, 1)
+    pool = StagingPool(1, pin=False)
+    with pytest.raises(
+        ac.CheckpointError, match=r"cannot allocate 0\.00 GiB of shared memory to stage 3 tensors"
+    ):
+        pool.acquire(make_layout(tensors))
+    assert pool.slots() == [] and pool.allocations == 0
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # every memfd closed
+    monkeypatch.undo()
+    slot, _ = pool.acquire(make_layout(tensors))  # the pool still works once memory is back
+    assert slot.busy
+    pool.close()
+
+
+def test_out_of_memory_fails_the_save_not_the_trainer(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]
+) -> None:
+    sd = {"w": torch.arange(1000.0)}
+    with ac.AsyncCheckpointer() as ck:
+
+        def full(fd: int, offset: int, length: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "posix_fallocate", full)
+        with pytest.raises(ac.CheckpointError, match=r"cannot allocate .* shared memory"):
+            ck.save(sd, os.path.join(tmp_path, "a"))
+        monkeypatch.undo()
+        ck.save(sd, os.path.join(tmp_path, "a")).result(60)
+    got = {"w": torch.zeros(1000)}
+    ac.load(got, os.path.join(tmp_path, "a"))
+    assert torch.equal(got["w"], sd["w"])
