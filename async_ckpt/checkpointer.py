@@ -284,7 +284,7 @@ class AsyncCheckpointer:
                 tensors = job.prepared.local.tensors
                 event = slot.copy_in(
                     tensors,
-                    self._cuda_stream(tensors),
+                    self._cuda_stream(job.prepared.on_cuda),
                     on_half=lambda: kill_point("stage", pending.save_id, rank),
                 )
                 if event is not None:
@@ -323,8 +323,8 @@ class AsyncCheckpointer:
             if not isinstance(exc, Exception):
                 raise
 
-    def _cuda_stream(self, tensors: dict[Any, torch.Tensor]) -> Any:
-        if not any(t.device.type == "cuda" for t in tensors.values()):
+    def _cuda_stream(self, on_cuda: bool) -> Any:
+        if not on_cuda:
             return None
         if self._stream is None:
             self._stream = torch.cuda.Stream()

@@ -35,6 +35,8 @@ class Prepared:
     layout_id: str
     """Names (plan, tree) for the worker, which keeps them between saves."""
     tree: Any
+    on_cuda: bool
+    """Whether any tensor lives on a CUDA device (part of the cache signature)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,7 @@ class _Entry:
     layout_id: str
     tree: Any
     tensor_keys: tuple[tuple[str, tuple[int, ...] | None], ...]
+    on_cuda: bool
 
 
 class LayoutCache:
@@ -60,7 +63,11 @@ class LayoutCache:
             self._entries.move_to_end(sig)
             self.hits += 1
             return Prepared(
-                self._refresh(entry, flat, allow_pickle), entry.layout, entry.layout_id, entry.tree
+                self._refresh(entry, flat, allow_pickle),
+                entry.layout,
+                entry.layout_id,
+                entry.tree,
+                entry.on_cuda,
             )
         local = build_local_plan(flat.entries, allow_pickle=allow_pickle, verify_replicas=verify_replicas)
         layout = make_layout(local.tensors)
@@ -68,10 +75,11 @@ class LayoutCache:
         keys = tuple(
             (it.index.fqn, it.index.offset) for it in local.plan.items if it.type is not WriteItemType.BYTE_IO
         )
-        self._entries[sig] = _Entry(local, layout, layout_id, flat.tree, keys)
+        on_cuda = any(t.device.type == "cuda" for t in local.tensors.values())
+        self._entries[sig] = _Entry(local, layout, layout_id, flat.tree, keys, on_cuda)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
-        return Prepared(local, layout, layout_id, flat.tree)
+        return Prepared(local, layout, layout_id, flat.tree, on_cuda)
 
     @staticmethod
     def _refresh(entry: _Entry, flat: Flat, allow_pickle: bool) -> LocalPlan:

@@ -156,6 +156,8 @@ class StagingSlot:
             self.views[s.key] = (
                 raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
             )
+        self._keys = tuple(self.views)
+        self._dsts = list(self.views.values())
 
     @property
     def pinned(self) -> bool:
@@ -168,6 +170,9 @@ class StagingSlot:
         memory) after it waits for the producer stream, so forward/backward
         work queued later on the default stream overlaps the copy.
         """
+        if stream is None:
+            self._copy_host(tensors, on_half)
+            return None
         event = None
         half = len(tensors) // 2
         with torch.no_grad():
@@ -190,7 +195,22 @@ class StagingSlot:
                 event.record(stream)
         return event
 
+    def _copy_host(self, tensors: Mapping[Key, torch.Tensor], on_half: Any) -> None:
+        # The loop runs once per tensor inside the training loop's stall: with
+        # thousands of small tensors, a dict lookup and checks per tensor add up.
+        srcs = list(tensors.values())
+        dsts = self._dsts if tuple(tensors) == self._keys else [self.views[k] for k in tensors]
+        half = len(srcs) // 2
+        with torch.no_grad():
+            for dst, src in zip(dsts[:half], srcs[:half], strict=True):
+                dst.copy_(src)
+            if on_half is not None:
+                on_half()
+            for dst, src in zip(dsts[half:], srcs[half:], strict=True):
+                dst.copy_(src)
+
     def close(self) -> None:
+        self._dsts.clear()
         self.views.clear()
         for seg in self.segments:
             seg.close()

@@ -105,3 +105,20 @@ def test_out_of_memory_fails_the_save_not_the_trainer(
     got = {"w": torch.zeros(1000)}
     ac.load(got, os.path.join(tmp_path, "a"))
     assert torch.equal(got["w"], sd["w"])
+
+
+def test_copy_in_places_every_tensor_by_key_in_any_order() -> None:
+    tensors = {**_tensors(4, 1), ("empty", None): torch.empty(0, 3), ("int", None): torch.arange(5)}
+    layout = make_layout(tensors)
+    pool = StagingPool(1, pin=False)
+    try:
+        slot, _ = pool.acquire(layout)
+        calls: list[int] = []
+        reordered = dict(reversed(list(tensors.items())))
+        slot.copy_in(reordered, on_half=lambda: calls.append(1))
+        assert calls == [1]
+        assert all(torch.equal(slot.views[k], t) for k, t in tensors.items())
+        slot.copy_in({k: t + 1 for k, t in tensors.items()})  # the layout's own order
+        assert all(torch.equal(slot.views[k], t + 1) for k, t in tensors.items())
+    finally:
+        pool.close()
