@@ -56,9 +56,14 @@ class LayoutCache:
         self.hits = 0
 
     def prepare(self, flat: Flat, *, allow_pickle: bool, verify_replicas: bool) -> Prepared:
-        tree_json = json.dumps(flat.tree, separators=(",", ":"))
-        sig = (_tensor_signature(flat.entries), tree_json)
+        # Keyed by the leaves' signature, then the tree compared as Python objects:
+        # 0.1 ms against 1.3 ms to serialise it on every save (2,872 tensors).
+        # Plain equality cannot tell dict keys 1, 1.0 and True apart, but their
+        # leaves' names ("1", "1.0", "True") are part of the signature.
+        sig = _tensor_signature(flat.entries)
         entry = None if verify_replicas else self._entries.get(sig)
+        if entry is not None and entry.tree != flat.tree:
+            entry = None
         if entry is not None:
             self._entries.move_to_end(sig)
             self.hits += 1
@@ -71,6 +76,7 @@ class LayoutCache:
             )
         local = build_local_plan(flat.entries, allow_pickle=allow_pickle, verify_replicas=verify_replicas)
         layout = make_layout(local.tensors)
+        tree_json = json.dumps(flat.tree, separators=(",", ":"))
         layout_id = f"{layout.key}-{xxhash.xxh3_64_hexdigest(tree_json.encode())}"
         keys = tuple(
             (it.index.fqn, it.index.offset) for it in local.plan.items if it.type is not WriteItemType.BYTE_IO
