@@ -127,10 +127,15 @@ def make_state_dict(total_bytes: int, n_tensors: int, seed: int = 0) -> dict[str
         layer, k = j % n_layers, j // n_layers
         kind = _SMALL_KINDS[k] if k < len(_SMALL_KINDS) else f"extra{k - len(_SMALL_KINDS)}.weight"
         dtype = torch.bfloat16 if j % 10 == 7 else torch.float32
-        specs.append({
-            "name": f"layers.{layer}.{kind}", "layer": layer, "dtype": dtype, "large": False,
-            "numel": rng.choice(_SMALL_NUMEL),
-        })
+        specs.append(
+            {
+                "name": f"layers.{layer}.{kind}",
+                "layer": layer,
+                "dtype": dtype,
+                "large": False,
+                "numel": rng.choice(_SMALL_NUMEL),
+            }
+        )
 
     # Small vectors: keep them under a tenth of the budget when the budget is tiny.
     small_bytes = sum(3 * s["numel"] * s["dtype"].itemsize for s in specs if not s["large"])
@@ -177,8 +182,15 @@ def make_state_dict(total_bytes: int, n_tensors: int, seed: int = 0) -> dict[str
         model[f"buffers.{e}.num_batches_tracked"] = torch.tensor(1000 + e, dtype=torch.int64)
 
     common = {
-        "lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False, "maximize": False,
-        "foreach": None, "capturable": False, "differentiable": False, "fused": None,
+        "lr": 3e-4,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "amsgrad": False,
+        "maximize": False,
+        "foreach": None,
+        "capturable": False,
+        "differentiable": False,
+        "fused": None,
     }
     groups = [{**common, "weight_decay": 0.1, "params": decay}]
     if no_decay:
@@ -202,8 +214,8 @@ class _RandomPools:
         key = (dtype, dist)
         if key not in self._pools:
             t = torch.empty(self._NUMEL, dtype=dtype)
-            self._pools[key] = t.normal_(generator=self._gen) if dist == "normal" else t.uniform_(
-                generator=self._gen
+            self._pools[key] = (
+                t.normal_(generator=self._gen) if dist == "normal" else t.uniform_(generator=self._gen)
             )
         return self._pools[key]
 
@@ -439,7 +451,12 @@ def resident_bytes(path: str | os.PathLike[str]) -> int | None:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.mmap.restype = ctypes.c_void_p
             libc.mmap.argtypes = [
-                ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_long,
             ]
             libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
             libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]

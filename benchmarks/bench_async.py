@@ -714,8 +714,12 @@ def phase_loads(
     target.clear()
     release_free_memory()
     return {
-        k: {**summarize(v), "resident_after_evict": resident[k], "correct": correct[k],
-            "disturbed_runs": disturbed[k]}
+        k: {
+            **summarize(v),
+            "resident_after_evict": resident[k],
+            "correct": correct[k],
+            "disturbed_runs": disturbed[k],
+        }
         for k, v in times.items()
     }
 

@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
     ap.add_argument("--skip-torch", action="store_true", help="leave out torch.save / torch.load")
     ap.add_argument(
-        "--torch-threads", type=int, default=1,
+        "--torch-threads",
+        type=int,
+        default=1,
         help="torch intra-op threads (default 1: with OpenMP threads, every parallel copy_ waits "
         "for a thread the OS descheduled, and on a busy 2-core machine the memcpy baseline "
         "swings 0.04-4 s per 200 MiB; 0 keeps torch's default)",
@@ -220,8 +222,10 @@ def _run(args: argparse.Namespace, ac: Any, import_s: float, work: str) -> int:
         by_dtype[str(t.dtype)] = by_dtype.get(str(t.dtype), 0) + t.numel() * t.element_size()
     _log(f"built in {build_s:.1f}s: {len(tensors)} tensors, {nbytes} bytes; work dir {work}")
     if 4 * nbytes > psutil.virtual_memory().available:
-        _log(f"WARNING: the run needs about {fmt_bytes(4 * nbytes)} more memory; "
-             f"{fmt_bytes(psutil.virtual_memory().available)} is available")
+        _log(
+            f"WARNING: the run needs about {fmt_bytes(4 * nbytes)} more memory; "
+            f"{fmt_bytes(psutil.virtual_memory().available)} is available"
+        )
 
     # Everything the timed steps write into is allocated (and touched) up front and kept
     # for the whole run, so no step pays first-touch page faults another does not.
@@ -234,8 +238,12 @@ def _run(args: argparse.Namespace, ac: Any, import_s: float, work: str) -> int:
     raw = os.path.join(work, "raw.bin")
     bench = Bench(nbytes)
     sizes: dict[str, dict[str, int]] = {}
-    eviction: dict[str, Any] = {"raw_resident_when_warm": [], "raw_resident_after_evict": [],
-                                "ckpt_resident_after_evict": [], "torch_resident_after_evict": []}
+    eviction: dict[str, Any] = {
+        "raw_resident_when_warm": [],
+        "raw_resident_after_evict": [],
+        "ckpt_resident_after_evict": [],
+        "torch_resident_after_evict": [],
+    }
 
     def memcpy() -> None:
         for d, s in zip(dst, tensors, strict=True):
@@ -352,31 +360,46 @@ def _report(
         + f"; built in {build_s:.1f}s; `import async_ckpt` {import_s:.2f}s"
     )
     load_end = os.getloadavg()
-    print(f"dir: {work} ({_fs_of(work)}); {os.cpu_count()} cpus; torch {torch.__version__}; "
-          f"rounds {args.repeats} (+{args.warmup} warm-up); torch threads {torch.get_num_threads()}; "
-          f"load average {bench.load_start[0]:.2f} at start, {load_end[0]:.2f} at end")
+    print(
+        f"dir: {work} ({_fs_of(work)}); {os.cpu_count()} cpus; torch {torch.__version__}; "
+        f"rounds {args.repeats} (+{args.warmup} warm-up); torch threads {torch.get_num_threads()}; "
+        f"load average {bench.load_start[0]:.2f} at start, {load_end[0]:.2f} at end"
+    )
     if max(bench.load_start[0], load_end[0]) > 0.5 * (os.cpu_count() or 1):
         print("NOTE: other processes were busy on this machine; expect noisy figures (compare min columns)")
     print()
     rows = []
     for name, res in r.items():
         size = sizes.get(name)
-        rows.append([
-            name, f"{res['min']:.3f}", f"{res['median']:.3f}", f"{res['max']:.3f}",
-            f"{res['gb_per_s']:.2f}", f"{res['cpu_median']:.3f}", fmt_bytes(size["apparent"]) if size else "",
-            fmt_bytes(res["peak_rss_delta"]),
-        ])
+        rows.append(
+            [
+                name,
+                f"{res['min']:.3f}",
+                f"{res['median']:.3f}",
+                f"{res['max']:.3f}",
+                f"{res['gb_per_s']:.2f}",
+                f"{res['cpu_median']:.3f}",
+                fmt_bytes(size["apparent"]) if size else "",
+                fmt_bytes(res["peak_rss_delta"]),
+            ]
+        )
     print_table(
         ["step", "min s", "median s", "max s", "GB/s (med)", "cpu s (med)", "on disk", "peak RSS +"], rows
     )
-    print("cpu s: user+system time of this process (all threads) during the step; "
-          "peak RSS +: growth of the process tree's RSS over the step's start")
+    print(
+        "cpu s: user+system time of this process (all threads) during the step; "
+        "peak RSS +: growth of the process tree's RSS over the step's start"
+    )
 
     def ratio(num: str, den: str) -> dict[str, Any]:
         """Median over median, and the median of the per-round (paired) ratios."""
         paired = [x / y for x, y in zip(bench.times[num], bench.times[den], strict=True)]
-        return {"of_medians": r[num]["median"] / r[den]["median"], "paired": paired,
-                "paired_median": median(paired), "of_mins": r[num]["min"] / r[den]["min"]}
+        return {
+            "of_medians": r[num]["median"] / r[den]["median"],
+            "paired": paired,
+            "paired_median": median(paired),
+            "of_mins": r[num]["min"] / r[den]["min"],
+        }
 
     ratios = {
         "save_over_write_fsync": ratio("ac.save", "write+fsync"),
@@ -411,35 +434,53 @@ def _report(
     ph = r["write+fsync"]
     print(f"write+fsync split (medians): write {ph['write_median']:.3f}s, fsync {ph['fsync_median']:.3f}s")
     cold_vs_warm = ratios["cold_read_over_warm_read"]["of_medians"]
-    after = [x for k in ("raw_resident_after_evict", "ckpt_resident_after_evict",
-                         "torch_resident_after_evict") for x in eviction[k]]
+    after = [
+        x
+        for k in ("raw_resident_after_evict", "ckpt_resident_after_evict", "torch_resident_after_evict")
+        for x in eviction[k]
+    ]
     worst = max((x for x in after if x is not None), default=None)
     warm = min((x for x in eviction["raw_resident_when_warm"] if x is not None), default=None)
-    print(f"eviction: cold read is {cold_vs_warm:.1f}x the warm read; raw file resident "
-          f"{fmt_bytes(warm)} (at least) when warm, at most {fmt_bytes(worst)} of any file right "
-          "after eviction (mincore)")
+    print(
+        f"eviction: cold read is {cold_vs_warm:.1f}x the warm read; raw file resident "
+        f"{fmt_bytes(warm)} (at least) when warm, at most {fmt_bytes(worst)} of any file right "
+        "after eviction (mincore)"
+    )
     if cold_vs_warm < 1.5 or (worst is not None and worst > nbytes // 100):
         print("WARNING: eviction looks ineffective; 'cold' figures may be warm ones")
     redone = {k: v["disturbed_runs"] for k, v in r.items() if v.get("disturbed_runs")}
     if reported_kib() is not None:
-        print("free page reporting (VM): cold runs redone because the VM handed free memory to its "
-              f"host during them: {redone or 'none'}")
+        print(
+            "free page reporting (VM): cold runs redone because the VM handed free memory to its "
+            f"host during them: {redone or 'none'}"
+        )
 
     if args.json:
         out = {
             "config": {
-                "gib": args.gib, "tensors": args.tensors, "repeats": args.repeats, "warmup": args.warmup,
+                "gib": args.gib,
+                "tensors": args.tensors,
+                "repeats": args.repeats,
+                "warmup": args.warmup,
                 "seed": args.seed,
                 "torch_threads": torch.get_num_threads(),
-                "dir": work, "filesystem": _fs_of(work),
+                "dir": work,
+                "filesystem": _fs_of(work),
             },
             "machine": {
-                "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                "torch": torch.__version__, "mem_total": _mem_total(),
-                "loadavg_start": bench.load_start, "loadavg_end": load_end,
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "mem_total": _mem_total(),
+                "loadavg_start": bench.load_start,
+                "loadavg_end": load_end,
             },
             "state_dict": {
-                "tensors": ntensors, "bytes": nbytes, "bytes_by_dtype": by_dtype, "build_s": build_s,
+                "tensors": ntensors,
+                "bytes": nbytes,
+                "bytes_by_dtype": by_dtype,
+                "build_s": build_s,
             },
             "import_async_ckpt_s": import_s,
             "results": r,

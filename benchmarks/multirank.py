@@ -127,8 +127,14 @@ def _dcp_rank_bytes(files: dict[str, int], world: int) -> list[int]:
 
 
 def _rank_body(
-    rank: int, world: int, work: str, total_bytes: int, n_tensors: int, replicated: float,
-    repeats: int, skip_dcp: bool,
+    rank: int,
+    world: int,
+    work: str,
+    total_bytes: int,
+    n_tensors: int,
+    replicated: float,
+    repeats: int,
+    skip_dcp: bool,
 ) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -166,6 +172,7 @@ def _rank_body(
 
     ck = ac.AsyncCheckpointer(start=True)
     try:
+
         def ours(path: str) -> Any:
             p = ck.save(sd, path)
             return lambda: p.result().stats.bytes_written
@@ -200,12 +207,24 @@ def run_world(world: int, args: argparse.Namespace, work: str) -> dict[str, Any]
     total = int(args.gib * (1 << 30))
     t = time.perf_counter()
     per_rank = run_ranks(
-        world, _rank_body, work, total, args.tensors, args.replicated, args.repeats, args.skip_dcp,
-        timeout=args.timeout, pg_timeout=args.timeout,
+        world,
+        _rank_body,
+        work,
+        total,
+        args.tensors,
+        args.replicated,
+        args.repeats,
+        args.skip_dcp,
+        timeout=args.timeout,
+        pg_timeout=args.timeout,
     )
     res: dict[str, Any] = {
-        "world": world, "unique_bytes": total, "replicated_fraction": args.replicated,
-        "local_bytes": [r["local_bytes"] for r in per_rank], "methods": {}, "wall_s": time.perf_counter() - t,
+        "world": world,
+        "unique_bytes": total,
+        "replicated_fraction": args.replicated,
+        "local_bytes": [r["local_bytes"] for r in per_rank],
+        "methods": {},
+        "wall_s": time.perf_counter() - t,
     }
     for name in per_rank[0]["runs"]:
         runs = [r["runs"][name] for r in per_rank]  # [rank][repeat]
@@ -239,22 +258,30 @@ def print_results(results: list[dict[str, Any]]) -> None:
     rows = []
     for r in results:
         for name, m in r["methods"].items():
-            rows.append([
-                r["world"], name, f"{m['stall']['median']:.3f}", f"{m['durable']['median']:.3f}",
-                " / ".join(_fmt_gib(b) for b in m["bytes_per_rank"]),
-                "-" if m["balance_max_over_mean"] is None else f"{m['balance_max_over_mean']:.2f}",
-                _fmt_gib(m["bytes_on_disk"]), f"{m['on_disk_over_unique']:.3f}",
-            ])
+            rows.append(
+                [
+                    r["world"],
+                    name,
+                    f"{m['stall']['median']:.3f}",
+                    f"{m['durable']['median']:.3f}",
+                    " / ".join(_fmt_gib(b) for b in m["bytes_per_rank"]),
+                    "-" if m["balance_max_over_mean"] is None else f"{m['balance_max_over_mean']:.2f}",
+                    _fmt_gib(m["bytes_on_disk"]),
+                    f"{m['on_disk_over_unique']:.3f}",
+                ]
+            )
     print_table(
         ["ranks", "method", "stall s", "durable s", "GiB per rank", "max/mean", "on disk GiB", "disk/unique"],
-        rows, title="Multi-rank saves (max over ranks; median over saves)",
+        rows,
+        title="Multi-rank saves (max over ranks; median over saves)",
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    ap.add_argument("--gib", type=float, default=1.0,
-                    help="unique state-dict bytes (GiB), all ranks together")
+    ap.add_argument(
+        "--gib", type=float, default=1.0, help="unique state-dict bytes (GiB), all ranks together"
+    )
     ap.add_argument("--tensors", type=int, default=1000, help="tensors per rank")
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--replicated", type=float, default=0.5, help="fraction of unique bytes replicated")

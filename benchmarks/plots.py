@@ -115,16 +115,21 @@ def plot_size_sweep(res: dict[str, Any], path: Path) -> None:
         sms = [(p["async"].get("summary") or {}) for p in pts]
         mc = [_med(s, "memcpy") for s in sms]
         wf = [_med(s, "write_fsync") for s in sms]
-        limit = {"stall": mc, "durable": [a + b if a is not None and b is not None else None
-                                          for a, b in zip(mc, wf, strict=True)]}
+        limit = {
+            "stall": mc,
+            "durable": [
+                a + b if a is not None and b is not None else None for a, b in zip(mc, wf, strict=True)
+            ],
+        }
         for ax, fig_key in zip(axes, ("stall", "durable"), strict=True):
             for k in LABELS:
                 ys = [_med(s.get("saves") or {}, k, fig_key) for s in sms]
                 if any(y is not None for y in ys):
                     ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=LABELS[k])
             lab = "memcpy" if fig_key == "stall" else "memcpy + write+fsync"
-            ax.plot(xs, [float("nan") if y is None else y for y in limit[fig_key]], "k--", marker="x",
-                    label=lab)
+            ax.plot(
+                xs, [float("nan") if y is None else y for y in limit[fig_key]], "k--", marker="x", label=lab
+            )
             ax.set_xticks(xs, [f"{x:g}" for x in xs])
             _headroom(ax)
             ax.set_xlabel("state-dict size (GiB)")
@@ -155,8 +160,11 @@ def plot_multirank_bytes(res: dict[str, Any], path: Path) -> None:
         ax.set_xticks(list(range(n)), [f"rank {r}" for r in range(n)])
         ax.set_ylabel("MiB written")
         _headroom(ax)
-        ax.set_title(f"{n} ranks, {w.get('unique_bytes', 0) / (1 << 20):.0f} MiB unique, "
-                     f"{w.get('replicated_fraction', 0):g} replicated", fontsize=10)
+        ax.set_title(
+            f"{n} ranks, {w.get('unique_bytes', 0) / (1 << 20):.0f} MiB unique, "
+            f"{w.get('replicated_fraction', 0):g} replicated",
+            fontsize=10,
+        )
         ax.legend(fontsize=7)
     fig.suptitle(f"Bytes written per rank\n{_subtitle(res)}", fontsize=10)
     fig.tight_layout()

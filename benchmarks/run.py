@@ -63,8 +63,15 @@ TARGETS: list[tuple[str, str, float]] = [
 ]
 
 QUICK = {
-    "gib": 0.0625, "tensors": 300, "sizes": [0.03, 0.06], "repeats": 1, "ranks": [2],
-    "planning_ranks": [64], "multirank_gib": 0.03, "multirank_tensors": 100, "sweep_single": True,
+    "gib": 0.0625,
+    "tensors": 300,
+    "sizes": [0.03, 0.06],
+    "repeats": 1,
+    "ranks": [2],
+    "planning_ranks": [64],
+    "multirank_gib": 0.03,
+    "multirank_tensors": 100,
+    "sweep_single": True,
 }
 
 
@@ -125,8 +132,12 @@ def machine_info(work_dir: str) -> dict[str, Any]:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": _cpu_model(),
         "ram_bytes": psutil.virtual_memory().total,
-        "disk": {**_mount_of(work_dir), "path": work_dir,
-                 "total_bytes": usage.total, "free_bytes": usage.free},
+        "disk": {
+            **_mount_of(work_dir),
+            "path": work_dir,
+            "total_bytes": usage.total,
+            "free_bytes": usage.free,
+        },
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -149,8 +160,9 @@ def run_part(name: str, cmd: list[str], json_path: Path, logs: Path, timeout: fl
     env = dict(os.environ, PYTHONPATH=pythonpath)
     try:
         with open(log, "w") as fh:
-            r = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout,
-                               check=False)
+            r = subprocess.run(
+                cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False
+            )
         rc: int | str = r.returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
@@ -210,13 +222,16 @@ def _async_figures(a: dict[str, Any]) -> dict[str, Any]:
 def _planning_seconds(p: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for r in p.get("results") or []:
-        rows.append({
-            "ranks": r.get("ranks"), "items": r.get("items"),
-            "ours_s": _get(r, "ours", "global plan (total)", "seconds"),
-            "dcp_s": _get(r, "dcp", "global plan (total)", "seconds"),
-            "ours_balance": _get(r, "ours", "dedup (balanced)", "balance"),
-            "dcp_balance": _get(r, "dcp", "dedup (DCP greedy)", "balance"),
-        })
+        rows.append(
+            {
+                "ranks": r.get("ranks"),
+                "items": r.get("items"),
+                "ours_s": _get(r, "ours", "global plan (total)", "seconds"),
+                "dcp_s": _get(r, "dcp", "global plan (total)", "seconds"),
+                "ours_balance": _get(r, "ours", "dedup (balanced)", "balance"),
+                "dcp_balance": _get(r, "dcp", "dedup (DCP greedy)", "balance"),
+            }
+        )
     return rows
 
 
@@ -241,8 +256,12 @@ def build_summary(res: dict[str, Any]) -> dict[str, Any]:
     targets = {}
     for key, desc, limit in TARGETS:
         v = values.get(key)
-        targets[key] = {"description": desc, "value": v, "target": limit,
-                        "met": None if v is None else bool(v <= limit)}
+        targets[key] = {
+            "description": desc,
+            "value": v,
+            "target": limit,
+            "met": None if v is None else bool(v <= limit),
+        }
 
     fig = _async_figures(asy) if asy and "error" not in asy else {"saves": {}}
     saves = fig["saves"]
@@ -253,38 +272,57 @@ def build_summary(res: dict[str, Any]) -> dict[str, Any]:
             vs_dcp[f"{k}_stall_over_ours"] = _div(saves[k]["stall"], ours.get("stall"))
             vs_dcp[f"{k}_durable_over_ours"] = _div(saves[k]["durable"], ours.get("durable"))
     vs_dcp["dcp_load_over_ours"] = _div(1.0, ar.get("ac_load_over_dcp_load"))
-    slowdown = {"ours": ar.get("ac_step_slowdown"), "dcp_thread": ar.get("dcp_thread_step_slowdown"),
-                "dcp_process": ar.get("dcp_process_step_slowdown")}
+    slowdown = {
+        "ours": ar.get("ac_step_slowdown"),
+        "dcp_thread": ar.get("dcp_thread_step_slowdown"),
+        "dcp_process": ar.get("dcp_process_step_slowdown"),
+    }
     for r in plan:
         vs_dcp[f"planning_{r['ranks']}_dcp_over_ours"] = _div(r["dcp_s"], r["ours_s"])
     for w in _get(res, "multirank", "results") or []:
         m = w.get("methods") or {}
         if "ac" in m and "dcp_thread" in m:
             vs_dcp[f"multirank_{w['world']}_dcp_thread_durable_over_ours"] = _div(
-                _get(m, "dcp_thread", "durable", "median"), _get(m, "ac", "durable", "median"))
+                _get(m, "dcp_thread", "durable", "median"), _get(m, "ac", "durable", "median")
+            )
             vs_dcp[f"multirank_{w['world']}_dcp_thread_stall_over_ours"] = _div(
-                _get(m, "dcp_thread", "stall", "median"), _get(m, "ac", "stall", "median"))
+                _get(m, "dcp_thread", "stall", "median"), _get(m, "ac", "stall", "median")
+            )
 
     sweep = []
     for pt in res.get("sweep") or []:
         f = _async_figures(pt.get("async") or {})
         ac_ = f["saves"].get("ac", {})
         mc, wf = f.get("memcpy"), f.get("write_fsync")
-        sweep.append({
-            "gib": pt["gib"],
-            "stall_over_memcpy": _div(ac_.get("stall"), mc),
-            "durable_over_memcpy_plus_write": _div(ac_.get("durable"), (mc + wf) if mc and wf else None),
-            "save_over_write_fsync": _get(pt, "single", "ratios", "save_over_write_fsync", "of_medians"),
-            "load_over_cold_read": _get(pt, "single", "ratios", "load_over_cold_read", "of_medians"),
-        })
+        sweep.append(
+            {
+                "gib": pt["gib"],
+                "stall_over_memcpy": _div(ac_.get("stall"), mc),
+                "durable_over_memcpy_plus_write": _div(ac_.get("durable"), (mc + wf) if mc and wf else None),
+                "save_over_write_fsync": _get(pt, "single", "ratios", "save_over_write_fsync", "of_medians"),
+                "load_over_cold_read": _get(pt, "single", "ratios", "load_over_cold_read", "of_medians"),
+            }
+        )
     multirank = []
     for w in _get(res, "multirank", "results") or []:
         for name, m in (w.get("methods") or {}).items():
-            multirank.append({"world": w["world"], "method": name,
-                              "balance_max_over_mean": m.get("balance_max_over_mean"),
-                              "on_disk_over_unique": m.get("on_disk_over_unique")})
-    return {"targets": targets, "vs_dcp": vs_dcp, "step_slowdown": slowdown, "sweep": sweep,
-            "multirank": multirank, "planning": plan, "gpu": _gpu_figures(res.get("gpu") or {})}
+            multirank.append(
+                {
+                    "world": w["world"],
+                    "method": name,
+                    "balance_max_over_mean": m.get("balance_max_over_mean"),
+                    "on_disk_over_unique": m.get("on_disk_over_unique"),
+                }
+            )
+    return {
+        "targets": targets,
+        "vs_dcp": vs_dcp,
+        "step_slowdown": slowdown,
+        "sweep": sweep,
+        "multirank": multirank,
+        "planning": plan,
+        "gpu": _gpu_figures(res.get("gpu") or {}),
+    }
 
 
 def _gpu_figures(gpu: dict[str, Any]) -> dict[str, Any]:
@@ -294,8 +332,11 @@ def _gpu_figures(gpu: dict[str, Any]) -> dict[str, Any]:
     if "skipped" in gpu:
         return {"skipped": gpu["skipped"]}
     slow = gpu.get("overlap_step_slowdown") or {}
-    return {"device": gpu.get("device"), **(gpu.get("ratios") or {}),
-            "overlap_gpu_step_slowdown": slow.get("median")}
+    return {
+        "device": gpu.get("device"),
+        **(gpu.get("ratios") or {}),
+        "overlap_gpu_step_slowdown": slow.get("median"),
+    }
 
 
 def _f(x: Any, fmt: str = "{:.3f}") -> str:
@@ -311,28 +352,55 @@ def print_summary(s: dict[str, Any]) -> None:
         for key, desc, limit in TARGETS:
             if p.get(key) is not None:  # sweep points measure a subset
                 v = p[key]
-                rows.append([f"  at {p['gib']:g} GiB: {desc}", _f(v), f"<= {limit:g}",
-                             verdict[None if v is None else v <= limit]])
+                rows.append(
+                    [
+                        f"  at {p['gib']:g} GiB: {desc}",
+                        _f(v),
+                        f"<= {limit:g}",
+                        verdict[None if v is None else v <= limit],
+                    ]
+                )
     for k, v in s["vs_dcp"].items():
         rows.append([f"vs DCP (DCP / ours): {k}", _f(v), "", ""])
     for k, v in s["step_slowdown"].items():
         rows.append([f"step time during a save / alone: {k}", _f(v), "", ""])
     for m in s["multirank"]:
-        rows.append([f"{m['world']} ranks {m['method']}: bytes max/mean per rank",
-                     _f(m["balance_max_over_mean"]), "", ""])
-        rows.append([f"{m['world']} ranks {m['method']}: on disk / unique bytes",
-                     _f(m["on_disk_over_unique"]), "", ""])
+        rows.append(
+            [
+                f"{m['world']} ranks {m['method']}: bytes max/mean per rank",
+                _f(m["balance_max_over_mean"]),
+                "",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                f"{m['world']} ranks {m['method']}: on disk / unique bytes",
+                _f(m["on_disk_over_unique"]),
+                "",
+                "",
+            ]
+        )
     for p in s["planning"]:
         per_rank = p["items"] // max(1, p["ranks"])
-        rows.append([f"planning {p['ranks']} ranks x {per_rank} items: ours s / DCP s",
-                     f"{_f(p['ours_s'])} / {_f(p['dcp_s'])}", "", ""])
+        rows.append(
+            [
+                f"planning {p['ranks']} ranks x {per_rank} items: ours s / DCP s",
+                f"{_f(p['ours_s'])} / {_f(p['dcp_s'])}",
+                "",
+                "",
+            ]
+        )
     for k, v in s.get("gpu", {}).items():
         rows.append([f"GPU mode: {k}", v if isinstance(v, str) else _f(v), "", ""])
     from _common import print_table
 
     print()
-    print_table(["figure", "value", "target", "verdict"], rows,
-                title="async_ckpt benchmarks: ratios against the hardware, DCP, and the targets")
+    print_table(
+        ["figure", "value", "target", "verdict"],
+        rows,
+        title="async_ckpt benchmarks: ratios against the hardware, DCP, and the targets",
+    )
 
 
 def markdown_summary(res: dict[str, Any]) -> str:
@@ -371,22 +439,49 @@ def markdown_summary(res: dict[str, Any]) -> str:
         for key, desc, limit in TARGETS:
             if p.get(key) is not None:  # sweep points measure a subset
                 v = p[key]
-                lines.append(f"| at {p['gib']:g} GiB: {desc} | {_f(v)} | <= {limit:g} | "
-                             f"{verdict[None if v is None else v <= limit]} |")
-    lines += ["", "Against DCP (DCP's figure / ours: above 1, we are faster or smaller):", "",
-              "| figure | value |", "|---|---|"]
+                lines.append(
+                    f"| at {p['gib']:g} GiB: {desc} | {_f(v)} | <= {limit:g} | "
+                    f"{verdict[None if v is None else v <= limit]} |"
+                )
+    lines += [
+        "",
+        "Against DCP (DCP's figure / ours: above 1, we are faster or smaller):",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {_f(v)} |" for k, v in s["vs_dcp"].items()]
-    lines += ["", "Training-step time during a background save / step time alone:", "",
-              "| checkpointer | slowdown |", "|---|---|"]
+    lines += [
+        "",
+        "Training-step time during a background save / step time alone:",
+        "",
+        "| checkpointer | slowdown |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {_f(v)} |" for k, v in s["step_slowdown"].items()]
-    lines += ["", "Multi-rank:", "", "| ranks | method | bytes max/mean per rank | on disk / unique |",
-              "|---|---|---|---|"]
-    lines += [f"| {r['world']} | {r['method']} | {_f(r['balance_max_over_mean'])} | "
-              f"{_f(r['on_disk_over_unique'])} |" for r in s["multirank"]]
-    lines += ["", "Planning (global plan, seconds):", "", "| ranks | items per rank | ours | DCP |",
-              "|---|---|---|---|"]
-    lines += [f"| {p['ranks']} | {p['items'] // max(1, p['ranks'])} | {_f(p['ours_s'])} | {_f(p['dcp_s'])} |"
-              for p in s["planning"]]
+    lines += [
+        "",
+        "Multi-rank:",
+        "",
+        "| ranks | method | bytes max/mean per rank | on disk / unique |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['world']} | {r['method']} | {_f(r['balance_max_over_mean'])} | "
+        f"{_f(r['on_disk_over_unique'])} |"
+        for r in s["multirank"]
+    ]
+    lines += [
+        "",
+        "Planning (global plan, seconds):",
+        "",
+        "| ranks | items per rank | ours | DCP |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {p['ranks']} | {p['items'] // max(1, p['ranks'])} | {_f(p['ours_s'])} | {_f(p['dcp_s'])} |"
+        for p in s["planning"]
+    ]
     gpu = s.get("gpu") or {}
     lines += ["", "GPU mode:", ""]
     if "skipped" in gpu:
@@ -403,15 +498,19 @@ def markdown_summary(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n", 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--gib", type=float, default=2.0, help="state-dict size of the main runs (GiB)")
     ap.add_argument("--tensors", type=int, default=2872, help="tensors in the state dict (every size)")
     ap.add_argument("--sizes", type=float, nargs="*", default=[0.5, 1, 2, 4], help="size sweep (GiB)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of the main runs and multi-rank")
     ap.add_argument("--sweep-repeats", type=int, default=1, help="rounds at each other size of the sweep")
-    ap.add_argument("--sweep-single", action="store_true",
-                    help="also run bench_single.py (save/load against the disk) at each sweep size")
+    ap.add_argument(
+        "--sweep-single",
+        action="store_true",
+        help="also run bench_single.py (save/load against the disk) at each sweep size",
+    )
     ap.add_argument("--ranks", type=int, nargs="*", default=[2, 4], help="multi-rank world sizes")
     ap.add_argument("--replicated", type=float, default=0.5, help="multi-rank: fraction replicated")
     ap.add_argument("--multirank-gib", type=float, default=1.0, help="multi-rank: unique bytes (GiB)")
@@ -450,14 +549,20 @@ def main(argv: list[str] | None = None) -> int:
 
     def asyn(gib: float, tag: str, extra: list[Any]) -> dict[str, Any]:
         j = parts / f"async-{tag}.json"
-        return run_part(f"async-{tag}", _py("bench_async.py", "--gib", gib, *common, *extra, "--json", j),
-                        j, logs, to)
+        return run_part(
+            f"async-{tag}", _py("bench_async.py", "--gib", gib, *common, *extra, "--json", j), j, logs, to
+        )
 
     res["single"] = single(args.gib, "main", ["--repeats", args.repeats])
     res["async"] = asyn(args.gib, "main", ["--repeats", args.repeats])
     j = parts / "gpu.json"
-    res["gpu"] = run_part("gpu", _py("bench_gpu.py", "--gib", args.gib, *common, "--repeats", args.repeats,
-                                     "--json", j), j, logs, to)
+    res["gpu"] = run_part(
+        "gpu",
+        _py("bench_gpu.py", "--gib", args.gib, *common, "--repeats", args.repeats, "--json", j),
+        j,
+        logs,
+        to,
+    )
     res["sweep"] = []
     light = ["--repeats", args.sweep_repeats, "--light", *(["--skip-dcp"] if args.skip_dcp else [])]
     for gib in args.sizes:
@@ -471,15 +576,37 @@ def main(argv: list[str] | None = None) -> int:
         res["sweep"].append(pt)
     if args.ranks:
         j = parts / "multirank.json"
-        res["multirank"] = run_part("multirank", _py(
-            "multirank.py", "--gib", args.multirank_gib, "--tensors", args.multirank_tensors,
-            "--ranks", *args.ranks, "--replicated", args.replicated, "--repeats", args.repeats,
-            *_dir_args(args), "--json", j), j, logs, to)
+        res["multirank"] = run_part(
+            "multirank",
+            _py(
+                "multirank.py",
+                "--gib",
+                args.multirank_gib,
+                "--tensors",
+                args.multirank_tensors,
+                "--ranks",
+                *args.ranks,
+                "--replicated",
+                args.replicated,
+                "--repeats",
+                args.repeats,
+                *_dir_args(args),
+                "--json",
+                j,
+            ),
+            j,
+            logs,
+            to,
+        )
     if args.planning_ranks:
         j = parts / "planning.json"
-        res["planning"] = run_part("planning", _py(
-            "bench_planning.py", "--ranks", *args.planning_ranks, "--repeats", args.repeats, "--json", j),
-            j, logs, to)
+        res["planning"] = run_part(
+            "planning",
+            _py("bench_planning.py", "--ranks", *args.planning_ranks, "--repeats", args.repeats, "--json", j),
+            j,
+            logs,
+            to,
+        )
 
     res["errors"] = {}
     for name in ("single", "async", "gpu", "multirank", "planning"):
@@ -497,9 +624,11 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(res["summary"])
     (out / "summary.md").write_text(markdown_summary(res))
     m = res["machine"]
-    print(f"\nmachine: {m['cpu_count']} cpus ({m['cpu_model']}), {m['ram_bytes'] / (1 << 30):.1f} GiB RAM, "
-          f"disk {m['disk'].get('device')} {m['disk'].get('fstype')}, torch {m['torch']}, "
-          f"git {(m['git_revision'] or '?')[:12]}{' (dirty)' if m['git_dirty'] else ''}")
+    print(
+        f"\nmachine: {m['cpu_count']} cpus ({m['cpu_model']}), {m['ram_bytes'] / (1 << 30):.1f} GiB RAM, "
+        f"disk {m['disk'].get('device')} {m['disk'].get('fstype')}, torch {m['torch']}, "
+        f"git {(m['git_revision'] or '?')[:12]}{' (dirty)' if m['git_dirty'] else ''}"
+    )
     if res["errors"]:
         print(f"FAILED parts: {res['errors']} (logs under {logs})")
     print(f"wrote {path} in {res['total_s']:.0f}s")

@@ -18,8 +18,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PNGS = ("stall_durable.png", "size_sweep.png", "multirank_bytes.png")
 TARGET_KEYS = {
-    "stall_over_memcpy", "durable_over_memcpy_plus_write", "peak_pss_over_state", "slowdown_vs_dcp_thread",
-    "first_eager_over_steady", "save_over_write_fsync", "load_over_cold_read", "planning_1024_s",
+    "stall_over_memcpy",
+    "durable_over_memcpy_plus_write",
+    "peak_pss_over_state",
+    "slowdown_vs_dcp_thread",
+    "first_eager_over_steady",
+    "save_over_write_fsync",
+    "load_over_cold_read",
+    "planning_1024_s",
 }
 
 
@@ -29,7 +35,12 @@ def test_run_quick(tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
     proc = subprocess.run(
         [sys.executable, "benchmarks/run.py", "--quick", "--out", str(out), "--plots-dir", str(plots)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=260, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=260,
+        check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
 
