@@ -16,7 +16,11 @@ __all__ = ["ShardReader", "ShardSink", "Storage"]
 
 @runtime_checkable
 class ShardSink(Protocol):
-    """An open shard file being written, sequentially."""
+    """An open shard file being written, sequentially.
+
+    A sink may also have ``async reserve(nbytes)``: the writer calls it first
+    with the file's final size (the local O_DIRECT sink allocates it up front).
+    """
 
     async def write(self, data: memoryview) -> None: ...
 

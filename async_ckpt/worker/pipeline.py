@@ -104,6 +104,9 @@ async def _write_file(
     )
     sink = await storage.open_shard(location, token, job.name)
     try:
+        reserve = getattr(sink, "reserve", None)  # optional: see ShardSink
+        if reserve is not None:
+            await reserve(layout.size)
         out = _Batcher(sink)
         await out.add(memoryview(layout.header))
         chunks = []
