@@ -31,7 +31,7 @@ from .state_dict import flatten
 from .storage import Storage, detect_storage
 from .worker.client import WorkerClient, WorkerDiedError
 from .worker.group import WorkerGroup, join_worker_group
-from .worker.messages import Finished, LocalFailure, Released, SaveRequest, WorkerConfig
+from .worker.messages import DropSlot, Finished, LocalFailure, Released, SaveRequest, WorkerConfig
 
 __all__ = ["AsyncCheckpointer", "PendingCheckpoint"]
 
@@ -118,6 +118,7 @@ class AsyncCheckpointer:
             )
             slot, _ = self._pool.acquire(prepared.layout, timeout=self._timeout)
             try:
+                self._drop_evicted(worker)
                 if slot.registered_with != worker.pid:
                     worker.register(slot)
                 worker.register_layout(prepared.layout_id, prepared.local.plan, prepared.tree)
@@ -276,6 +277,7 @@ class AsyncCheckpointer:
                 worker = self._ensure_worker()
             slot, waited = self._pool.acquire(job.prepared.layout, timeout=self._timeout)
             try:
+                self._drop_evicted(worker)
                 if slot.registered_with != worker.pid:
                     worker.register(slot)
                 worker.register_layout(job.prepared.layout_id, job.prepared.local.plan, job.prepared.tree)
@@ -322,6 +324,12 @@ class AsyncCheckpointer:
             pending._fail(err)
             if not isinstance(exc, Exception):
                 raise
+
+    def _drop_evicted(self, worker: WorkerClient) -> None:
+        # A slot evicted for another layout is free here, but its memory lives on
+        # until the worker unmaps it too: 64 MiB per layout change otherwise.
+        for slot_id in self._pool.take_evicted():
+            worker.send(DropSlot(slot_id))
 
     def _cuda_stream(self, on_cuda: bool) -> Any:
         if not on_cuda:

@@ -232,6 +232,7 @@ class StagingPool:
         self._owner = threading.get_ident()
         self.allocations = 0
         """How many slots were ever allocated (a steady state allocates none)."""
+        self._evicted: list[int] = []
 
     def acquire(self, layout: Layout, timeout: float | None = None) -> tuple[StagingSlot, float]:
         """A free slot for ``layout`` and the seconds spent waiting for one."""
@@ -263,6 +264,8 @@ class StagingPool:
                 return None
             self._slots.remove(stale)
             stale.close()
+            if stale.registered_with is not None:
+                self._evicted.append(stale.slot_id)
         segments: list[Segment] = []
         try:
             for size in layout.segment_sizes:
@@ -280,6 +283,15 @@ class StagingPool:
         self.allocations += 1
         self._slots.append(slot)
         return slot
+
+    def take_evicted(self) -> list[int]:
+        """Ids of slots freed here to make room for another layout since the last call.
+
+        The worker still maps them (and holds their memory) until told to drop them.
+        """
+        with self._cond:
+            out, self._evicted = self._evicted, []
+            return out
 
     def release(self, slot: StagingSlot) -> None:
         with self._cond:
