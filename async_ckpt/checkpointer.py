@@ -118,10 +118,7 @@ class AsyncCheckpointer:
             )
             slot, _ = self._pool.acquire(prepared.layout, timeout=self._timeout)
             try:
-                self._drop_evicted(worker)
-                if slot.registered_with != worker.pid:
-                    worker.register(slot)
-                worker.register_layout(prepared.layout_id, prepared.local.plan, prepared.tree)
+                self._hand_over(worker, slot, prepared)
             finally:
                 self._pool.release(slot)
 
@@ -277,10 +274,7 @@ class AsyncCheckpointer:
                 worker = self._ensure_worker()
             slot, waited = self._pool.acquire(job.prepared.layout, timeout=self._timeout)
             try:
-                self._drop_evicted(worker)
-                if slot.registered_with != worker.pid:
-                    worker.register(slot)
-                worker.register_layout(job.prepared.layout_id, job.prepared.local.plan, job.prepared.tree)
+                self._hand_over(worker, slot, job.prepared)
                 t_stage = time.perf_counter()
                 rank = self._group.rank if self._group is not None else 0
                 tensors = job.prepared.local.tensors
@@ -325,11 +319,15 @@ class AsyncCheckpointer:
             if not isinstance(exc, Exception):
                 raise
 
-    def _drop_evicted(self, worker: WorkerClient) -> None:
+    def _hand_over(self, worker: WorkerClient, slot: StagingSlot, prepared: Prepared) -> None:
+        """Make sure the worker maps ``slot`` and knows the plan; drop what it no longer needs."""
         # A slot evicted for another layout is free here, but its memory lives on
         # until the worker unmaps it too: 64 MiB per layout change otherwise.
         for slot_id in self._pool.take_evicted():
             worker.send(DropSlot(slot_id))
+        if slot.registered_with != worker.pid:
+            worker.register(slot)
+        worker.register_layout(prepared.layout_id, prepared.local.plan, prepared.tree)
 
     def _cuda_stream(self, on_cuda: bool) -> Any:
         if not on_cuda:
