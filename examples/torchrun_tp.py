@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -78,8 +79,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    store = dist.distributed_c10d._get_default_store()  # torchrun's, outlives the group
     try:
-        world = dist.get_world_size()
         if args.resume:
             resume(args.out, world)
         else:
@@ -87,9 +89,16 @@ def main() -> None:
                 raise SystemExit("run with an even number of ranks (dp x tp=2)")
             train_and_save(args.out, world)
     finally:
-        # Let every rank finish its last collective before any tears its group down.
+        # Let every rank finish its last collective before any tears its group down,
+        # and none exit before all have: a rank whose gloo peers close their sockets
+        # while it is still shutting down can abort ("terminate called without an
+        # active exception"; 4 runs in 15 on a busy 2-core machine).
         dist.barrier()
         dist.destroy_process_group()
+        store.add("torchrun_tp/closed", 1)
+        deadline = time.monotonic() + 60
+        while store.add("torchrun_tp/closed", 0) < world and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 if __name__ == "__main__":
