@@ -95,8 +95,11 @@ class DirectSink:
             self._bufs[self._cur][self._fill : padded] = bytes(padded - self._fill)
             await self._submit(padded)
         await self._wait()
-        await aiofiles.os.wrap(_truncate_sync_close)(self._fd, size)
+        # _truncate_sync_close closes the descriptor even when it fails: it owns
+        # it from here, so abort() must not close the number again (it may
+        # already name another file by then).
         self._closed = True
+        await aiofiles.os.wrap(_truncate_sync_close)(self._fd, size)
         self._release()
 
     async def abort(self) -> None:
