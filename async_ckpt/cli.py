@@ -8,6 +8,7 @@ reads); none of them parses the on-disk format itself. Errors end as one red
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import reprlib
 import sys
@@ -288,9 +289,13 @@ def _short(encoded: Any, fqn: str) -> str:
     if isinstance(encoded, dict) and encoded.get("$absent") is True:
         return "-"
     try:
-        return _repr.repr(decode_value(encoded, fqn=fqn, allow_pickle=False))
+        value = decode_value(encoded, fqn=fqn, allow_pickle=False)
     except PickleRefusedError:
         return "<pickled>"
+    try:
+        return _repr.repr(value)
+    except ValueError:  # an int past sys.get_int_max_str_digits: no decimal form to show
+        return f"<int of about {math.floor(math.log10(abs(value))) + 1} digits>"
 
 
 # -------------------------------------------------------------------- verify
@@ -332,6 +337,7 @@ def _cmd_convert(args: argparse.Namespace, out: Console, err: Console) -> int:
         _say(err, text, "yellow" if text.startswith("warning") else "")
 
     target = Path(args.out)
+    _make_parent(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         if args.to == "safetensors":
@@ -358,6 +364,15 @@ def _cmd_convert(args: argparse.Namespace, out: Console, err: Console) -> int:
         tmp.unlink(missing_ok=True)
     _say(out, f"wrote {target}: {summary}", "green")
     return 0
+
+
+def _make_parent(target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in (target.parent, *target.parent.parents) if p.is_file()), None)
+        why = f"{blocker} is a file, not a directory" if blocker is not None else str(exc)
+        raise CheckpointError(f"cannot create the output directory {target.parent}: {why}") from exc
 
 
 # ------------------------------------------------------------------------ gc
