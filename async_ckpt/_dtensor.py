@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["dtensor_class", "is_dtensor", "local_shape_and_offset"]
+__all__ = ["dtensor_class", "is_dtensor", "is_sharded_tensor", "local_shape_and_offset", "outside_mesh"]
 
 
 def dtensor_class() -> Any:
@@ -23,6 +23,22 @@ def dtensor_class() -> Any:
 def is_dtensor(value: object) -> bool:
     cls = dtensor_class()
     return cls is not None and isinstance(value, cls)
+
+
+def is_sharded_tensor(value: object) -> bool:
+    # Checked before anything else touches the value: a ShardedTensor raises on
+    # every attribute torch does not implement for it (even ``.dtype``).
+    module = sys.modules.get("torch.distributed._shard.sharded_tensor.api")
+    cls = getattr(module, "ShardedTensorBase", None) if module is not None else None
+    return cls is not None and isinstance(value, cls)
+
+
+def outside_mesh(tensor: torch.Tensor) -> bool:
+    """Whether this rank is not in the DTensor's mesh (a pipeline or expert submesh).
+
+    Such a rank holds no part of it: torch reports an empty local shape there.
+    """
+    return tensor.device_mesh.get_coordinate() is None  # type: ignore[attr-defined, no-any-return]
 
 
 def local_shape_and_offset(tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -20,7 +20,7 @@ import xxhash
 
 from ._dtensor import dtensor_class
 from .format.values import encode_value
-from .local_plan import LocalPlan, build_local_plan
+from .local_plan import LocalPlan, build_local_plan, check_tensor
 from .planning import WriteItemType
 from .staging import Layout, make_layout
 from .state_dict import Flat
@@ -45,7 +45,8 @@ class _Entry:
     layout: Layout
     layout_id: str
     tree: Any
-    tensor_keys: tuple[tuple[str, tuple[int, ...] | None], ...]
+    tensor_keys: tuple[tuple[str, tuple[int, ...] | None] | None, ...]
+    """Each tensor leaf's item key, None for a DTensor whose mesh excludes this rank."""
     on_cuda: bool
 
 
@@ -60,7 +61,14 @@ class LayoutCache:
         # 0.1 ms against 1.3 ms to serialise it on every save (2,872 tensors).
         # Plain equality cannot tell dict keys 1, 1.0 and True apart, but their
         # leaves' names ("1", "1.0", "True") are part of the signature.
-        sig = _tensor_signature(flat.entries)
+        try:
+            sig = _tensor_signature(flat.entries)
+        except Exception:
+            # A tensor that cannot describe itself (ShardedTensor, nested): name its key.
+            for fqn, v in flat.entries.items():
+                if isinstance(v, torch.Tensor):
+                    check_tensor(fqn, v)
+            raise
         entry = None if verify_replicas else self._entries.get(sig)
         if entry is not None and entry.tree != flat.tree:
             entry = None
@@ -78,9 +86,12 @@ class LayoutCache:
         layout = make_layout(local.tensors)
         tree_json = json.dumps(flat.tree, separators=(",", ":"))
         layout_id = f"{layout.key}-{xxhash.xxh3_64_hexdigest(tree_json.encode())}"
-        keys = tuple(
-            (it.index.fqn, it.index.offset) for it in local.plan.items if it.type is not WriteItemType.BYTE_IO
-        )
+        planned = {
+            it.index.fqn: (it.index.fqn, it.index.offset)
+            for it in local.plan.items
+            if it.type is not WriteItemType.BYTE_IO
+        }
+        keys = tuple(planned.get(fqn) for fqn, v in flat.entries.items() if isinstance(v, torch.Tensor))
         on_cuda = any(t.device.type == "cuda" for t in local.tensors.values())
         self._entries[sig] = _Entry(local, layout, layout_id, flat.tree, keys, on_cuda)
         while len(self._entries) > self._size:
@@ -94,6 +105,7 @@ class LayoutCache:
         local_data = {
             key: (t.to_local() if isinstance(t, dt) else t)
             for key, t in zip(entry.tensor_keys, tensors, strict=True)
+            if key is not None
         }
         values = {
             fqn: encode_value(v, fqn=fqn, allow_pickle=allow_pickle)
@@ -110,7 +122,9 @@ def _tensor_signature(entries: dict[str, Any]) -> tuple[Any, ...]:
         if isinstance(v, dt):
             parts.append((fqn, v.shape, v.dtype, v.device, v.placements, id(v.device_mesh)))
         elif isinstance(v, torch.Tensor):
-            parts.append((fqn, v.shape, v.dtype, v.device))
+            # Type and layout too: a sparse tensor or a subclass in place of a dense
+            # tensor of the same shape must be checked afresh, not staged by the old plan.
+            parts.append((fqn, type(v), v.layout, v.shape, v.dtype, v.device))
         else:
             parts.append(fqn)
     return tuple(parts)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import xxhash
 
-from ._dtensor import is_dtensor, local_shape_and_offset
+from ._dtensor import is_dtensor, is_sharded_tensor, local_shape_and_offset, outside_mesh
 from .format.dtypes import dtype_name
 from .format.values import encode_value
 from .planning import (
@@ -23,7 +23,15 @@ from .planning import (
     WriteItemType,
 )
 
-__all__ = ["LocalPlan", "build_local_plan", "local_chunk", "raw_bytes", "tensor_bytes"]
+__all__ = [
+    "LocalPlan",
+    "build_local_plan",
+    "check_key",
+    "check_tensor",
+    "local_chunk",
+    "raw_bytes",
+    "tensor_bytes",
+]
 
 Key = tuple[str, tuple[int, ...] | None]
 
@@ -37,10 +45,70 @@ class LocalPlan:
     """Each non-tensor value, already JSON-encoded."""
 
 
+def check_key(fqn: str) -> None:
+    """Refuse a key UTF-8 cannot encode: shard headers are UTF-8 JSON that other readers parse."""
+    try:
+        fqn.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        shown = fqn.encode("utf-8", "backslashreplace").decode("utf-8")
+        raise ValueError(
+            f"cannot save key '{shown}': UTF-8 cannot encode it (character {exc.start} is a lone "
+            "surrogate), and shard headers are UTF-8 JSON; rename the key"
+        ) from None
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def check_tensor(fqn: str, value: torch.Tensor) -> None:
+    """Refuse, naming the key, a tensor whose data is not one strided block of memory.
+
+    Caught here, before anything is written; the writer and the staging copy
+    would otherwise fail deep down with an error that names no key.
+    """
+    if type(value) in _PLAIN_TENSOR_TYPES and value.layout is torch.strided and not value.is_nested:
+        return
+    problem = _storage_problem(value)
+    if problem is not None:
+        raise TypeError(f"cannot save key '{fqn}': {problem}")
+
+
+def _storage_problem(value: torch.Tensor) -> str | None:
+    if is_sharded_tensor(value):
+        return (
+            "ShardedTensor is not supported; convert it to a DTensor "
+            "(torch.distributed.tensor), which async_ckpt saves and reshards on load"
+        )
+    if is_dtensor(value):
+        problem = _storage_problem(value.to_local())  # type: ignore[attr-defined]
+        return None if problem is None else f"its local shard: {problem}"
+    if value.is_nested:
+        return (
+            "nested tensors are not supported; save its components (list(t.unbind())) "
+            "or a padded tensor (t.to_padded_tensor(0.0))"
+        )
+    if value.layout is not torch.strided:
+        return f"{value.layout} tensors are not supported; save t.to_dense() instead"
+    if getattr(type(value), "__torch_dispatch__", None) is not torch.Tensor.__torch_dispatch__:
+        # A wrapper subclass (FakeTensor, quantised or lazy tensors) computes its
+        # data on demand; it has no storage of its own to copy.
+        return (
+            f"tensor subclass {type(value).__qualname__} has no plain storage to save; "
+            "convert it to a plain tensor first"
+        )
+    return None
+
+
 def local_chunk(fqn: str, tensor: torch.Tensor) -> tuple[torch.Tensor, ChunkStorageMetadata, tuple[int, ...]]:
-    """``(local data, chunk in the global tensor, global shape)`` of a tensor or DTensor."""
+    """``(local data, chunk in the global tensor, global shape)`` of a tensor or DTensor.
+
+    A rank outside a DTensor's mesh gets an empty chunk (zero sizes) at the origin.
+    """
     if is_dtensor(tensor):
         dt: Any = tensor
+        if outside_mesh(tensor):
+            ndim = len(tensor.shape)
+            return dt.to_local(), ChunkStorageMetadata((0,) * ndim, (0,) * ndim), tuple(tensor.shape)
         if any(p.is_partial() for p in dt.placements):
             raise ValueError(
                 f"key '{fqn}': DTensor has Partial placements {dt.placements}; "
@@ -86,11 +154,15 @@ def build_local_plan(entries: Mapping[str, Any], *, allow_pickle: bool, verify_r
     tensors: dict[Key, torch.Tensor] = {}
     values: dict[str, Any] = {}
     for fqn, value in entries.items():
+        check_key(fqn)
         if isinstance(value, torch.Tensor):
+            check_tensor(fqn, value)
             try:
                 dtype_name(value.dtype)
             except TypeError as exc:
                 raise TypeError(f"cannot save key '{fqn}': {exc}") from None
+            if is_dtensor(value) and outside_mesh(value):
+                continue  # this rank holds no part of it; the mesh's ranks write it
             if value.is_meta or (is_dtensor(value) and value.to_local().is_meta):  # type: ignore[attr-defined]
                 raise TypeError(
                     f"cannot save key '{fqn}': it is a meta-device tensor and holds no data; "
