@@ -12,7 +12,9 @@ import torch.distributed as dist
 
 from ._gc import gc_paused
 from .dist import comm_for, run_collectively
+from .errors import CheckpointError, CorruptCheckpointError
 from .format.metadata import Metadata
+from .interop import is_dcp_checkpoint, load_dcp, read_dcp_metadata
 from .load import load_collective, read_checkpoint_metadata
 from .local_plan import build_local_plan
 from .save_flow import SaveOptions, save_collective
@@ -76,24 +78,36 @@ def load(
     """Load a checkpoint into ``state_dict`` in place, resharding as needed.
 
     ``verify=False`` skips checksum verification (faster, and trusts the disk).
+    A torch.distributed.checkpoint (DCP) directory is read too (it has no checksums).
     """
     backend, location = detect_storage(checkpoint_id, storage)
+    comm = comm_for(process_group)
     with gc_paused():
-        load_collective(
-            comm_for(process_group),
-            backend,
-            location,
-            state_dict,
-            strict=strict,
-            allow_pickle=allow_pickle,
-            verify=verify,
-        )
+        try:
+            load_collective(
+                comm,
+                backend,
+                location,
+                state_dict,
+                strict=strict,
+                allow_pickle=allow_pickle,
+                verify=verify,
+            )
+        except CheckpointError as exc:
+            if isinstance(exc, CorruptCheckpointError) or not is_dcp_checkpoint(backend, location):
+                raise
+            load_dcp(comm, backend, location, state_dict, strict=strict, allow_pickle=allow_pickle)
 
 
 def read_metadata(checkpoint_id: Any, *, storage: Storage | None = None) -> Metadata:
     """The metadata of a committed checkpoint; raises CheckpointError if there is none."""
     backend, location = detect_storage(checkpoint_id, storage)
-    return read_checkpoint_metadata(backend, location)
+    try:
+        return read_checkpoint_metadata(backend, location)
+    except CheckpointError as exc:
+        if isinstance(exc, CorruptCheckpointError) or not is_dcp_checkpoint(backend, location):
+            raise
+        return read_dcp_metadata(backend, location)
 
 
 def assert_same_keys(state_dict: dict[str, Any], process_group: dist.ProcessGroup | None = None) -> None:

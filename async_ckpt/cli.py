@@ -30,10 +30,11 @@ from rich.table import Table
 from rich.text import Text
 
 from .convert import to_safetensors, to_torch
-from .errors import CheckpointError
+from .errors import CheckpointError, CorruptCheckpointError
 from .format.dtypes import dtype_name
 from .format.metadata import METADATA_FILE, Metadata, decode_metadata
 from .format.values import PickleRefusedError, decode_value
+from .interop import dcp_unsupported, is_dcp_checkpoint, read_dcp_metadata
 from .load import read_checkpoint_metadata
 from .manager import RootEntry, remove_uncommitted, scan_root
 from .storage import LocalStorage, Storage, detect_storage
@@ -147,9 +148,25 @@ def _age(mtime: float | None) -> str:
     return f"{int(s // 86400)}d ago"
 
 
-def _open(ckpt: str) -> tuple[Storage, str, Metadata]:
+def _open(ckpt: str, command: str) -> tuple[Storage, str, Metadata]:
     backend, location = detect_storage(ckpt)
-    return backend, location, read_checkpoint_metadata(backend, location)
+    try:
+        return backend, location, read_checkpoint_metadata(backend, location)
+    except CheckpointError as exc:
+        if isinstance(exc, CorruptCheckpointError) or not is_dcp_checkpoint(backend, location):
+            raise
+        raise dcp_unsupported(location, f"async-ckpt {command}") from None
+
+
+def _open_any(ckpt: str) -> tuple[str, Metadata, bool]:
+    """``(location, metadata, is_dcp)``: ours, or a torch.distributed.checkpoint's translated."""
+    backend, location = detect_storage(ckpt)
+    try:
+        return location, read_checkpoint_metadata(backend, location), False
+    except CheckpointError as exc:
+        if isinstance(exc, CorruptCheckpointError) or not is_dcp_checkpoint(backend, location):
+            raise
+        return location, read_dcp_metadata(backend, location), True
 
 
 def _progress(err: Console, label: str) -> Progress:
@@ -235,11 +252,14 @@ def _mtime(backend: Storage, e: RootEntry) -> float | None:
 
 
 def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
-    _, location, md = _open(args.ckpt)
+    location, md, is_dcp = _open_any(args.ckpt)
     total = sum(f.size for f in md.files.values())
+    kind = f"format version {md.version}"
+    if is_dcp:  # its "files" are its tensor chunks, sized as raw bytes
+        kind = "a torch.distributed.checkpoint (DCP) checkpoint (no checksums)"
     _say(
         out,
-        f"{location}: format version {md.version}, saved by {md.world_size} rank(s), "
+        f"{location}: {kind}, saved by {md.world_size} rank(s), "
         f"{len(md.tensors)} tensor(s) and {len(md.values)} value(s) in {len(md.files)} file(s), "
         f"{_human(total)}",
         "bold",
@@ -305,7 +325,11 @@ def _cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
     backend, location = detect_storage(args.ckpt)
     try:
         total: int | None = sum(f.size for f in read_checkpoint_metadata(backend, location).files.values())
-    except CheckpointError:
+    except CheckpointError as exc:
+        if not isinstance(exc, CorruptCheckpointError) and is_dcp_checkpoint(backend, location):
+            raise dcp_unsupported(
+                location, "async-ckpt verify", why="DCP stores no checksums, so there is nothing to verify"
+            ) from None
         total = None  # verify_checkpoint reports it
     with _progress(err, "verifying") as progress:
         task = progress.add_task("verify", total=total)
@@ -331,7 +355,7 @@ def _cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
 def _cmd_convert(args: argparse.Namespace, out: Console, err: Console) -> int:
     if not args.slab_mb > 0:
         raise ValueError("--slab-mb must be positive")
-    backend, location, md = _open(args.ckpt)
+    backend, location, md = _open(args.ckpt, "convert")
 
     def warn(text: str) -> None:
         _say(err, text, "yellow" if text.startswith("warning") else "")
