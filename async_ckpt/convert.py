@@ -7,9 +7,11 @@ Both reshard from whatever layout was saved, reading through ``read_region``
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import math
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -139,7 +141,9 @@ def to_torch(
 ) -> str:
     """A ``torch.save`` file of the nested state dict rebuilt from the tree (all in memory).
 
-    Pickled values are skipped, never unpickled. Returns a one-line summary.
+    Pickled values are skipped, never unpickled, and so are values that
+    ``torch.load(weights_only=True)`` could not read back (datetime, Decimal,
+    paths, numpy scalars...). Returns a one-line summary.
     """
     seen: set[str] = set()
     counts = {"tensors": 0, "values": 0}
@@ -188,10 +192,31 @@ def _value(md: Metadata, fqn: str, rank: int | None, warn: Callable[[str], None]
             warn(f"warning: skipped '{fqn}': rank {rank} did not save it")
             return _SKIP
     try:
-        return decode_value(encoded, fqn=fqn, allow_pickle=False)
+        value = decode_value(encoded, fqn=fqn, allow_pickle=False)
     except PickleRefusedError:
         warn(f"warning: skipped '{fqn}': it is pickled, and converting never unpickles")
         return _SKIP
+    if not _weights_only_loadable(value):
+        warn(
+            f"warning: skipped '{fqn}': torch.load(weights_only=True) cannot read a "
+            f"{type(value).__qualname__}, and the output must load with it"
+        )
+        return _SKIP
+    return value
+
+
+def _weights_only_loadable(value: Any) -> bool:
+    """Whether torch's restricted unpickler reads ``value`` back (no datetime, Decimal, Path, numpy...)."""
+    if value is None or type(value) in (bool, int, float, str, bytes):
+        return True
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+    except pickle.UnpicklingError:
+        return False
+    return True
 
 
 def _rebuild(node: Any, leaf: Callable[[str], Any]) -> Any:

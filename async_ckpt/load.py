@@ -172,7 +172,7 @@ def _load_into(
                     }
                     if not _has_own_copy(fqn, holders, md.world_size, world, rank, strict, location):
                         continue
-                value = _value_for(fqn, md, rank, allow_pickle)
+                value = _value_for(fqn, md, rank, allow_pickle, target)
                 if isinstance(target, torch.Tensor):
                     raise CheckpointError(
                         f"key '{fqn}': target is a tensor but the checkpoint holds a "
@@ -211,10 +211,11 @@ def _is_absent(enc: Any) -> bool:
     return isinstance(enc, dict) and enc.get("$absent") is True
 
 
-def _value_for(fqn: str, md: Metadata, rank: int, allow_pickle: bool) -> Any:
+def _value_for(fqn: str, md: Metadata, rank: int, allow_pickle: bool, target: Any) -> Any:
     rec = md.values[fqn]
     enc = rec.value if rec.per_rank is None else rec.per_rank[rank]
-    return decode_value(enc, fqn=fqn, allow_pickle=allow_pickle)
+    # The target's value lets an enum member come back as a member of its enum.
+    return decode_value(enc, fqn=fqn, allow_pickle=allow_pickle, like=target)
 
 
 def _has_own_copy(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import argparse
+import datetime
+import decimal
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -46,6 +50,33 @@ def test_convert_to_a_path_under_a_file_names_the_file(
     assert main(["convert", str(small), "--to", "torch", str(blocker / "m.pt")]) == 2
     err = capsys.readouterr().err
     assert str(blocker) in err and "not a directory" in err
+
+
+def test_convert_torch_output_loads_with_weights_only_whatever_the_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Kinds torch's weights_only unpickler refuses are skipped with a warning naming the key."""
+    ck = tmp_path / "c"
+    values = {
+        "when": datetime.date(2024, 1, 2),
+        "lr": decimal.Decimal("0.1"),
+        "dir": PurePosixPath("runs/a"),
+        "ns": argparse.Namespace(lr=0.1),
+        "np": np.float32(1.5),
+        "ids": {1, 2},
+        "dtype": torch.bfloat16,
+        "dev": torch.device("cpu"),
+        "step": 5,
+    }
+    ac.save({"w": torch.ones(2), "v": values}, ck)
+    out = tmp_path / "state.pt"
+    assert main(["convert", str(ck), "--to", "torch", str(out)]) == 0
+    err = capsys.readouterr().err
+    got = torch.load(out, weights_only=True)
+    kept = {"ids", "dtype", "dev", "step"}
+    assert got["v"] == {k: values[k] for k in kept}
+    for skipped in set(values) - kept:
+        assert f"'v.{skipped}'" in err and "weights_only" in err
 
 
 # ------------------------------------------------------------------ verify
