@@ -6,6 +6,13 @@ points: ``stage`` (half way through the staging copy) and ``staged`` (after
 the request reached the worker). Worker points: ``plan``, ``write`` (after
 this rank's shards are written), ``before_commit`` and ``after_commit``.
 Unset, each check is one dictionary lookup.
+
+``ASYNC_CKPT_FAIL_AT=<spec>[,<spec>...]``, each spec as for ``KILL_AT``, makes
+``fail_point`` raise ``InjectedFault`` instead: how a test fails one rank at
+one step of a save and checks that every rank hears of it. Save points (blocking
+and worker): ``plan`` (the coordinator planning), ``write_jobs`` (a rank turning
+its assignment into file jobs) and ``commit`` (the coordinator committing).
+A blocking save has no save id: only specs without one match it.
 """
 
 from __future__ import annotations
@@ -13,9 +20,10 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["KILL_ENV", "kill_point"]
+__all__ = ["FAIL_ENV", "KILL_ENV", "InjectedFault", "fail_point", "kill_point"]
 
 KILL_ENV = "ASYNC_CKPT_KILL_AT"
+FAIL_ENV = "ASYNC_CKPT_FAIL_AT"
 
 
 def kill_point(name: str, save_id: int, rank: int) -> None:
@@ -30,3 +38,22 @@ def kill_point(name: str, save_id: int, rank: int) -> None:
     if len(parts) > 2 and parts[2] and int(parts[2]) != rank:
         return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InjectedFault(RuntimeError):
+    """Raised at a ``fail_point`` named by ``ASYNC_CKPT_FAIL_AT`` (tests only)."""
+
+
+def fail_point(name: str, rank: int, save_id: int | None = None) -> None:
+    specs = os.environ.get(FAIL_ENV)
+    if not specs:
+        return
+    for spec in specs.split(","):
+        parts = spec.split(":")
+        if parts[0] != name:
+            continue
+        if len(parts) > 1 and parts[1] and (save_id is None or int(parts[1]) != save_id):
+            continue
+        if len(parts) > 2 and parts[2] and int(parts[2]) != rank:
+            continue
+        raise InjectedFault(f"injected fault at '{name}' on rank {rank}")

@@ -48,16 +48,17 @@ def _save(
     allow_pickle: bool,
     verify_replicas: bool,
 ) -> Metadata:
-    backend, location = detect_storage(checkpoint_id, storage)
     comm = comm_for(process_group)
     t0 = time.perf_counter()
 
     def prepare() -> Any:
+        # Inside the collective step: a checkpoint id one rank cannot use must fail every rank.
+        backend, location = detect_storage(checkpoint_id, storage)
         flat = flatten(state_dict, allow_pickle=allow_pickle)
         local = build_local_plan(flat.entries, allow_pickle=allow_pickle, verify_replicas=verify_replicas)
-        return flat, local
+        return backend, location, flat, local
 
-    flat, local = run_collectively(comm, "preparing the state dict", prepare)
+    backend, location, flat, local = run_collectively(comm, "preparing the state dict", prepare)
     options = SaveOptions(allow_pickle=allow_pickle, verify_replicas=verify_replicas)
     md = save_collective(comm, backend, location, local, flat.tree, options, stage_s=time.perf_counter() - t0)
     if md.stats is not None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ._faults import fail_point
 from .dist import Comm, RankFailure, RanksFailedError, run_collectively
 from .format import checksum
 from .format.dtypes import dtype_from_name
@@ -317,6 +318,7 @@ def save_collective(
 
     def plan(plans: list[SavePlan]) -> list[RankAssignment]:
         token = uuid.uuid4().hex[:16]
+        fail_point("plan", comm.rank)
         out = plan_assignments(plans, options, token, storage)
         storage.begin_save(location, token)
         return out
@@ -324,17 +326,21 @@ def save_collective(
     assignment: RankAssignment = coordinate(comm, "save planning", local.plan, plan)
     t1 = time.perf_counter()
     try:
-        jobs = write_jobs(assignment, local, comm.rank)
-        written = run_collectively(
-            comm,
-            "writing shards",
-            lambda: run_blocking(
+
+        def write() -> list[WrittenFile]:
+            # Everything between planning and the commit runs inside a collective step:
+            # a rank failing outside one would leave the others waiting in the next.
+            fail_point("write_jobs", comm.rank)
+            jobs = write_jobs(assignment, local, comm.rank)
+            return run_blocking(
                 write_files(storage, location, assignment.token, jobs, block_size=options.block_size)
-            ),
-        )
+            )
+
+        written = run_collectively(comm, "writing shards", write)
         t2 = time.perf_counter()
 
         def commit(results: list[RankResult]) -> list[Metadata]:
+            fail_point("commit", comm.rank)
             md = commit_checkpoint(storage, location, assignment.token, results, tree, options)
             return [md] * comm.world_size
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .._faults import kill_point
+from .._faults import fail_point, kill_point
 from ..dist import Comm, RankFailure, RanksFailedError, run_collectively
 from ..format.metadata import Metadata, SaveStats
 from ..local_plan import LocalPlan
@@ -124,6 +124,7 @@ class SaveJobRunner:
     async def _write(
         self, req: SaveRequest, assignment: RankAssignment, local: LocalPlan
     ) -> list[WrittenFile]:
+        fail_point("write_jobs", self.comm.rank, req.save_id)
         jobs = write_jobs(assignment, local, self.comm.rank)
         written = await write_files(
             req.storage, req.location, assignment.token, jobs, block_size=req.options.block_size
@@ -165,6 +166,7 @@ class SaveJobRunner:
                 return ["replan"] * len(reports)
             results = [r.result for r in reports]
             assert all(r is not None for r in results)
+            fail_point("commit", self.comm.rank, req.save_id)
             md = commit_checkpoint(req.storage, req.location, token, results, tree, req.options)  # type: ignore[arg-type]
             return [md] * len(reports)
 
@@ -172,6 +174,7 @@ class SaveJobRunner:
 
     def _plan(self, req: SaveRequest, plan: SavePlan, token: str) -> RankAssignment:
         def make(plans: list[SavePlan]) -> list[RankAssignment]:
+            fail_point("plan", self.comm.rank, req.save_id)
             out = plan_assignments(plans, req.options, token, req.storage)
             req.storage.begin_save(req.location, token)
             return out
@@ -180,6 +183,7 @@ class SaveJobRunner:
 
     def _commit(self, req: SaveRequest, tree: Any, token: str, result: RankResult) -> Metadata:
         def commit(results: list[RankResult]) -> list[Metadata]:
+            fail_point("commit", self.comm.rank, req.save_id)
             md = commit_checkpoint(req.storage, req.location, token, results, tree, req.options)
             return [md] * len(results)
 
