@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import dataclasses
 import datetime
 import decimal
 import enum
@@ -32,6 +33,7 @@ import torch
 
 import async_ckpt as ac
 from async_ckpt.errors import CorruptCheckpointError
+from async_ckpt.format.metadata import METADATA_FILE, ValueRecord, encode_metadata
 from async_ckpt.format.values import decode_value, encode_value
 
 
@@ -393,3 +395,30 @@ def test_hostile_value_encoding_imports_and_calls_nothing(encoded: dict[str, Any
     finally:
         _watching[0] = False
     assert _events == []
+
+
+def test_loading_a_checkpoint_with_hostile_values_imports_and_calls_nothing(tmp_path: Path) -> None:
+    """End to end: each hostile encoding in turn in a real checkpoint's metadata.json, loaded into
+    targets of several kinds (enum, Namespace, path); the load fails as corruption or yields plain data."""
+    ck = tmp_path / "c"
+    ac.save({"v": 1, "t": torch.ones(1)}, ck)
+    md = ac.read_metadata(ck)
+    ac.load({"v": Color.RED, "t": torch.zeros(1)}, ck)  # warm up: lazy imports of the load path itself
+    for like in (Color.BLUE, argparse.Namespace(), PurePosixPath("x")):
+        for encoded in HOSTILE:
+            hostile = dataclasses.replace(md, values={"v": ValueRecord(value=encoded)})
+            (ck / METADATA_FILE).write_bytes(encode_metadata(hostile))
+            target: dict[str, Any] = {"v": like, "t": torch.zeros(1)}
+            _events.clear()
+            _watching[0] = True
+            try:
+                ac.load(target, ck)
+            except ac.CheckpointError as exc:
+                assert "'v'" in str(exc), exc
+            else:
+                assert type(target["v"]).__module__ == "builtins" and not callable(target["v"])
+            finally:
+                _watching[0] = False
+            # The load opens its own files, and formatting an error's traceback compiles
+            # source lines of async_ckpt (ast.parse): neither comes from the checkpoint.
+            assert [e for e in _events if e not in ("open", "compile")] == [], encoded
