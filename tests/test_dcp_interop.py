@@ -31,6 +31,9 @@ from torch.distributed.checkpoint.metadata import (
 import async_ckpt as ac
 from async_ckpt.cli import main
 from async_ckpt.format.values import PickleRefusedError, decode_value
+from async_ckpt.interop.dcp_blob import locate_tensor_bytes
+from async_ckpt.interop.dcp_metadata import read_dcp
+from async_ckpt.storage import LocalStorage
 
 
 class Tagged:
@@ -258,3 +261,34 @@ def test_cli_inspect_reads_dcp_and_verify_convert_say_what_it_is(
     out = capsys.readouterr()
     assert "torch.distributed.checkpoint (DCP)" in out.out + out.err
     assert "ac.load" in out.out + out.err
+
+
+def test_chunk_bytes_are_found_in_place_inside_the_torch_save_blob(dcp_dir: Path) -> None:
+    ckpt = read_dcp(LocalStorage(), str(dcp_dir), allow_pickle=False)
+    data = (dcp_dir / "__0_0.distcp").read_bytes()
+    reader = LocalStorage().open_reader(str(dcp_dir), "__0_0.distcp")
+    try:
+        for fqn, expected in (("extra.ids", _extras(0)["ids"]), ("extra.half", _extras(0)["half"])):
+            ref = ckpt.blobs[ckpt.md.tensors[fqn].chunks[0].file]
+            start = locate_tensor_bytes(reader, ref.offset, ref.length, ref.dtype, ref.sizes)
+            assert start is not None and ref.offset < start < ref.offset + ref.length
+            assert data[start : start + expected.nbytes] == _bits(expected)
+        # Saved with its strides: not row-major in the blob, so it is decoded whole instead.
+        ref = ckpt.blobs[ckpt.md.tensors["extra.transposed"].chunks[0].file]
+        assert locate_tensor_bytes(reader, ref.offset, ref.length, ref.dtype, ref.sizes) is None
+    finally:
+        reader.close()
+
+
+def test_truncated_dcp_data_file_is_corruption_naming_the_key(dcp_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    for f in dcp_dir.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    md = ac.read_metadata(path)
+    chunk = md.tensors["model.2.weight"].chunks[0]
+    cut = int(chunk.file.rsplit("@", 1)[1]) + 10
+    with open(path / "__0_0.distcp", "r+b") as f:
+        f.truncate(cut)
+    with pytest.raises(ac.CorruptCheckpointError, match=r"model\.2\.weight"):
+        ac.load({"model": _model(1)}, path)
