@@ -7,6 +7,11 @@ the request reached the worker). Worker points: ``plan``, ``write`` (after
 this rank's shards are written), ``before_commit`` and ``after_commit``.
 Unset, each check is one dictionary lookup.
 
+``set_hook(point, fn)`` runs ``fn`` in this process whenever ``hook_point(point)``
+is reached: how a test does something (commit another save) at an exact
+moment of a load. Load points: ``load_metadata_read`` (metadata.json read and
+decoded, no shard opened yet).
+
 ``ASYNC_CKPT_FAIL_AT=<spec>[,<spec>...]``, each spec as for ``KILL_AT``, makes
 ``fail_point`` raise ``InjectedFault`` instead: how a test fails one rank at
 one step of a save and checks that every rank hears of it. Save points (blocking
@@ -19,8 +24,9 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
-__all__ = ["FAIL_ENV", "KILL_ENV", "InjectedFault", "fail_point", "kill_point"]
+__all__ = ["FAIL_ENV", "KILL_ENV", "InjectedFault", "fail_point", "hook_point", "kill_point", "set_hook"]
 
 KILL_ENV = "ASYNC_CKPT_KILL_AT"
 FAIL_ENV = "ASYNC_CKPT_FAIL_AT"
@@ -38,6 +44,23 @@ def kill_point(name: str, save_id: int, rank: int) -> None:
     if len(parts) > 2 and parts[2] and int(parts[2]) != rank:
         return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+_HOOKS: dict[str, Callable[[], None]] = {}
+
+
+def set_hook(name: str, fn: Callable[[], None] | None) -> None:
+    """Run ``fn`` at ``hook_point(name)`` from now on; ``None`` removes it. For tests."""
+    if fn is None:
+        _HOOKS.pop(name, None)
+    else:
+        _HOOKS[name] = fn
+
+
+def hook_point(name: str) -> None:
+    fn = _HOOKS.get(name)
+    if fn is not None:
+        fn()
 
 
 class InjectedFault(RuntimeError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "CorruptCheckpointError", "CheckpointNotFoundError"]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "CheckpointReplacedError", "CorruptCheckpointError"]
 
 
 class CheckpointError(RuntimeError):
@@ -15,3 +15,10 @@ class CorruptCheckpointError(CheckpointError):
 
 class CheckpointNotFoundError(CheckpointError):
     """No committed checkpoint exists at the given id."""
+
+
+class CheckpointReplacedError(CheckpointError):
+    """The checkpoint was replaced (or removed) by another save while it was being read.
+
+    Nothing of it was returned; loading again reads the new checkpoint.
+    """

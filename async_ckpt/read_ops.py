@@ -7,24 +7,35 @@ disk (the kernel's readahead keeps the disk busy), several for object stores.
 Measured on 2 cores, loading 2 GiB cold: 8 reading threads took 2.2x the wall
 time and 5x the CPU of one, and handing verification to a second thread cost
 0.3 s more than doing it inline: cross-thread wake-ups are dear in a VM.
+
+Every read of a load goes through one ``CheckpointSource`` (``storage/source.py``),
+so that it reads one save whole: :func:`open_source` holds it and decodes its
+metadata, :func:`execute_reads` opens every shard the reads need at once and
+proves at the end that nothing was replaced meanwhile, and
+:func:`replaced_as_such` turns a read that failed because the checkpoint was
+replaced into CheckpointReplacedError, never CorruptCheckpointError.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from ._faults import hook_point
 from .errors import CorruptCheckpointError
 from .format import checksum
 from .format.metadata import ChunkRecord, Metadata
 from .local_plan import raw_bytes
 from .planning.reshard import Overlap, contiguous_byte_range
-from .storage.base import ShardReader, Storage
+from .storage.base import CheckpointSource, ShardReader, Storage
+from .storage.source import open_checkpoint, replaced_error
 
-__all__ = ["Read", "execute_reads"]
+__all__ = ["Read", "execute_reads", "open_source", "replaced_as_such"]
 
 # Storages without a ``read_threads`` attribute (third-party ones) get this many.
 _DEFAULT_READ_THREADS = 8
@@ -39,27 +50,97 @@ class Read:
     dtype: torch.dtype
 
 
-def execute_reads(reads: list[Read], storage: Storage, location: str, md: Metadata, verify: bool) -> None:
-    readers = Readers(storage, location, md, verify)
+def open_source(
+    storage: Storage, location: str, decode: Callable[[bytes], Metadata]
+) -> tuple[CheckpointSource, Metadata]:
+    """The checkpoint at ``location`` held for one load, and its decoded metadata; close the source."""
+    source = open_checkpoint(storage, location)
+    try:
+        md = decode(source.metadata())
+    except BaseException:
+        source.close()
+        raise
+    hook_point("load_metadata_read")
+    return source, md
+
+
+@contextmanager
+def replaced_as_such(source: CheckpointSource, location: str) -> Iterator[None]:
+    """Report a read that failed because the checkpoint was replaced as CheckpointReplacedError.
+
+    A shard of another save is short, missing or fails its checksums: no damage.
+    """
+    try:
+        yield
+    except CorruptCheckpointError as exc:
+        if source.replaced():
+            raise replaced_error(location) from exc
+        raise
+
+
+class _ByPath:
+    """Shards opened by path, with no proof they belong to one save (``read_region`` without a source)."""
+
+    pinned = True
+
+    def __init__(self, storage: Storage, location: str) -> None:
+        self._storage = storage
+        self._location = location
+
+    def metadata(self) -> bytes:
+        return self._storage.read_metadata(self._location)
+
+    def open_reader(self, name: str) -> ShardReader:
+        return self._storage.open_reader(self._location, name)
+
+    def replaced(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def execute_reads(
+    reads: list[Read],
+    storage: Storage,
+    location: str,
+    md: Metadata,
+    verify: bool,
+    *,
+    source: CheckpointSource | None = None,
+    confirm: bool = True,
+) -> None:
+    """Run ``reads`` against ``source`` (by path without one).
+
+    Every shard they need is opened first, so a pinned source has them all
+    before a replacing save can delete them. With ``confirm``, a source that
+    is not pinned is asked afterwards whether its checkpoint was replaced.
+    """
+    src: CheckpointSource = source if source is not None else _ByPath(storage, location)
+    readers = Readers(src, location, md, verify)
     reads.sort(key=lambda r: (r.chunk.file, r.chunk.byte_offset))
     threads = max(1, int(getattr(storage, "read_threads", _DEFAULT_READ_THREADS)))
     batches = _batches(reads)
     try:
+        for name in dict.fromkeys(r.chunk.file for r in reads):
+            readers.get(name)
         if threads == 1:  # no pool: a hand-off per batch would only add wake-ups
             for b in batches:
                 _do_batch(b, readers, md.block_size, verify, location)
-            return
-        with ThreadPoolExecutor(threads, thread_name_prefix="async_ckpt-read") as pool:
-            tasks = [pool.submit(_do_batch, b, readers, md.block_size, verify, location) for b in batches]
-            try:
-                for fut in tasks:
-                    fut.result()
-            except BaseException:
-                for fut in tasks:  # a failed load stops reading instead of finishing
-                    fut.cancel()
-                raise
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="async_ckpt-read") as pool:
+                tasks = [pool.submit(_do_batch, b, readers, md.block_size, verify, location) for b in batches]
+                try:
+                    for fut in tasks:
+                        fut.result()
+                except BaseException:
+                    for fut in tasks:  # a failed load stops reading instead of finishing
+                        fut.cancel()
+                    raise
     finally:
         readers.close()
+    if confirm and not src.pinned and src.replaced():
+        raise replaced_error(location, "metadata.json changed while its shards were read")
 
 
 _BATCH_BYTES = 16 << 20
@@ -186,8 +267,8 @@ def _verify(buf: memoryview, c: ChunkRecord, start: int, fqn: str, block: int, l
 class Readers:
     """One open reader per shard file, checked against the metadata on first use."""
 
-    def __init__(self, storage: Storage, location: str, md: Metadata, verify: bool) -> None:
-        self._storage = storage
+    def __init__(self, source: CheckpointSource, location: str, md: Metadata, verify: bool) -> None:
+        self._source = source
         self._location = location
         self._md = md
         self._verify = verify
@@ -197,7 +278,7 @@ class Readers:
     def get(self, name: str) -> ShardReader:
         with self._lock:
             if name not in self._open:
-                self._open[name] = self._check(self._storage.open_reader(self._location, name), name)
+                self._open[name] = self._check(self._source.open_reader(name), name)
             return self._open[name]
 
     def _check(self, reader: ShardReader, name: str) -> ShardReader:

@@ -10,6 +10,7 @@ with a cached plan (``worker/save_job.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import time
@@ -272,7 +273,8 @@ def commit_checkpoint(
     options: SaveOptions,
 ) -> Metadata:
     """Coordinator only: metadata from every rank's report, written last, committing the checkpoint."""
-    md = assemble_metadata(results, tree, options)
+    # The token makes every save's metadata.json unique, how a load proves it read one save.
+    md = dataclasses.replace(assemble_metadata(results, tree, options), token=token)
     storage.commit(location, token, encode_metadata(md))
     return md
 
@@ -369,6 +371,7 @@ def with_stats(md: Metadata, stats: SaveStats) -> Metadata:
         block_size=md.block_size,
         pickled=md.pickled,
         stats=stats,
+        token=md.token,
     )
 
 

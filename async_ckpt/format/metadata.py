@@ -40,6 +40,7 @@ _PREFIX = b'{"format":"async_ckpt","checksum":"xxh3_64:'
 _MIDDLE = b'","body":'
 _HEX_LEN = 16
 _HEX = re.compile(f"[0-9a-f]{{{_HEX_LEN}}}")
+_TOKEN = re.compile(r"[0-9A-Za-z]{1,64}")
 _SAFE_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,200}$")
 # Far beyond any real tensor, small enough that sizes times itemsize stay exact.
 _MAX_ELEMENTS = 1 << 56
@@ -118,6 +119,8 @@ class Metadata:
     pickled: bool = False
     version: int = FORMAT_VERSION
     stats: SaveStats | None = field(default=None, compare=False)
+    token: str | None = None
+    """The save's unique token (``save_token``); None in checkpoints written before it existed."""
 
 
 def encode_metadata(md: Metadata) -> bytes:
@@ -131,6 +134,8 @@ def encode_metadata(md: Metadata) -> bytes:
         "values": {fqn: _value_json(v) for fqn, v in md.values.items()},
         "tree": md.tree,
     }
+    if md.token is not None:
+        body["save_token"] = md.token
     raw = json.dumps(body, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
     return _PREFIX + checksum.digest(raw).encode() + _MIDDLE + raw + b"}"
 
@@ -263,7 +268,14 @@ def _parse_body(doc: dict[str, Any]) -> Metadata:
         world_size=world,
         block_size=block,
         pickled=pickled,
+        token=_token(doc["save_token"]) if "save_token" in doc else None,  # absent before tokens
     )
+
+
+def _token(v: object) -> str:
+    if not isinstance(v, str) or _TOKEN.fullmatch(v) is None:
+        raise _Bad(f"save_token must be 1 to 64 letters and digits, got {str(v)[:40]!r}")
+    return v
 
 
 def _parse_file(rec: object, name: str, world: int) -> FileRecord:

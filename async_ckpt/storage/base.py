@@ -5,13 +5,23 @@ Writing a checkpoint is a small protocol, the same on every backend:
 rank) -> ``commit`` (coordinator, after every rank's shards are durable), or
 ``abort_save`` on failure. ``commit`` makes ``metadata.json`` visible last and
 atomically, so a reader either sees a complete checkpoint or none.
+
+Reading is the same backwards, through one :class:`CheckpointSource` per
+load: the metadata and every shard come from the same committed save, or the
+load fails with CheckpointReplacedError. A backend may offer
+``open_checkpoint(location) -> CheckpointSource`` (LocalStorage does: it
+holds the checkpoint's directory open). One without it, a third-party backend
+for instance, is read by path (``storage/source.py``), which relies on this
+contract: a save that will replace a committed checkpoint changes or removes
+its ``metadata.json`` before it changes any shard the old one names, and every
+save's ``metadata.json`` differs from every other's (it holds the save's token).
 """
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-__all__ = ["ShardReader", "ShardSink", "Storage"]
+__all__ = ["CheckpointSource", "ShardReader", "ShardSink", "Storage"]
 
 
 @runtime_checkable
@@ -45,6 +55,38 @@ class ShardReader(Protocol):
 
 
 @runtime_checkable
+class CheckpointSource(Protocol):
+    """One committed checkpoint, held for reading: what ``Storage.open_checkpoint`` returns.
+
+    A load reads :meth:`metadata` first, then opens every shard it needs with
+    :meth:`open_reader` at once, reads, and finally, unless the source is
+    ``pinned``, asks :meth:`replaced`: a source read by path cannot tell that a
+    shard was overwritten between the metadata read and the data read until
+    then. A read that fails (a missing or short file, a checksum mismatch) is
+    also checked with :meth:`replaced`, so a checkpoint replaced during the
+    load is reported as such, never as damaged.
+    """
+
+    pinned: bool
+    """True when readers keep reading the save they were opened on even if it is
+    replaced after (open file descriptors of a directory that was renamed away)."""
+
+    def metadata(self) -> bytes:
+        """The ``metadata.json`` this source was opened on (read once, when opened)."""
+        ...
+
+    def open_reader(self, name: str) -> ShardReader:
+        """A shard of the same save; CheckpointReplacedError if it is gone because the save was replaced."""
+        ...
+
+    def replaced(self) -> bool:
+        """Whether the location now holds another checkpoint than :meth:`metadata`'s, or none."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
 class Storage(Protocol):
     """A backend. ``location`` is what :meth:`resolve` made of a checkpoint id."""
 
@@ -62,7 +104,9 @@ class Storage(Protocol):
         """The committed ``metadata.json``; CheckpointNotFoundError if there is none."""
         ...
 
-    def open_reader(self, location: str, name: str) -> ShardReader: ...
+    def open_reader(self, location: str, name: str) -> ShardReader:
+        """A committed shard, by path. Loads use ``open_checkpoint`` where the backend has it."""
+        ...
 
     def list_children(self, root: str) -> list[str]:
         """Locations of the entries directly under ``root`` (for managers and ``ls``)."""

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import os
 import re
 import shutil
-import stat
 from pathlib import Path
 from typing import Any
 
 import aiofiles
 import aiofiles.os
 
-from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CheckpointError
 from ..format.metadata import METADATA_FILE
 from .direct_io import DirectSink, open_direct
+from .local_read import DirSource, FileReader, read_metadata_at
 
 __all__ = ["LocalStorage", "staging_dir"]
 
@@ -60,6 +63,32 @@ def _writev_all(fd: int, parts: list[memoryview]) -> None:
             pending[0] = pending[0][n:]
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    fn = getattr(_libc(), "renameat2", None)
+    if fn is None:
+        return False
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # e.g. NFS, or an old kernel
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 class _FileSink:
     def __init__(self, handle: Any, path: Path) -> None:
         self._f = handle
@@ -82,68 +111,6 @@ class _FileSink:
 
     async def abort(self) -> None:
         await self._f.close()
-
-
-def _open_regular(path: Path) -> int:
-    """Open for reading, refusing anything but a regular file.
-
-    O_NONBLOCK keeps a FIFO planted in a checkpoint from blocking the open;
-    the type check then refuses it, and devices and sockets with it.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CorruptCheckpointError(f"{path} is not a regular file")
-    os.set_blocking(fd, True)
-    return fd
-
-
-class _FileReader:
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        try:
-            self._fd = _open_regular(path)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"shard file {path} is missing") from None
-        except IsADirectoryError:
-            raise CorruptCheckpointError(f"{path} is a directory, not a shard file") from None
-        self._size = os.fstat(self._fd).st_size
-
-    def size(self) -> int:
-        return self._size
-
-    def readinto(self, offset: int, buf: memoryview) -> None:
-        done = 0
-        while done < len(buf):
-            n = os.preadv(self._fd, [buf[done:]], offset + done)
-            if n == 0:
-                raise CorruptCheckpointError(
-                    f"{self._path}: truncated; wanted bytes [{offset}, {offset + len(buf)}) "
-                    f"of a {self._size}-byte file"
-                )
-            done += n
-
-    def readinto_many(self, offset: int, bufs: list[memoryview]) -> None:
-        """Fill consecutive buffers from ``offset`` with one vectored read (``preadv``)."""
-        pending = [b for b in bufs if len(b)]
-        pos = offset
-        while pending:
-            n = os.preadv(self._fd, pending, pos)
-            if n == 0:
-                total = sum(len(b) for b in bufs)
-                raise CorruptCheckpointError(
-                    f"{self._path}: truncated; wanted bytes [{offset}, {offset + total}) "
-                    f"of a {self._size}-byte file"
-                )
-            pos += n
-            while pending and n >= len(pending[0]):
-                n -= len(pending[0])
-                pending.pop(0)
-            if pending and n:
-                pending[0] = pending[0][n:]
-
-    def close(self) -> None:
-        os.close(self._fd)
 
 
 def default_streams() -> int:
@@ -232,6 +199,11 @@ class LocalStorage:
         os.rename(tmp, stage / METADATA_FILE)
         _fsync_dir(stage)
         _check_replaceable(final)
+        if final.is_dir() and not final.is_symlink() and _exchange(stage, final):
+            # One atomic swap: a reader never finds no checkpoint at ``final`` mid-commit.
+            _fsync_dir(final.parent)
+            shutil.rmtree(stage, ignore_errors=True)  # the previous checkpoint now
+            return
         old = final.parent / f".{final.name}.old-{token}"
         moved = False
         try:
@@ -248,22 +220,14 @@ class LocalStorage:
         shutil.rmtree(staging_dir(location, token), ignore_errors=True)
 
     def read_metadata(self, location: str) -> bytes:
-        path = Path(location) / METADATA_FILE
-        try:
-            fd = _open_regular(path)
-            with os.fdopen(fd, "rb") as f:
-                return f.read()
-        except (FileNotFoundError, NotADirectoryError):
-            raise CheckpointNotFoundError(
-                f"no committed checkpoint at {location} ({METADATA_FILE} not found)"
-            ) from None
-        except PermissionError as exc:
-            raise CheckpointError(f"cannot read {path}: {exc}") from exc
-        except IsADirectoryError:
-            raise CorruptCheckpointError(f"{path} is a directory") from None
+        return read_metadata_at(location)
 
-    def open_reader(self, location: str, name: str) -> _FileReader:
-        return _FileReader(Path(location) / name)
+    def open_reader(self, location: str, name: str) -> FileReader:
+        return FileReader.at(Path(location) / name)
+
+    def open_checkpoint(self, location: str) -> DirSource:
+        """The checkpoint held by its directory: a load never mixes it with a save replacing it."""
+        return DirSource(location)
 
     def list_children(self, root: str) -> list[str]:
         base = Path(root)

@@ -1,0 +1,157 @@
+"""A load never mixes two checkpoints saved to the same path (issue 11, item 2).
+
+One process saves to a path over and over while another loads it (the "load
+latest" pattern). Every value of save ``i`` is ``i``, so a load that mixes two
+saves shows it. A load may return the old checkpoint or the new one, whole,
+or fail with ``CheckpointReplacedError``; it never returns a mix and never
+calls a replaced checkpoint corrupt.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import async_ckpt as ac
+from async_ckpt._faults import set_hook
+from async_ckpt.errors import CheckpointNotFoundError, CheckpointReplacedError, CorruptCheckpointError
+from async_ckpt.storage import LocalStorage
+
+_W = 1 << 20  # 4 MiB: big enough that a load spends a while between its shard files
+_B = 1 << 16
+
+
+def _state(i: int) -> dict[str, Any]:
+    return {"w": torch.full((_W,), float(i)), "b": torch.full((_B,), float(i)), "step": i}
+
+
+def _target() -> dict[str, Any]:
+    return {"w": torch.zeros(_W), "b": torch.zeros(_B), "step": -1}
+
+
+def _save_forever(path: str, stop: Any, saves: Any) -> None:
+    torch.set_num_threads(1)
+    i = 0
+    while not stop.is_set():
+        i += 1
+        ac.save(_state(i), path)
+        saves.value = i
+
+
+def _whole(sd: dict[str, Any]) -> bool:
+    step = float(sd["step"])
+    return bool((sd["w"] == step).all()) and bool((sd["b"] == step).all())
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
+def test_load_while_another_process_saves_returns_one_checkpoint_whole(tmp_path: Path, verify: bool) -> None:
+    path = str(tmp_path / "latest")
+    ctx = mp.get_context("spawn")
+    stop, saves = ctx.Event(), ctx.Value("i", 0)
+    saver = ctx.Process(target=_save_forever, args=(path, stop, saves), daemon=True)
+    saver.start()
+    outcomes: dict[str, int] = {"whole": 0, "replaced": 0}
+    mixed: list[tuple[float, float, float]] = []
+    try:
+        deadline = time.monotonic() + 120
+        while saves.value < 1:
+            assert saver.is_alive() and time.monotonic() < deadline, "the saver never committed"
+            time.sleep(0.05)
+        # Enough loads to have hit the race dozens of times before the fix.
+        while outcomes["whole"] + outcomes["replaced"] < 1500 and time.monotonic() < deadline:
+            sd = _target()
+            try:
+                ac.load(sd, path, verify=verify)
+            except CheckpointReplacedError as exc:
+                assert "replaced" in str(exc) and path in str(exc)
+                outcomes["replaced"] += 1
+                continue
+            except CheckpointNotFoundError:  # a crash-free overwrite never un-commits locally
+                raise
+            if _whole(sd):
+                outcomes["whole"] += 1
+            else:
+                mixed.append((float(sd["step"]), float(sd["w"][0]), float(sd["b"][0])))
+            assert saver.is_alive()
+    finally:
+        stop.set()
+        saver.join(60)
+        if saver.is_alive():
+            saver.kill()
+    print(f"loads: {outcomes}, saves: {saves.value}")
+    assert not mixed, f"{len(mixed)} loads mixed two saves (step, w, b): {mixed[:5]}"
+    assert outcomes["whole"] > 0 and saves.value > 10, (outcomes, saves.value)
+
+
+# ----------------------------------------------- a save committed at an exact moment of a load
+
+
+class _PlainStorage:
+    """A third-party backend: the Storage protocol only, no ``open_checkpoint``, reads by path."""
+
+    def __init__(self) -> None:
+        self._local = LocalStorage()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "open_checkpoint":
+            raise AttributeError(name)
+        return getattr(self._local, name)
+
+
+@pytest.fixture
+def commit_during_load() -> Iterator[Callable[[str, int], list[int]]]:
+    """``arm(path, times)``: the next ``times`` loads commit a new save to ``path`` right after
+    reading metadata.json, before opening a shard. Returns the steps committed so far."""
+    committed: list[int] = []
+
+    def arm(path: str, times: int) -> list[int]:
+        def save_next() -> None:
+            if len(committed) < times:
+                committed.append(int(ac.read_metadata(path).values["step"].value) + 1)
+                ac.save(_state(committed[-1]), path)
+
+        set_hook("load_metadata_read", save_next)
+        return committed
+
+    yield arm
+    set_hook("load_metadata_read", None)
+
+
+@pytest.mark.parametrize("storage", [None, _PlainStorage], ids=["local", "by-path"])
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
+def test_save_committed_between_metadata_and_shards_loads_the_new_checkpoint_whole(
+    tmp_path: Path, commit_during_load: Any, verify: bool, storage: Any
+) -> None:
+    path = str(tmp_path / "c")
+    ac.save(_state(1), path)
+    committed = commit_during_load(path, 1)
+    sd = _target()
+    ac.load(sd, path, verify=verify, storage=storage() if storage else None)
+    assert committed == [2]
+    # The first attempt saw its checkpoint replaced; the retry read the new one, whole.
+    assert sd["step"] == 2 and _whole(sd)
+
+
+@pytest.mark.parametrize("storage", [None, _PlainStorage], ids=["local", "by-path"])
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
+def test_checkpoint_replaced_during_every_attempt_raises_replaced_error(
+    tmp_path: Path, commit_during_load: Any, verify: bool, storage: Any
+) -> None:
+    path = str(tmp_path / "c")
+    ac.save(_state(1), path)
+    committed = commit_during_load(path, 2)
+    sd = _target()
+    with pytest.raises(CheckpointReplacedError, match="replaced") as info:
+        ac.load(sd, path, verify=verify, storage=storage() if storage else None)
+    assert path in str(info.value) and not isinstance(info.value, CorruptCheckpointError)
+    assert committed == [2, 3]
+    assert sd["step"] == -1  # no value of either save reached the target
+    # The next load reads the last save whole.
+    ac.load(sd, path, verify=verify, storage=storage() if storage else None)
+    assert sd["step"] == 3 and _whole(sd)
