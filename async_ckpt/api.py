@@ -75,10 +75,12 @@ def load(
     strict: bool = True,
     allow_pickle: bool = False,
     verify: bool = True,
+    cast: bool = False,
 ) -> None:
     """Load a checkpoint into ``state_dict`` in place, resharding as needed.
 
     ``verify=False`` skips checksum verification (faster, and trusts the disk).
+    ``cast=True`` converts saved tensors to the target's dtype (else a mismatch raises).
     A torch.distributed.checkpoint (DCP) directory is read too (it has no checksums).
     """
     backend, location = detect_storage(checkpoint_id, storage)
@@ -93,6 +95,7 @@ def load(
                 strict=strict,
                 allow_pickle=allow_pickle,
                 verify=verify,
+                cast=cast,
             )
         except CheckpointError as exc:
             if isinstance(exc, CorruptCheckpointError) or not is_dcp_checkpoint(backend, location):

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ._dtensor import dtensor_class, is_dtensor
+from ._tree import node_parts
 from .dist import Comm, run_collectively
-from .errors import CheckpointError, CorruptCheckpointError
+from .errors import CheckpointError, CheckpointReplacedError, CorruptCheckpointError
 from .format.metadata import METADATA_FILE, Metadata, TensorRecord, decode_metadata
 from .format.values import PickleRefusedError, decode_value
+from .load_view import LoadView, assemble_saved, is_missing
 from .local_plan import local_chunk
 from .planning import (
     ChunkStorageMetadata,
@@ -34,15 +37,19 @@ from .planning import (
     validate_coverage,
 )
 from .planning.reshard import ChunkIndex, chunk_overlap
-from .read_ops import Read, execute_reads
-from .state_dict import LoadView, is_missing
-from .storage.base import Storage
+from .read_ops import Read, execute_reads, open_source, replaced_as_such
+from .storage.base import CheckpointSource, Storage
+from .storage.source import replaced_error
 
 __all__ = ["load_collective", "read_checkpoint_metadata", "read_region"]
 
 
 def read_checkpoint_metadata(storage: Storage, location: str) -> Metadata:
-    md = decode_metadata(storage.read_metadata(location), where=f"{location}/{METADATA_FILE}")
+    return _decode(storage.read_metadata(location), location)
+
+
+def _decode(raw: bytes, location: str) -> Metadata:
+    md = decode_metadata(raw, where=f"{location}/{METADATA_FILE}")
     _validate_chunks(md, location)
     return md
 
@@ -94,34 +101,96 @@ def load_collective(
     strict: bool,
     allow_pickle: bool,
     verify: bool,
+    cast: bool = False,
 ) -> Metadata:
-    def local() -> Metadata:
-        md = read_checkpoint_metadata(storage, location)
-        if md.pickled and not allow_pickle:
-            raise PickleRefusedError(
-                f"{location} holds pickled data, and unpickling runs code from the file. "
-                "Pass allow_pickle=True to load() only if you trust this checkpoint."
-            )
-        view = LoadView(state_dict, md.tree)
-        try:
-            _load_into(
-                view,
-                md,
-                comm.rank,
-                comm.world_size,
-                storage,
-                location,
-                strict=strict,
-                allow_pickle=allow_pickle,
-                verify=verify,
-            )
-        except BaseException:
-            view.restore()
-            raise
-        view.finish()
-        return md
+    """Load in three collective steps: plan, read, finish.
 
-    return run_collectively(comm, "load", local)
+    Nothing in any rank's target changes before every rank has planned its
+    load (found every key, checked shapes and dtypes, decoded the values):
+    one rank's missing key stops all of them before they read. Reads then go
+    straight into in-place CPU tensors; GPU, meta-device and cast targets are
+    read into host memory and copied over in the finish step, which also puts
+    values and rebuilt containers in place and calls each Stateful's
+    ``load_state_dict``, only once every rank has read all its bytes.
+    """
+
+    def prepare() -> tuple[Metadata, LoadView, _Plan]:
+        view = LoadView(state_dict)  # calls state_dict() in sorted key order, before any I/O
+        # One save, held (storage/source.py): its shards are opened through it, never by path.
+        source, md = open_source(storage, location, lambda raw: _decode(raw, location))
+        sources.append(source)
+        _refuse_pickled(md, allow_pickle, location)
+        view.bind(md.tree)
+        plan = _plan_load(
+            view,
+            md,
+            comm.rank,
+            comm.world_size,
+            storage,
+            location,
+            strict=strict,
+            allow_pickle=allow_pickle,
+            cast=cast,
+            source=source,
+        )
+        return md, view, plan
+
+    sources: list[CheckpointSource] = []
+
+    def read(source: CheckpointSource, plan: _Plan, md: Metadata) -> None:
+        with replaced_as_such(source, location):
+            execute_reads(plan.reads, storage, location, md, verify, source=source)
+
+    def plan_and_read() -> tuple[Metadata, LoadView, _Plan]:
+        try:
+            md, view, plan = run_collectively(comm, "load", prepare)
+            _check_same_save(comm, md, location)
+            run_collectively(comm, "load", lambda: read(sources[-1], plan, md))
+            return md, view, plan
+        finally:
+            while sources:
+                sources.pop().close()
+
+    try:
+        md, view, plan = plan_and_read()
+    except CheckpointReplacedError:
+        if comm.world_size > 1:
+            raise  # one rank's retry would leave the others behind
+        md, view, plan = plan_and_read()  # the "load latest" pattern: read the new checkpoint
+    run_collectively(comm, "load", lambda: _finish(view, plan))
+    return md
+
+
+def _check_same_save(comm: Comm, md: Metadata, location: str) -> None:
+    """Every rank read its own metadata.json: they must all be one save's."""
+    if comm.world_size == 1:
+        return
+    tokens = comm.gather(md.token)
+    differ = comm.broadcast(None if tokens is None else sorted({str(t) for t in tokens}))
+    if len(differ) > 1:
+        raise replaced_error(location, f"the ranks read different saves: {', '.join(differ)}")
+
+
+def _refuse_pickled(md: Metadata, allow_pickle: bool, location: str) -> None:
+    if md.pickled and not allow_pickle:
+        raise PickleRefusedError(
+            f"{location} holds pickled data, and unpickling runs code from the file. "
+            "Pass allow_pickle=True to load() only if you trust this checkpoint."
+        )
+
+
+@dataclass(slots=True)
+class _Plan:
+    reads: list[Read] = field(default_factory=list)
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """(target, host buffer) pairs copied in the finish step: GPU targets and casts."""
+
+
+def _finish(view: LoadView, plan: _Plan) -> None:
+    with torch.no_grad():
+        for dest, host in plan.copies:
+            dest.copy_(host, non_blocking=False)
+    view.finish()
 
 
 def _load_into(
@@ -136,8 +205,32 @@ def _load_into(
     allow_pickle: bool,
     verify: bool,
 ) -> None:
-    reads: list[Read] = []
-    gpu_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    """Plan, read and copy in one step (no vote between them); the caller calls ``view.finish()``."""
+    plan = _plan_load(
+        view, md, rank, world, storage, location, strict=strict, allow_pickle=allow_pickle, cast=False
+    )
+    execute_reads(plan.reads, storage, location, md, verify)
+    with torch.no_grad():
+        for dest, host in plan.copies:
+            dest.copy_(host, non_blocking=False)
+
+
+def _plan_load(
+    view: LoadView,
+    md: Metadata,
+    rank: int,
+    world: int,
+    storage: Storage,
+    location: str,
+    *,
+    strict: bool,
+    allow_pickle: bool,
+    cast: bool,
+    source: CheckpointSource | None = None,
+) -> _Plan:
+    """Match every leaf of the view with the checkpoint; record values, plan reads. Writes nothing."""
+    plan = _Plan()
+    made: dict[str, torch.Tensor] = {}  # tensors created for meta or missing targets, by fqn
     with torch.no_grad():
         for fqn, target in list(view.leaves.items()):
             if fqn in md.tensors:
@@ -153,17 +246,22 @@ def _load_into(
                     continue
                 if is_missing(target):
                     # Sized by the checkpoint, not by the caller: prove the bytes exist first.
-                    _check_backed(storage, location, md, rec, fqn)
-                dest, new = _prepare_tensor(fqn, target, rec, location)
+                    _check_backed(storage, location, md, rec, fqn, source)
+                dest, new = _prepare_tensor(fqn, target, rec, location, cast)
                 if new is not None:
+                    tied = made.get(view.tie_root(fqn))
+                    if tied is not None:  # tied meta tensors stay one tensor, read once
+                        view.set(fqn, tied, materialized=True)
+                        continue
+                    made[fqn] = new
                     view.set(fqn, new, materialized=True)
                 host = dest
-                if dest.device.type != "cpu":
-                    host = torch.empty(dest.shape, dtype=dest.dtype)
-                    gpu_copies.append((dest, host))
+                if dest.device.type != "cpu" or dest.dtype != rec.dtype:
+                    host = torch.empty(dest.shape, dtype=rec.dtype)
+                    plan.copies.append((dest, host))
                 tgt_tensor = new if new is not None else target
                 _, tchunk, _ = local_chunk(fqn, tgt_tensor)
-                reads.extend(_plan_reads(fqn, rec, tchunk, host, rank))
+                plan.reads.extend(_plan_reads(fqn, rec, tchunk, host, rank))
             elif fqn in md.values:
                 rec_v = md.values[fqn]
                 if rec_v.per_rank is not None:
@@ -184,19 +282,59 @@ def _load_into(
                     f"{location}/{METADATA_FILE}: the tree names '{fqn}', "
                     "which is neither a tensor nor a value"
                 )
+            elif not isinstance(target, torch.Tensor) and _set_per_index_value(
+                view, fqn, md, rank, world, allow_pickle
+            ):
+                continue
             elif strict:
                 raise CheckpointError(
                     f"key '{fqn}' is missing from checkpoint {location}; pass strict=False "
                     "to leave such keys untouched"
                 )
-        execute_reads(reads, storage, location, md, verify)
-        for dest, host in gpu_copies:
-            dest.copy_(host, non_blocking=False)
+    return plan
 
 
-def _check_backed(storage: Storage, location: str, md: Metadata, rec: TensorRecord, fqn: str) -> None:
+class _NotAValue(Exception):
+    pass
+
+
+def _set_per_index_value(
+    view: LoadView, fqn: str, md: Metadata, rank: int, world: int, allow_pickle: bool
+) -> bool:
+    """A plain list saved per index (format version 1) into a target that holds it as one value."""
+    saved = view.saved_node(fqn)
+    if node_parts(saved)[0] not in ("l", "t", "n"):
+        return False
+
+    def value_of(leaf: str) -> Any:
+        rec = md.values.get(leaf)
+        if rec is None:
+            raise _NotAValue
+        if rec.per_rank is not None and (world != md.world_size or _is_absent(rec.per_rank[rank])):
+            raise _NotAValue
+        return _value_for(leaf, md, rank, allow_pickle, None)
+
+    try:
+        view.set(fqn, assemble_saved(saved, fqn, value_of))
+    except _NotAValue:
+        return False
+    return True
+
+
+def _check_backed(
+    storage: Storage,
+    location: str,
+    md: Metadata,
+    rec: TensorRecord,
+    fqn: str,
+    source: CheckpointSource | None = None,
+) -> None:
     for name in {c.file for c in rec.chunks}:
-        reader = storage.open_reader(location, name)
+        if source is None:
+            reader = storage.open_reader(location, name)
+        else:
+            with replaced_as_such(source, location):
+                reader = source.open_reader(name)
         try:
             if reader.size() != md.files[name].size:
                 raise CorruptCheckpointError(
@@ -238,16 +376,21 @@ def _has_own_copy(
 
 
 def _prepare_tensor(
-    fqn: str, target: Any, rec: TensorRecord, location: str
+    fqn: str, target: Any, rec: TensorRecord, location: str, cast: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The local tensor to fill, and a replacement when the target had no memory."""
     if is_missing(target):
         new = torch.empty(rec.shape, dtype=rec.dtype)
         return new, new
     assert isinstance(target, torch.Tensor)
-    if target.dtype != rec.dtype:
+    if target.dtype != rec.dtype and (not cast or (rec.dtype.is_complex and not target.dtype.is_complex)):
+        hint = (
+            "; a complex tensor is not cast to a real one"
+            if cast
+            else ". Pass cast=True to load() to convert saved values to the target's dtype"
+        )
         raise CheckpointError(
-            f"key '{fqn}': dtype mismatch, target is {target.dtype} but {location} holds {rec.dtype}"
+            f"key '{fqn}': dtype mismatch, target is {target.dtype} but {location} holds {rec.dtype}{hint}"
         )
     if tuple(target.shape) != rec.shape:
         raise CheckpointError(
@@ -304,11 +447,15 @@ def read_region(
     out: torch.Tensor,
     *,
     verify: bool = True,
+    source: CheckpointSource | None = None,
 ) -> None:
     """Fill ``out`` (a CPU tensor) with the box of tensor ``fqn`` starting at ``offsets``.
 
     The building block for streaming conversions: any region of any saved
-    tensor, whatever layout it was saved in, read and verified.
+    tensor, whatever layout it was saved in, read and verified. Reads go
+    through ``source`` when given (``read_ops.open_source``, whose metadata
+    ``md`` is); the caller then asks ``source.replaced()`` once it has read
+    all it wanted, as one check per region would re-read the metadata.
     """
     rec = md.tensors.get(fqn)
     if rec is None:
@@ -321,4 +468,4 @@ def read_region(
     if any(o + s > d for o, s, d in zip(target.offsets, target.sizes, rec.shape, strict=True)):
         raise CheckpointError(f"key '{fqn}': region {offsets} + {tuple(out.shape)} exceeds {rec.shape}")
     reads = list(_plan_reads(fqn, rec, target, out, rank=0))
-    execute_reads(reads, storage, location, md, verify)
+    execute_reads(reads, storage, location, md, verify, source=source, confirm=False)

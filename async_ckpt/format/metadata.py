@@ -1,4 +1,4 @@
-"""The ``metadata.json`` schema (format version 1): dataclasses, encoding, strict parsing.
+"""The ``metadata.json`` schema (format version 2, reads 1): dataclasses, encoding, strict parsing.
 
 The file is ``{"format":"async_ckpt","checksum":"xxh3_64:<16 hex>","body":<body>}``
 where the checksum covers the exact bytes of ``<body>``. Parsing checks the
@@ -34,7 +34,9 @@ __all__ = [
     "encode_metadata",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 differs only in what it could hold (plain lists per index, fewer value tags).
+_OLDEST_READABLE = 1
 METADATA_FILE = "metadata.json"
 _PREFIX = b'{"format":"async_ckpt","checksum":"xxh3_64:'
 _MIDDLE = b'","body":'
@@ -193,10 +195,10 @@ def decode_metadata(raw: bytes, *, where: str) -> Metadata:
     if not isinstance(doc, dict):
         raise CorruptCheckpointError(f"{where}: body is not a JSON object")
     version = doc.get("version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or not _OLDEST_READABLE <= version <= FORMAT_VERSION:
         raise CheckpointError(
             f"{where}: format version {version!r} is not supported; this async_ckpt reads "
-            f"version {FORMAT_VERSION}. Upgrade async_ckpt to read newer checkpoints."
+            f"versions {_OLDEST_READABLE} to {FORMAT_VERSION}. Upgrade async_ckpt to read newer checkpoints."
         )
     try:
         return _parse_body(doc)
