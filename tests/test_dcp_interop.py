@@ -33,6 +33,7 @@ from async_ckpt.cli import main
 from async_ckpt.format.values import PickleRefusedError, decode_value
 from async_ckpt.interop.dcp_blob import locate_tensor_bytes
 from async_ckpt.interop.dcp_metadata import read_dcp
+from async_ckpt.interop.dcp_storage import DcpSource
 from async_ckpt.storage import LocalStorage
 
 
@@ -292,3 +293,13 @@ def test_truncated_dcp_data_file_is_corruption_naming_the_key(dcp_dir: Path, tmp
         f.truncate(cut)
     with pytest.raises(ac.CorruptCheckpointError, match=r"model\.2\.weight"):
         ac.load({"model": _model(1)}, path)
+
+
+def test_dcp_source_notices_a_save_over_the_checkpoint_it_reads(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt"
+    dcp.save({"w": torch.ones(3)}, checkpoint_id=str(path))
+    ckpt = read_dcp(LocalStorage(), str(path), allow_pickle=False)
+    with DcpSource(LocalStorage(), str(path), ckpt) as source:
+        assert not source.replaced()
+        dcp.save({"w": torch.zeros(3)}, checkpoint_id=str(path))  # DCP overwrites in place
+        assert source.replaced()

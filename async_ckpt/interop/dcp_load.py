@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..dist import Comm, run_collectively
+from ..errors import CheckpointError
 from ..format.metadata import Metadata
 from ..format.values import PickleRefusedError
 from ..load import _load_into
@@ -51,6 +52,11 @@ def load_dcp(
                     allow_pickle=True,
                     verify=False,
                 )
+                if chunks.replaced():
+                    raise CheckpointError(
+                        f"DCP checkpoint {location} was overwritten by another save while it was "
+                        "being read (DCP saves in place); nothing was loaded from it. Load it again."
+                    )
         except BaseException:
             view.restore()
             raise
