@@ -554,3 +554,42 @@ def test_cli_ls_and_verify_on_s3(s3: S3Server, root: str, capsys: pytest.Capture
     s3.client().put_object(Bucket=BUCKET, Key=key, Body=bytes(data))
     assert main(["verify", url]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("replacements", [1, 2], ids=["once", "every-attempt"])
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
+def test_save_committed_during_a_load_is_never_mixed_in_nor_called_damage(
+    s3: S3Server, root: str, verify: bool, replacements: int
+) -> None:
+    """Shards are overwritten in place on S3: a load proves afterwards that metadata.json,
+    unique per save, did not change while it read them (issue 11 item 2)."""
+    from async_ckpt._faults import set_hook
+    from async_ckpt.errors import CheckpointReplacedError
+
+    url = f"{root}/latest"
+
+    def state(i: int) -> dict[str, Any]:
+        return {"w": torch.full((MB // 4,), float(i)), "b": torch.full((1000,), float(i)), "step": i}
+
+    ac.save(state(1), url)
+    committed: list[int] = []
+
+    def save_next() -> None:  # right after the load read metadata.json, before any shard
+        if len(committed) < replacements:
+            committed.append(len(committed) + 2)
+            ac.save(state(committed[-1]), url)
+
+    target = {"w": torch.zeros(MB // 4), "b": torch.zeros(1000), "step": -1}
+    set_hook("load_metadata_read", save_next)
+    try:
+        if replacements == 1:
+            ac.load(target, url, verify=verify)  # the retry reads the new checkpoint, whole
+            assert target["step"] == 2
+            assert bool((target["w"] == 2).all()) and bool((target["b"] == 2).all())
+        else:
+            with pytest.raises(CheckpointReplacedError, match=f"{re.escape(url)} was replaced"):
+                ac.load(target, url, verify=verify)
+            assert target["step"] == -1
+    finally:
+        set_hook("load_metadata_read", None)
+    assert committed == [2, 3][:replacements]
