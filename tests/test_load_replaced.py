@@ -10,6 +10,7 @@ calls a replaced checkpoint corrupt.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from harness import run_ranks
 
 import async_ckpt as ac
 from async_ckpt._faults import set_hook
@@ -84,7 +86,6 @@ def test_load_while_another_process_saves_returns_one_checkpoint_whole(tmp_path:
         saver.join(60)
         if saver.is_alive():
             saver.kill()
-    print(f"loads: {outcomes}, saves: {saves.value}")
     assert not mixed, f"{len(mixed)} loads mixed two saves (step, w, b): {mixed[:5]}"
     assert outcomes["whole"] > 0 and saves.value > 10, (outcomes, saves.value)
 
@@ -155,3 +156,35 @@ def test_checkpoint_replaced_during_every_attempt_raises_replaced_error(
     # The next load reads the last save whole.
     ac.load(sd, path, verify=verify, storage=storage() if storage else None)
     assert sd["step"] == 3 and _whole(sd)
+
+
+def _ranks_read_different_saves(rank: int, world: int, root: Path) -> str:
+    a, b, swapped = root / "a", root / "b", root / "swapped"
+    ac.save(_state(1), str(a))  # both ranks: a 2-rank save
+    ac.save(_state(2), str(b))
+    if rank == 0:
+
+        def swap() -> None:  # rank 0 has read save 1's metadata; rank 1 will read save 2's
+            os.rename(a, root / "a-old")
+            os.rename(b, a)
+            swapped.touch()
+
+        set_hook("load_metadata_read", swap)
+    else:
+        while not swapped.exists():
+            time.sleep(0.01)
+    sd = _target()
+    try:
+        ac.load(sd, str(a))
+    except CheckpointReplacedError as exc:
+        return str(exc)
+    finally:
+        set_hook("load_metadata_read", None)
+    return f"loaded step {sd['step']}"
+
+
+def test_ranks_that_read_different_saves_fail_alike(tmp_path: Path) -> None:
+    """Each rank reads metadata.json itself: a save landing between two ranks' reads is caught."""
+    out = run_ranks(2, _ranks_read_different_saves, tmp_path, timeout=240)
+    for msg in out:
+        assert "the ranks read different saves" in msg and str(tmp_path / "a") in msg, out
