@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import torch.distributed as dist
 from ._faults import kill_point
 from ._gc import gc_paused
 from .errors import CheckpointError
+from .inflight import InFlight, InFlightSaves, RemoteError
 from .layout_cache import LayoutCache, Prepared
 from .pending import PendingCheckpoint
 from .save_flow import SaveOptions
@@ -31,18 +34,11 @@ from .state_dict import flatten
 from .storage import Storage, detect_storage
 from .worker.client import WorkerClient, WorkerDiedError
 from .worker.group import WorkerGroup, join_worker_group
-from .worker.messages import DropSlot, Finished, LocalFailure, Released, SaveRequest, WorkerConfig
+from .worker.messages import DropSlot, LocalFailure, SaveRequest, WorkerConfig
 
-__all__ = ["AsyncCheckpointer", "PendingCheckpoint"]
+__all__ = ["AsyncCheckpointer", "PendingCheckpoint", "RemoteError", "WorkerDiedError"]
 
 log = logging.getLogger("async_ckpt")
-
-
-@dataclass
-class _InFlight:
-    pending: PendingCheckpoint
-    slot: StagingSlot
-    released: bool = False
 
 
 class AsyncCheckpointer:
@@ -57,6 +53,14 @@ class AsyncCheckpointer:
     on another rank's worker. ``worker_nice`` is added to the worker's niceness:
     the default yields the cores to training, so a save slows training steps
     little; lower it if checkpoints must become durable sooner on busy cores.
+
+    Threads and who owns what. The caller's thread (or, for ``overlap`` and
+    ``async_save``, the single staging thread) prepares, stages and sends a
+    save; each worker's listener thread handles its replies and its exit.
+    ``_lock`` guards ``_inflight``, ``_started``, ``_worker`` and the closing
+    flags. A staging slot belongs to the staging thread from ``acquire`` until
+    it publishes the save's record in ``_inflight``; from then on it belongs to
+    the record, which returns it to the pool once (see ``inflight.py``).
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class AsyncCheckpointer:
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        self._owner_pid = os.getpid()
         self._pg = process_group
         self._storage = storage
         self._timeout = timeout
@@ -85,13 +90,20 @@ class AsyncCheckpointer:
         self._options = SaveOptions(allow_pickle=allow_pickle, verify_replicas=verify_replicas)
         self._pool = StagingPool(max_in_flight, pin=pin_memory)
         self._lock = threading.RLock()
-        self._inflight: dict[int, _InFlight] = {}
+        self._inflight = InFlightSaves(self._pool, self._lock)
+        self._started: dict[int, PendingCheckpoint] = {}
+        """Every save from ``_prepare`` until its pending settles: what ``close`` waits for."""
         self._next_save = 0
         self._group: WorkerGroup | None = None
         self._worker: WorkerClient | None = None
         self._closed = False
+        """No new saves; those already started go on."""
+        self._stopping = False
+        """The worker is being stopped: no new one may start."""
         self._stream: Any = None
         self._stager = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-stage")
+        self._tail: concurrent.futures.Future[None] | None = None
+        """The last job handed to the staging thread (the worker must hear of saves in order)."""
         self._layouts = LayoutCache()
         self.worker_starts = 0
         if start:
@@ -107,7 +119,10 @@ class AsyncCheckpointer:
         worker, so that the first save costs what later saves cost (backing
         fresh shared memory takes several times a warm copy).
         """
+        self._check_process()
         with self._lock:
+            if self._closed:
+                raise CheckpointError("this AsyncCheckpointer is closed")
             worker = self._ensure_worker()
         if state_dict is None:
             return
@@ -127,8 +142,16 @@ class AsyncCheckpointer:
         w = self._worker
         return w.pid if w is not None and w.alive else None
 
+    def _check_process(self) -> None:
+        if os.getpid() != self._owner_pid:
+            raise CheckpointError(
+                f"this AsyncCheckpointer belongs to process {self._owner_pid}, and this process "
+                f"({os.getpid()}) is a fork() of it: its worker and staging buffers are the "
+                "parent's. Create a new AsyncCheckpointer in the child"
+            )
+
     def _ensure_worker(self) -> WorkerClient:
-        if self._closed:
+        if self._stopping:
             raise CheckpointError("this AsyncCheckpointer is closed")
         if self._group is None:
             self._group = join_worker_group(self._pg, self._timeout)
@@ -146,22 +169,29 @@ class AsyncCheckpointer:
             log_level=logging.getLogger("async_ckpt").getEffectiveLevel(),
             nice=self._worker_nice,
         )
-        worker = WorkerClient(config, self._on_message, self._on_exit)
+        worker = WorkerClient(config, self._inflight.on_message, self._inflight.on_exit)
         worker.start(self._start_timeout)
         self._worker = worker
         self.worker_starts += 1
         return worker
 
     def close(self, timeout: float | None = None) -> None:
-        """Wait for in-flight saves (up to ``timeout``), then stop the worker and free buffers."""
+        """Wait for every save started (up to ``timeout``), then stop the worker and free buffers.
+
+        That includes saves still staging on the helper thread (``overlap=True``
+        or ``async_save``). In a ``fork()``ed child this does nothing: the
+        worker and the buffers are the parent's.
+        """
+        if os.getpid() != self._owner_pid:
+            return
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            pending = [f.pending for f in self._inflight.values()]
+            started = list(self._started.values())
         limit = self._close_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
-        for p in pending:
+        for p in started:
             try:
                 p.result(max(0.0, deadline - time.monotonic()))
             except concurrent.futures.TimeoutError:
@@ -169,14 +199,20 @@ class AsyncCheckpointer:
                 break
             except Exception:  # noqa: BLE001 - the save's own caller sees its error
                 pass
-        worker = self._worker
+        with self._lock:
+            self._stopping = True
+            worker = self._worker
         if worker is not None:
             worker.stop(max(1.0, min(30.0, deadline - time.monotonic())))
+        # A save still waiting for a buffer gives up; one still copying finishes
+        # before its memory is unmapped below.
+        self._pool.interrupt()
         with self._lock:
-            for f in list(self._inflight.values()):
-                f.pending._fail(CheckpointError("the AsyncCheckpointer was closed before this save finished"))
-            self._inflight.clear()
+            unfinished = list(self._started.values())
+        for p in unfinished:
+            p._fail(CheckpointError("the AsyncCheckpointer was closed before this save finished"))
         self._stager.shutdown(wait=True)
+        self._inflight.clear()
         self._pool.close()
         if self._group is not None:
             self._group.close()
@@ -213,8 +249,12 @@ class AsyncCheckpointer:
         with gc_paused():
             job = self._prepare(state_dict, checkpoint_id, storage)
             if overlap:
-                self._stager.submit(self._stage_and_send, job)
+                self._submit(self._stage_and_send, job)
             else:
+                # Saves reach the worker in order: earlier overlapped ones first.
+                tail = self._tail
+                if tail is not None:
+                    concurrent.futures.wait([tail])
                 self._stage_and_send(job)
                 job.pending.staged.wait()
         return job.pending
@@ -227,23 +267,31 @@ class AsyncCheckpointer:
         overlap: bool = False,
         storage: Storage | None = None,
     ) -> PendingCheckpoint:
-        """``save`` for asyncio loops: waits for staging (and for a free buffer) without blocking the loop."""
+        """``save`` for asyncio loops: waits for staging (and for a free buffer) without blocking the loop.
+
+        Cancelling the awaiting task ends the wait only: the save goes on.
+        """
         with gc_paused():
             job = self._prepare(state_dict, checkpoint_id, storage)
-        fut = asyncio.wrap_future(self._stager.submit(self._stage_and_send, job))
+        self._submit(self._stage_and_send, job)
         if not overlap:
-            await fut
             await job.pending.staged
         return job.pending
 
+    def _submit(self, fn: Any, *args: Any) -> None:
+        self._tail = self._stager.submit(fn, *args)
+
     def _prepare(self, state_dict: dict[str, Any], checkpoint_id: Any, storage: Storage | None) -> _Job:
+        self._check_process()
         t0 = time.perf_counter()
         with self._lock:
             if self._closed:
                 raise CheckpointError("this AsyncCheckpointer is closed")
             save_id = self._next_save
             self._next_save += 1
-        pending = PendingCheckpoint(checkpoint_id, save_id)
+            pending = PendingCheckpoint(checkpoint_id, save_id)
+            self._started[save_id] = pending
+        pending.add_done_callback(self._forget)
         try:
             backend, location = detect_storage(checkpoint_id, storage or self._storage)
             flat = flatten(state_dict, allow_pickle=self._options.allow_pickle)
@@ -253,15 +301,26 @@ class AsyncCheckpointer:
                 verify_replicas=self._options.verify_replicas,
             )
         except BaseException as exc:
+            pending._fail(exc)  # nobody holds it; settling it lets close() skip it
             # The other ranks' workers must still hear about this save, or they
-            # would wait for this rank at the commit barrier until the timeout.
-            self._report_local_failure(save_id, exc)
+            # would wait for this rank at the commit barrier until the timeout;
+            # through the staging thread, after any save still staging there.
+            with contextlib.suppress(RuntimeError):  # the stager is shut down: closing
+                self._submit(self._report_local_failure, save_id, exc)
             raise
         return _Job(pending, backend, location, prepared, t0)
+
+    def _forget(self, pending: PendingCheckpoint) -> None:
+        with self._lock:
+            self._started.pop(pending.save_id, None)
 
     def _report_local_failure(self, save_id: int, exc: BaseException) -> None:
         try:
             with self._lock:
+                if self._group is None:
+                    self._group = join_worker_group(self._pg, self._timeout)
+                if self._group.world_size == 1:
+                    return
                 worker = self._ensure_worker()
             worker.send(LocalFailure(save_id, f"{type(exc).__name__}: {exc}"))
         except Exception:
@@ -269,10 +328,12 @@ class AsyncCheckpointer:
 
     def _stage_and_send(self, job: _Job) -> None:
         pending = job.pending
+        sent = False
         try:
             with self._lock:
                 worker = self._ensure_worker()
             slot, waited = self._pool.acquire(job.prepared.layout, timeout=self._timeout)
+            record: InFlight | None = None
             try:
                 self._hand_over(worker, slot, job.prepared)
                 t_stage = time.perf_counter()
@@ -286,8 +347,8 @@ class AsyncCheckpointer:
                 if event is not None:
                     event.synchronize()
                 stage_s = time.perf_counter() - t_stage
-                with self._lock:
-                    self._inflight[pending.save_id] = _InFlight(pending, slot)
+                record = InFlight(pending, slot, worker, waited)
+                self._inflight.publish(record)
                 worker.send(
                     SaveRequest(
                         save_id=pending.save_id,
@@ -302,20 +363,23 @@ class AsyncCheckpointer:
                         stall_s=time.perf_counter() - job.t0,
                     )
                 )
+                sent = True
             except BaseException:
-                with self._lock:
-                    self._inflight.pop(pending.save_id, None)
-                self._pool.release(slot)
+                if record is None:
+                    self._pool.release(slot)
+                else:
+                    self._inflight.withdraw(record)
                 raise
             kill_point("staged", pending.save_id, rank)
-            if waited > 0.001:
-                log.info("async_ckpt: save %d waited %.3fs for a staging buffer", pending.save_id, waited)
-            pending.staged._future.set_result(stage_s)
+            pending._set_staged(stage_s)
         except BaseException as exc:
             err = exc if isinstance(exc, CheckpointError) else CheckpointError(f"staging failed: {exc}")
             if err is not exc:
                 err.__cause__ = exc
             pending._fail(err)
+            if not sent:
+                # As for a failure in _prepare: the other ranks must not wait for this one.
+                self._report_local_failure(pending.save_id, err)
             if not isinstance(exc, Exception):
                 raise
 
@@ -335,66 +399,6 @@ class AsyncCheckpointer:
         if self._stream is None:
             self._stream = torch.cuda.Stream()
         return self._stream
-
-    # ----------------------------------------------------- worker callbacks
-
-    def _on_message(self, msg: Any) -> None:
-        if isinstance(msg, Released):
-            with self._lock:
-                f = self._inflight.get(msg.save_id)
-                if f is not None and not f.released:
-                    f.released = True
-                    self._pool.release(f.slot)
-        elif isinstance(msg, Finished):
-            with self._lock:
-                f = self._inflight.pop(msg.save_id, None)
-                if f is not None and not f.released:
-                    f.released = True
-                    self._pool.release(f.slot)
-            if f is None:
-                return
-            if msg.metadata is not None:
-                f.pending._future.set_result(msg.metadata)
-                s = msg.metadata.stats
-                if s is not None:
-                    log.info(
-                        "async_ckpt: saved %s (save %d): %s",
-                        f.pending.checkpoint_id,
-                        msg.save_id,
-                        s.describe(),
-                    )
-            else:
-                err = CheckpointError(
-                    f"saving {f.pending.checkpoint_id} failed in the background worker: "
-                    f"{msg.error_type}: {msg.error}"
-                )
-                err.__cause__ = RemoteError(msg.traceback)
-                f.pending._future.set_exception(err)
-
-    def _on_exit(self, worker: WorkerClient, reason: str) -> None:
-        with self._lock:
-            if worker is not self._worker:
-                return
-            lost = list(self._inflight.values())
-            self._inflight.clear()
-            for f in lost:
-                if not f.released:
-                    self._pool.release(f.slot)
-        for f in lost:
-            f.pending._fail(
-                WorkerDiedError(
-                    f"{reason} while saving {f.pending.checkpoint_id}; the save did not complete "
-                    "(it is committed only if the worker died after writing metadata.json: "
-                    "read_metadata tells). The next save starts a new worker."
-                )
-            )
-
-
-class RemoteError(Exception):
-    """The traceback of an error raised in the worker process."""
-
-    def __str__(self) -> str:
-        return "\n" + str(self.args[0]) if self.args else ""
 
 
 @dataclass

@@ -235,23 +235,28 @@ class StagingPool:
         self._evicted: list[int] = []
 
     def acquire(self, layout: Layout, timeout: float | None = None) -> tuple[StagingSlot, float]:
-        """A free slot for ``layout`` and the seconds spent waiting for one."""
-        start = time.perf_counter()
+        """A free slot for ``layout`` and the seconds spent waiting for another save to free one.
+
+        Allocating a new slot is not waiting: only time blocked on busy slots counts.
+        """
+        blocked = 0.0
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
                 if self._closed:
-                    raise RuntimeError("the staging pool is closed")
+                    raise CheckpointError("the staging pool is closed")
                 slot = self._take(layout)
                 if slot is not None:
-                    return slot, time.perf_counter() - start
+                    return slot, blocked
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(
                         f"no staging buffer freed within {timeout:.0f}s: {self.max_in_flight} "
                         "save(s) still in flight"
                     )
+                t0 = time.perf_counter()
                 self._cond.wait(remaining)
+                blocked += time.perf_counter() - t0
 
     def _take(self, layout: Layout) -> StagingSlot | None:
         for slot in self._slots:
@@ -294,13 +299,26 @@ class StagingPool:
             return out
 
     def release(self, slot: StagingSlot) -> None:
+        """Give ``slot`` back; exactly once per ``acquire``.
+
+        A second release could free the slot while another save, which took it
+        in between, is still copying into it or being written from it.
+        """
         with self._cond:
+            if not slot.busy:
+                raise RuntimeError(f"staging slot {slot.slot_id} released twice")
             slot.busy = False
             self._cond.notify_all()
 
     def slots(self) -> list[StagingSlot]:
         with self._cond:
             return list(self._slots)
+
+    def interrupt(self) -> None:
+        """Make every current and later ``acquire`` fail, freeing nothing (a copy may still run)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:

@@ -24,11 +24,14 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..staging import StagingSlot
-from .messages import Ready, RegisterLayout, RegisterSlot, Shutdown, WorkerConfig
+from .messages import DropLayout, Ready, RegisterLayout, RegisterSlot, Shutdown, WorkerConfig
 
 __all__ = ["WorkerClient", "WorkerDiedError"]
 
 log = logging.getLogger("async_ckpt")
+
+_LAYOUTS_KEPT = 8
+"""Layouts (plan and tree) a worker holds; each costs about a plan's size in its memory."""
 
 
 class WorkerDiedError(CheckpointError):
@@ -88,15 +91,19 @@ class WorkerClient:
         slot.registered_with = self.proc.pid
 
     def register_layout(self, layout_id: str, plan: Any, tree: Any) -> None:
-        """Send a layout's plan and tree once per worker; later saves only name it."""
+        """Send a layout's plan and tree once per worker; later saves only name it.
+
+        This side alone decides which layouts the worker keeps: it drops the
+        least recently used one explicitly, so the two cannot disagree.
+        """
         if layout_id in self._layouts:
             self._layouts.move_to_end(layout_id)
             return
         self.send(RegisterLayout(layout_id, plan, tree))
         self._layouts[layout_id] = None
-        # The worker keeps the 8 most recent (worker/main.py); forget older ones so they are resent.
-        while len(self._layouts) > 8:
-            self._layouts.popitem(last=False)
+        while len(self._layouts) > _LAYOUTS_KEPT:
+            old, _ = self._layouts.popitem(last=False)
+            self.send(DropLayout(old))
 
     def send(self, msg: Any) -> None:
         if self.conn is None or not self.alive:

@@ -17,7 +17,6 @@ import os
 import signal
 import threading
 import traceback
-from collections import OrderedDict
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
@@ -31,6 +30,7 @@ from ..staging import Layout
 from .comm import StoreComm
 from .loop import new_event_loop
 from .messages import (
+    DropLayout,
     DropSlot,
     Finished,
     LocalFailure,
@@ -45,8 +45,6 @@ from .messages import (
 from .save_job import SaveJobRunner
 
 __all__ = ["entry", "worker_main"]
-
-_LAYOUTS_KEPT = 8  # the trainer's client forgets in step (worker/client.py)
 
 
 class _MappedSlot:
@@ -77,10 +75,24 @@ class _MappedSlot:
 def entry(fd: int) -> None:
     """``python -c 'from async_ckpt.worker.main import entry; entry(FD)'``: FD is our socket."""
     conn = Connection(fd)
-    config = conn.recv()
+    try:
+        config = conn.recv()
+    except (EOFError, OSError):
+        return  # the trainer went away before we started: nothing to do, nothing to say
     if not isinstance(config, WorkerConfig):
         raise SystemExit("async_ckpt worker: expected a WorkerConfig first")
     worker_main(conn, config)
+
+
+def _reply(conn: Connection, msg: Any) -> None:
+    """Send ``msg`` to the trainer, if it is still there.
+
+    A trainer gone (a second Ctrl-C, a crash) is no error of ours: the saves it
+    staged still complete, and the worker exits quietly once its pipe is read
+    to the end, instead of printing a BrokenPipeError traceback.
+    """
+    with contextlib.suppress(OSError):  # BrokenPipeError, ConnectionResetError
+        conn.send(msg)
 
 
 def worker_main(conn: Connection, config: WorkerConfig) -> None:
@@ -93,7 +105,10 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
         os.nice(config.nice)
     torch.set_num_threads(1)
     comm = _connect(config)
-    conn.send(Ready(os.getpid()))
+    try:
+        conn.send(Ready(os.getpid()))
+    except OSError:
+        return  # the trainer gave up waiting for us, or is gone
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(_serve(conn, comm, config))
 
@@ -140,7 +155,7 @@ async def _serve(conn: Connection, comm: Comm, config: WorkerConfig) -> None:
 
     threading.Thread(target=reader, name="async_ckpt-worker-pipe", daemon=True).start()
     runner = SaveJobRunner(comm, config.session)
-    layouts: OrderedDict[str, RegisterLayout] = OrderedDict()
+    layouts: dict[str, RegisterLayout] = {}  # kept until the trainer drops them (worker/client.py)
     while True:
         msg = await queue.get()
         if isinstance(msg, Shutdown):
@@ -155,8 +170,8 @@ async def _serve(conn: Connection, comm: Comm, config: WorkerConfig) -> None:
                 slots.pop(msg.slot_id).close()
         elif isinstance(msg, RegisterLayout):
             layouts[msg.layout_id] = msg
-            while len(layouts) > _LAYOUTS_KEPT:
-                layouts.popitem(last=False)
+        elif isinstance(msg, DropLayout):
+            layouts.pop(msg.layout_id, None)
         elif isinstance(msg, SaveRequest):
             await _one_save(conn, runner, msg, slots, layouts.get(msg.layout_id))
         elif isinstance(msg, LocalFailure):
@@ -190,5 +205,5 @@ async def _one_save(
             error_type=type(exc).__name__,
             traceback="".join(traceback.format_exception(exc)),
         )
-    conn.send(Released(req.save_id))
-    conn.send(reply)
+    _reply(conn, Released(req.save_id))
+    _reply(conn, reply)

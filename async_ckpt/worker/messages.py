@@ -12,6 +12,7 @@ from ..staging import Layout
 from ..storage.base import Storage
 
 __all__ = [
+    "DropLayout",
     "DropSlot",
     "Finished",
     "LocalFailure",
@@ -63,6 +64,13 @@ class RegisterLayout:
     layout_id: str
     plan: SavePlan
     tree: Any
+
+
+@dataclass(frozen=True, slots=True)
+class DropLayout:
+    """The trainer forgot this layout; so does the worker (the trainer alone decides which are kept)."""
+
+    layout_id: str
 
 
 @dataclass(frozen=True, slots=True)
