@@ -234,7 +234,9 @@ def _rebuild(node: Any, leaf: Callable[[str], Any]) -> Any:
                 if value is not _SKIP:
                     out[pair[0]] = value
         return out
-    if kind in ("l", "t") and isinstance(body, list):
+    if kind in ("l", "t", "n") and isinstance(body, list):
+        if kind == "n":  # a namedtuple: [[field, node], ...]; its class is not in the file
+            body = [p[1] if isinstance(p, list) and len(p) == 2 else None for p in body]
         # A skipped element becomes None: dropping it would shift the indices after it.
         items = [None if (v := _rebuild(c, leaf)) is _SKIP else v for c in body]
         return items if kind == "l" else tuple(items)

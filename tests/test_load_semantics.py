@@ -407,3 +407,14 @@ def test_a_dtype_mismatch_raises_unless_cast_is_asked_for(tmp_path: Path) -> Non
     assert target["w"] is w and w.dtype == torch.bfloat16
     assert torch.equal(w, src.to(torch.bfloat16))
     assert target["m"].fc.weight.dtype == torch.float64
+
+
+def test_convert_to_torch_rebuilds_namedtuples_and_plain_lists(tmp_path: Path) -> None:
+    from async_ckpt.cli import main
+
+    ac.save({"p": Pair(torch.ones(2), 3), "names": ["a", "b"]}, tmp_path / "c")
+    assert main(["convert", str(tmp_path / "c"), "--to", "torch", str(tmp_path / "out.pt")]) == 0
+    state = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert set(state) == {"p", "names"}
+    assert type(state["p"]) is tuple and torch.equal(state["p"][0], torch.ones(2)) and state["p"][1] == 3
+    assert state["names"] == ["a", "b"]
