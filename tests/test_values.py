@@ -117,6 +117,20 @@ def test_torch_size_encodes_and_decodes_as_torch_size() -> None:
         assert type(back) is torch.Size and back == size
 
 
+def test_torch_size_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    """flatten keeps a torch.Size whole (a leaf value), though it is a tuple."""
+    ck = tmp_path / "c"
+    ac.save(
+        {"shape": torch.Size([2, 3]), "shapes": [torch.Size([4]), torch.Size([])], "t": torch.ones(1)}, ck
+    )
+    assert ac.read_metadata(ck).values["shape"].value == {"$size": [2, 3]}
+    target: dict[str, Any] = {"shape": None, "shapes": None, "t": torch.zeros(1)}
+    ac.load(target, ck)
+    assert type(target["shape"]) is torch.Size and target["shape"] == (2, 3)
+    assert [type(s) for s in target["shapes"]] == [torch.Size, torch.Size]
+    assert target["shapes"] == [torch.Size([4]), torch.Size([])]
+
+
 @pytest.mark.parametrize("payload", [[1.5], ["2"], [-1], [True], "3", None, {"a": 1}])
 def test_malformed_torch_size_is_corruption(payload: object) -> None:
     with pytest.raises(CorruptCheckpointError, match="'k'"):
