@@ -22,7 +22,7 @@ from .errors import CheckpointError
 from .format.metadata import Metadata, TensorRecord
 from .format.shard import ShardEntry, layout_shard
 from .format.values import PickleRefusedError, decode_value
-from .load import read_region
+from .load import read_region, unchanged_while
 from .storage import Storage
 
 __all__ = ["to_safetensors", "to_torch"]
@@ -112,7 +112,7 @@ def to_safetensors(
     biggest = max((_first_box_bytes(rec, budget) for _, rec, _ in chosen), default=0)
     buf = torch.empty(biggest, dtype=torch.uint8)  # reused for every slab
     tick = progress or (lambda n, total: None)
-    with open(tmp, "wb") as f:
+    with unchanged_while(backend, location, md), open(tmp, "wb") as f:
         f.write(layout.header)
         tick(len(layout.header), layout.size)
         for fqn, rec, view in chosen:
@@ -168,14 +168,15 @@ def to_torch(
         warn(f"warning: the tree names '{fqn}', which the checkpoint does not hold; skipped")
         return _SKIP
 
-    result = _rebuild(md.tree, leaf)
-    state: dict[Any, Any] = result if isinstance(result, dict) else {}
-    for fqn in itertools.chain(md.tensors, md.values):
-        if fqn not in seen and fqn not in state:
-            # Saved only by ranks other than 0: not in rank 0's tree, kept under its flat key.
-            value = leaf(fqn)
-            if value is not _SKIP:
-                state[fqn] = value
+    with unchanged_while(backend, location, md):
+        result = _rebuild(md.tree, leaf)
+        state: dict[Any, Any] = result if isinstance(result, dict) else {}
+        for fqn in itertools.chain(md.tensors, md.values):
+            if fqn not in seen and fqn not in state:
+                # Saved only by ranks other than 0: not in rank 0's tree, kept under its flat key.
+                value = leaf(fqn)
+                if value is not _SKIP:
+                    state[fqn] = value
     torch.save(state, tmp)
     return f"{counts['tensors']} tensor(s), {counts['values']} value(s), {_human(tmp.stat().st_size)}"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,11 +42,46 @@ from .read_ops import Read, execute_reads, open_source, replaced_as_such
 from .storage.base import CheckpointSource, Storage
 from .storage.source import replaced_error
 
-__all__ = ["load_collective", "read_checkpoint_metadata", "read_region"]
+__all__ = [
+    "load_collective",
+    "read_checkpoint_metadata",
+    "read_region",
+    "same_checkpoint",
+    "unchanged_while",
+]
 
 
 def read_checkpoint_metadata(storage: Storage, location: str) -> Metadata:
     return _decode(storage.read_metadata(location), location)
+
+
+def same_checkpoint(storage: Storage, location: str, md: Metadata) -> bool:
+    """Whether ``location`` still holds the save ``md`` was read from.
+
+    For ``verify`` and ``convert``, which read the metadata once, then shards by
+    path: a read that failed its checksums is damage only if this holds.
+    """
+    try:
+        now = read_checkpoint_metadata(storage, location)
+    except CheckpointError:
+        return False  # un-committed, deleted, or replaced by something unreadable
+    # Every save has its own token; checkpoints from before tokens compare whole.
+    return now.token == md.token if md.token is not None else now == md
+
+
+@contextmanager
+def unchanged_while(storage: Storage, location: str, md: Metadata) -> Iterator[None]:
+    """Verified reads by path inside the block: a save replacing ``md``'s is CheckpointReplacedError.
+
+    Bytes that passed ``md``'s checksums are ``md``'s save's, wherever they were
+    read from, so only a failed read needs the check (never call it damage).
+    """
+    try:
+        yield
+    except CorruptCheckpointError as exc:
+        if not same_checkpoint(storage, location, md):
+            raise replaced_error(location) from exc
+        raise
 
 
 def _decode(raw: bytes, location: str) -> Metadata:

@@ -11,7 +11,8 @@ time and 5x the CPU of one, and handing verification to a second thread cost
 Every read of a load goes through one ``CheckpointSource`` (``storage/source.py``),
 so that it reads one save whole: :func:`open_source` holds it and decodes its
 metadata, :func:`execute_reads` opens every shard the reads need at once and
-proves at the end that nothing was replaced meanwhile, and
+proves at the end that nothing was replaced meanwhile (checksums prove it
+when verifying), and
 :func:`replaced_as_such` turns a read that failed because the checkpoint was
 replaced into CheckpointReplacedError, never CorruptCheckpointError.
 """
@@ -114,7 +115,8 @@ def execute_reads(
 
     Every shard they need is opened first, so a pinned source has them all
     before a replacing save can delete them. With ``confirm``, a source that
-    is not pinned is asked afterwards whether its checkpoint was replaced.
+    is not pinned is asked afterwards whether its checkpoint was replaced,
+    unless ``verify``: bytes that passed ``md``'s checksums are its save's.
     """
     src: CheckpointSource = source if source is not None else _ByPath(storage, location)
     readers = Readers(src, location, md, verify)
@@ -139,7 +141,7 @@ def execute_reads(
                     raise
     finally:
         readers.close()
-    if confirm and not src.pinned and src.replaced():
+    if confirm and not verify and not src.pinned and src.replaced():
         raise replaced_error(location, "metadata.json changed while its shards were read")
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from .errors import CheckpointError
 from .format import checksum
 from .format.metadata import METADATA_FILE, ChunkRecord, Metadata
-from .load import read_checkpoint_metadata
+from .load import read_checkpoint_metadata, same_checkpoint
 from .storage import Storage, detect_storage
 
 __all__ = ["VerifyProblem", "VerifyReport", "verify_checkpoint"]
@@ -64,6 +64,10 @@ def verify_checkpoint(
     for name in md.files:
         _verify_file(backend, location, md, name, by_file.get(name, []), report, progress)
         report.files_checked += 1
+    if report.problems and not same_checkpoint(backend, location, md):
+        # Shards read by path may be another save's: what looked damaged was replaced.
+        why = "it was replaced (or removed) by another save during verification; verify it again"
+        report.problems = [VerifyProblem(METADATA_FILE, None, f"{location}: {why}")]
     return report
 
 

@@ -22,8 +22,11 @@ from harness import run_ranks
 
 import async_ckpt as ac
 from async_ckpt._faults import set_hook
+from async_ckpt.convert import to_safetensors, to_torch
 from async_ckpt.errors import CheckpointNotFoundError, CheckpointReplacedError, CorruptCheckpointError
+from async_ckpt.load import read_checkpoint_metadata
 from async_ckpt.storage import LocalStorage
+from async_ckpt.verify import verify_checkpoint
 
 _W = 1 << 20  # 4 MiB: big enough that a load spends a while between its shard files
 _B = 1 << 16
@@ -188,3 +191,47 @@ def test_ranks_that_read_different_saves_fail_alike(tmp_path: Path) -> None:
     out = run_ranks(2, _ranks_read_different_saves, tmp_path, timeout=240)
     for msg in out:
         assert "the ranks read different saves" in msg and str(tmp_path / "a") in msg, out
+
+
+# ----------------------------------------- verify and convert read the metadata once, then by path
+
+
+class _SavesOnFirstShardRead(LocalStorage):
+    """Fault injection: opening the first shard by path first commits another save over it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._path = path
+        self.fired = False
+        self.step = 1
+
+    def open_reader(self, location: str, name: str) -> Any:
+        if not self.fired:
+            self.fired = True
+            self.step += 1
+            ac.save(_state(self.step), self._path)
+        return super().open_reader(location, name)
+
+
+def test_verify_of_a_checkpoint_replaced_during_it_reports_the_replacement_not_damage(tmp_path: Path) -> None:
+    path = str(tmp_path / "c")
+    ac.save(_state(1), path)
+    storage = _SavesOnFirstShardRead(path)
+    report = verify_checkpoint(path, storage=storage)
+    assert storage.fired
+    assert [p.message for p in report.problems if "replaced" not in p.message] == []
+    assert len(report.problems) == 1 and path in report.problems[0].message
+    assert verify_checkpoint(path).ok  # the new checkpoint verifies
+
+
+def test_convert_of_a_checkpoint_replaced_during_it_raises_replaced_error(tmp_path: Path) -> None:
+    path = str(tmp_path / "c")
+    ac.save(_state(1), path)
+    storage = _SavesOnFirstShardRead(path)
+    md = read_checkpoint_metadata(storage, path)
+    for convert in (to_safetensors, to_torch):
+        storage.fired = False
+        kw: dict[str, Any] = {"slab_bytes": 1 << 20} if convert is to_safetensors else {}
+        with pytest.raises(CheckpointReplacedError, match="replaced"):
+            convert(storage, path, md, tmp_path / "out", rank=None, warn=lambda _: None, **kw)
+        md = read_checkpoint_metadata(storage, path)

@@ -60,7 +60,8 @@ class CheckpointSource(Protocol):
 
     A load reads :meth:`metadata` first, then opens every shard it needs with
     :meth:`open_reader` at once, reads, and finally, unless the source is
-    ``pinned``, asks :meth:`replaced`: a source read by path cannot tell that a
+    ``pinned`` or the load verified every byte against the metadata's
+    checksums, asks :meth:`replaced`: a source read by path cannot tell that a
     shard was overwritten between the metadata read and the data read until
     then. A read that fails (a missing or short file, a checksum mismatch) is
     also checked with :meth:`replaced`, so a checkpoint replaced during the
