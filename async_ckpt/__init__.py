@@ -5,7 +5,7 @@ The public surface is small and listed in ``__all__``; see docs/api.md.
 
 from .api import assert_same_keys, async_save, load, read_metadata, save
 from .checkpointer import AsyncCheckpointer, PendingCheckpoint
-from .errors import CheckpointError, CorruptCheckpointError
+from .errors import CheckpointError, CheckpointReplacedError, CorruptCheckpointError
 from .format.metadata import Metadata
 from .manager import CheckpointManager
 
@@ -13,6 +13,7 @@ __all__ = [
     "AsyncCheckpointer",
     "CheckpointError",
     "CheckpointManager",
+    "CheckpointReplacedError",
     "CorruptCheckpointError",
     "Metadata",
     "PendingCheckpoint",
