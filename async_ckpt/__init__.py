@@ -3,7 +3,7 @@
 The public surface is small and listed in ``__all__``; see docs/api.md.
 """
 
-from .api import assert_same_keys, async_save, load, read_metadata, save
+from .api import assert_same_keys, async_save, load, load_state_dict, read_metadata, save
 from .checkpointer import AsyncCheckpointer, PendingCheckpoint
 from .errors import CheckpointError, CheckpointReplacedError, CorruptCheckpointError
 from .format.metadata import Metadata
@@ -20,6 +20,7 @@ __all__ = [
     "assert_same_keys",
     "async_save",
     "load",
+    "load_state_dict",
     "read_metadata",
     "save",
 ]

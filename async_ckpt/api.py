@@ -6,8 +6,10 @@ import atexit
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from ._gc import gc_paused
@@ -16,12 +18,13 @@ from .errors import CheckpointError, CorruptCheckpointError
 from .format.metadata import Metadata
 from .interop import is_dcp_checkpoint, load_dcp, read_dcp_metadata
 from .load import load_collective, read_checkpoint_metadata
+from .load_tree import load_tree_collective
 from .local_plan import build_local_plan
 from .save_flow import SaveOptions, save_collective
 from .state_dict import flatten
 from .storage import Storage, detect_storage
 
-__all__ = ["assert_same_keys", "async_save", "load", "read_metadata", "save"]
+__all__ = ["assert_same_keys", "async_save", "load", "load_state_dict", "read_metadata", "save"]
 
 log = logging.getLogger("async_ckpt")
 
@@ -101,6 +104,37 @@ def load(
             if isinstance(exc, CorruptCheckpointError) or not is_dcp_checkpoint(backend, location):
                 raise
             load_dcp(comm, backend, location, state_dict, strict=strict, allow_pickle=allow_pickle)
+
+
+def load_state_dict(
+    checkpoint_id: Any,
+    *,
+    keys: Sequence[str] | None = None,
+    map_location: str | torch.device = "cpu",
+    process_group: dist.ProcessGroup | None = None,
+    storage: Storage | None = None,
+    allow_pickle: bool = False,
+    verify: bool = True,
+) -> dict[Any, Any]:
+    """A new nested state dict rebuilt from the checkpoint's saved tree, with no target to load into.
+
+    Tensors come back whole, as plain tensors on ``map_location``, however they
+    were sharded. ``keys`` selects flattened keys or key prefixes (``"model"``,
+    ``"optim.state.0"``) and only their bytes are read. Reads DCP checkpoints too.
+    With a process group, every rank gets the whole (selected) tree.
+    """
+    backend, location = detect_storage(checkpoint_id, storage)
+    comm = comm_for(process_group)
+    with gc_paused():
+        return load_tree_collective(
+            comm,
+            backend,
+            location,
+            keys=keys,
+            map_location=map_location,
+            allow_pickle=allow_pickle,
+            verify=verify,
+        )
 
 
 def read_metadata(checkpoint_id: Any, *, storage: Storage | None = None) -> Metadata:
