@@ -29,7 +29,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .convert import to_safetensors, to_torch
+from .convert import open_input, to_safetensors, to_torch
+from .convert_ckpt import to_async_ckpt
 from .errors import CheckpointError, CorruptCheckpointError
 from .format.dtypes import dtype_name
 from .format.metadata import METADATA_FILE, Metadata, decode_metadata
@@ -94,17 +95,22 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "convert",
         parents=[common],
-        help="write one consolidated file of full tensors",
+        help="write one consolidated file of full tensors, or a DCP checkpoint as ours",
         description=(
+            "CKPT is an async_ckpt or a torch.distributed.checkpoint (DCP) checkpoint. "
             "--to safetensors streams full tensors in slabs of at most --slab-mb MiB (one reused "
             "buffer; reads add at most two checksum blocks per saved piece a slab touches) and "
             "skips non-tensor values. --to torch builds the whole nested state dict in memory "
-            "and torch.save()s it (loadable with torch.load(weights_only=True))."
+            "and torch.save()s it (loadable with torch.load(weights_only=True)). --to async_ckpt "
+            "(DCP input only) streams every chunk in slabs of at most --slab-mb MiB into a "
+            "checksummed async_ckpt checkpoint at OUT (a directory or storage URL)."
         ),
     )
     p.add_argument("ckpt", metavar="CKPT")
-    p.add_argument("out", metavar="OUT", help="output file (local path)")
-    p.add_argument("--to", choices=["safetensors", "torch"], required=True, help="output format")
+    p.add_argument("out", metavar="OUT", help="output file (local path); a checkpoint for --to async_ckpt")
+    p.add_argument(
+        "--to", choices=["safetensors", "torch", "async_ckpt"], required=True, help="output format"
+    )
     p.add_argument("--slab-mb", type=float, default=256.0, help="read buffer size in MiB (default 256)")
     p.add_argument("--rank", type=int, default=None, help="take per-rank entries from this rank's copy")
     p.set_defaults(run=_cmd_convert)
@@ -355,37 +361,56 @@ def _cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
 def _cmd_convert(args: argparse.Namespace, out: Console, err: Console) -> int:
     if not args.slab_mb > 0:
         raise ValueError("--slab-mb must be positive")
-    backend, location, md = _open(args.ckpt, "convert")
+    backend, location = detect_storage(args.ckpt)
 
     def warn(text: str) -> None:
         _say(err, text, "yellow" if text.startswith("warning") else "")
 
-    target = Path(args.out)
-    _make_parent(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        if args.to == "safetensors":
+    with open_input(backend, location) as (md, dcp):
+        if args.to == "async_ckpt":
+            out_backend, out_location = detect_storage(args.out)
             with _progress(err, "converting") as progress:
                 task = progress.add_task("convert", total=None)
-
-                def tick(n: int, total: int) -> None:
-                    progress.update(task, advance=n, total=total)
-
-                summary = to_safetensors(
+                summary = to_async_ckpt(
                     backend,
                     location,
                     md,
-                    tmp,
-                    rank=args.rank,
+                    dcp,
+                    out_backend,
+                    out_location,
                     slab_bytes=int(args.slab_mb * _MiB),
                     warn=warn,
-                    progress=tick,
+                    progress=lambda n, total: progress.update(task, advance=n, total=total),
                 )
-        else:
-            summary = to_torch(backend, location, md, tmp, rank=args.rank, warn=warn)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+            _say(out, f"wrote {out_location}: {summary}", "green")
+            return 0
+        target = Path(args.out)
+        _make_parent(target)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            if args.to == "safetensors":
+                with _progress(err, "converting") as progress:
+                    task = progress.add_task("convert", total=None)
+
+                    def tick(n: int, total: int) -> None:
+                        progress.update(task, advance=n, total=total)
+
+                    summary = to_safetensors(
+                        backend,
+                        location,
+                        md,
+                        tmp,
+                        rank=args.rank,
+                        slab_bytes=int(args.slab_mb * _MiB),
+                        warn=warn,
+                        progress=tick,
+                        dcp=dcp,
+                    )
+            else:
+                summary = to_torch(backend, location, md, tmp, rank=args.rank, warn=warn, dcp=dcp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
     _say(out, f"wrote {target}: {summary}", "green")
     return 0
 

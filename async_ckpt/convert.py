@@ -1,7 +1,9 @@
 """Converting a checkpoint to one consolidated file: safetensors (streamed) or torch.save.
 
 Both reshard from whatever layout was saved, reading through ``read_region``
-(verified). Neither ever unpickles.
+(verified), and read DCP checkpoints too (``open_input``; unverified, as DCP
+has no checksums). Neither ever unpickles. Converting into our own format is
+``convert_ckpt.to_async_ckpt``.
 """
 
 from __future__ import annotations
@@ -13,19 +15,73 @@ import math
 import os
 import pickle
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CorruptCheckpointError
 from .format.metadata import Metadata, TensorRecord
 from .format.shard import ShardEntry, layout_shard
 from .format.values import PickleRefusedError, decode_value
-from .load import read_region, unchanged_while
+from .interop import is_dcp_checkpoint
+from .interop.dcp_metadata import read_dcp
+from .interop.dcp_storage import DcpSource
+from .load import read_checkpoint_metadata, read_region, unchanged_while
 from .storage import Storage
 
-__all__ = ["to_safetensors", "to_torch"]
+__all__ = ["open_input", "to_safetensors", "to_torch"]
+
+
+@contextmanager
+def open_input(backend: Storage, location: str) -> Iterator[tuple[Metadata, DcpSource | None]]:
+    """The checkpoint to convert: our metadata (shards read by path), or a DCP one held open."""
+    try:
+        md = read_checkpoint_metadata(backend, location)
+    except CheckpointError as exc:
+        if isinstance(exc, CorruptCheckpointError) or not is_dcp_checkpoint(backend, location):
+            raise
+        ckpt = read_dcp(backend, location, allow_pickle=False)
+        with DcpSource(backend, location, ckpt) as chunks:
+            yield ckpt.md, chunks
+        return
+    yield md, None
+
+
+class _Regions:
+    """Reads of regions of one checkpoint's tensors, and the proof that it stayed one save."""
+
+    def __init__(self, backend: Storage, location: str, md: Metadata, dcp: DcpSource | None) -> None:
+        self.backend, self.location, self.md, self.dcp = backend, location, md, dcp
+
+    def read(self, view: Metadata, fqn: str, offsets: tuple[int, ...], out: torch.Tensor) -> None:
+        if self.dcp is None:
+            read_region(self.backend, self.location, view, fqn, offsets, out)
+        else:  # DCP has no checksums; its source proves the save at the end instead
+            read_region(
+                self.dcp,  # type: ignore[arg-type]  # a DcpSource reads chunks as a Storage does
+                self.location,
+                view,
+                fqn,
+                offsets,
+                out,
+                verify=False,
+                source=self.dcp,
+            )
+
+    @contextmanager
+    def one_save(self) -> Iterator[None]:
+        if self.dcp is None:
+            with unchanged_while(self.backend, self.location, self.md):
+                yield
+            return
+        yield
+        if self.dcp.replaced():
+            raise CheckpointError(
+                f"DCP checkpoint {self.location} was overwritten by another save while it was being "
+                "converted (DCP saves in place); the output is not written. Convert it again."
+            )
 
 
 def _human(n: float) -> str:
@@ -88,13 +144,16 @@ def to_safetensors(
     slab_bytes: int,
     warn: Callable[[str], None],
     progress: Callable[[int, int], None] | None = None,
+    dcp: DcpSource | None = None,
 ) -> str:
     """One safetensors file of full tensors, filled slab by slab through a reused buffer.
 
     Memory stays within ``slab_bytes`` (plus one row when a row is larger),
     so a checkpoint larger than RAM converts. ``progress(n, total)`` is called
-    as bytes are written. Returns a one-line summary.
+    as bytes are written. ``dcp``: the DCP checkpoint ``md`` describes (``open_input``).
+    Returns a one-line summary.
     """
+    regions = _Regions(backend, location, md, dcp)
     budget = max(16, slab_bytes)
     chosen: list[tuple[str, TensorRecord, Metadata]] = []
     for fqn, rec in md.tensors.items():
@@ -112,13 +171,13 @@ def to_safetensors(
     biggest = max((_first_box_bytes(rec, budget) for _, rec, _ in chosen), default=0)
     buf = torch.empty(biggest, dtype=torch.uint8)  # reused for every slab
     tick = progress or (lambda n, total: None)
-    with unchanged_while(backend, location, md), open(tmp, "wb") as f:
+    with regions.one_save(), open(tmp, "wb") as f:
         f.write(layout.header)
         tick(len(layout.header), layout.size)
         for fqn, rec, view in chosen:
             for offsets, box in _slabs(rec.shape, rec.dtype.itemsize, budget):
                 n = math.prod(box) * rec.dtype.itemsize
-                read_region(backend, location, view, fqn, offsets, buf[:n].view(rec.dtype).view(box))
+                regions.read(view, fqn, offsets, buf[:n].view(rec.dtype).view(box))
                 f.write(buf[:n].numpy().data)
                 tick(n, layout.size)
         if f.tell() != layout.size:
@@ -137,7 +196,14 @@ _SKIP = object()
 
 
 def to_torch(
-    backend: Storage, location: str, md: Metadata, tmp: Path, *, rank: int | None, warn: Callable[[str], None]
+    backend: Storage,
+    location: str,
+    md: Metadata,
+    tmp: Path,
+    *,
+    rank: int | None,
+    warn: Callable[[str], None],
+    dcp: DcpSource | None = None,
 ) -> str:
     """A ``torch.save`` file of the nested state dict rebuilt from the tree (all in memory).
 
@@ -145,6 +211,7 @@ def to_torch(
     ``torch.load(weights_only=True)`` could not read back (datetime, Decimal,
     paths, numpy scalars...). Returns a one-line summary.
     """
+    regions = _Regions(backend, location, md, dcp)
     seen: set[str] = set()
     counts = {"tensors": 0, "values": 0}
 
@@ -157,7 +224,7 @@ def to_torch(
             rec = md.tensors[fqn]
             full = torch.empty(rec.shape, dtype=rec.dtype)
             if full.numel():
-                read_region(backend, location, view, fqn, (0,) * len(rec.shape), full)
+                regions.read(view, fqn, (0,) * len(rec.shape), full)
             counts["tensors"] += 1
             return full
         if fqn in md.values:
@@ -168,7 +235,7 @@ def to_torch(
         warn(f"warning: the tree names '{fqn}', which the checkpoint does not hold; skipped")
         return _SKIP
 
-    with unchanged_while(backend, location, md):
+    with regions.one_save():
         result = _rebuild(md.tree, leaf)
         state: dict[Any, Any] = result if isinstance(result, dict) else {}
         for fqn in itertools.chain(md.tensors, md.values):

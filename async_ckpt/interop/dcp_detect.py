@@ -42,6 +42,6 @@ def dcp_unsupported(location: str, what: str, *, why: str = "") -> DcpCheckpoint
     return DcpCheckpointError(
         f"{location} is a torch.distributed.checkpoint (DCP) checkpoint, which {what} does not "
         f"read{reason}. ac.load(state_dict, {location!r}) and ac.read_metadata read it, and "
-        "async-ckpt inspect shows it; to get an async_ckpt checkpoint, load it with ac.load and "
-        "save it with ac.save."
+        f"async-ckpt inspect shows it; async-ckpt convert {location} --to async_ckpt OUT makes a "
+        "checksummed async_ckpt checkpoint of it."
     )

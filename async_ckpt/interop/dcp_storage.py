@@ -77,6 +77,11 @@ class DcpSource:
     def metadata(self) -> bytes:
         return self._ckpt.raw
 
+    @property
+    def needs_pickle(self) -> frozenset[str]:
+        """Value keys that only full unpickling reads (left unread: see ``DcpCheckpoint``)."""
+        return self._ckpt.needs_pickle
+
     def replaced(self) -> bool:
         try:
             return read_file(self._backend, self._location, DCP_METADATA_FILE) != self._ckpt.raw
