@@ -21,7 +21,9 @@ returned to the system before the next starts), in this order:
    skipped elsewhere): pinned D2H staging against a plain pinned ``copy_``,
    overlap mode, and DCP with a pinned ``DefaultStager``;
 5. ``multirank.py`` at ``--ranks`` (``--replicated`` of the bytes on every rank);
-6. ``bench_planning.py`` at ``--planning-ranks`` (2000 items per rank).
+6. ``bench_planning.py`` at ``--planning-ranks`` (2000 items per rank);
+7. ``bench_dcp_load.py`` at ``--gib``: one ``dcp.save`` checkpoint loaded cold by
+   ``ac.load`` and by ``dcp.load`` (and by ``ac.load_state_dict``).
 
 Then ``<out>/results.json`` holds every part's JSON, the machine, and the
 verdicts; one table of ratios (against the hardware limits, against DCP, and the
@@ -60,6 +62,7 @@ TARGETS: list[tuple[str, str, float]] = [
     ("save_over_write_fsync", "ac.save / write+fsync", 1.3),
     ("load_over_cold_read", "ac.load cold / read cold", 1.3),
     ("planning_1024_s", "planning 1024 ranks x 2000 items, s", 2.0),
+    ("dcp_ckpt_load_over_dcp_load", "ac.load / dcp.load of a DCP checkpoint, cold", 1.0),
 ]
 
 QUICK = {
@@ -248,6 +251,7 @@ def build_summary(res: dict[str, Any]) -> dict[str, Any]:
         "save_over_write_fsync": _get(single, "ratios", "save_over_write_fsync", "of_medians"),
         "load_over_cold_read": _get(single, "ratios", "load_over_cold_read", "of_medians"),
         "planning_1024_s": None,
+        "dcp_ckpt_load_over_dcp_load": _get(res, "dcp_load", "ratios", "ac_load_over_dcp_load", "of_medians"),
     }
     plan = _planning_seconds(res.get("planning") or {})
     for row in plan:
@@ -608,8 +612,17 @@ def main(argv: list[str] | None = None) -> int:
             to,
         )
 
+    j = parts / "dcp_load.json"
+    res["dcp_load"] = run_part(
+        "dcp_load",
+        _py("bench_dcp_load.py", "--gib", args.gib, *common, "--repeats", args.repeats, "--json", j),
+        j,
+        logs,
+        to,
+    )
+
     res["errors"] = {}
-    for name in ("single", "async", "gpu", "multirank", "planning"):
+    for name in ("single", "async", "gpu", "multirank", "planning", "dcp_load"):
         if isinstance(res.get(name), dict) and "error" in res[name]:
             res["errors"][name] = res[name]["error"]
     for pt in res["sweep"]:

@@ -26,6 +26,7 @@ TARGET_KEYS = {
     "save_over_write_fsync",
     "load_over_cold_read",
     "planning_1024_s",
+    "dcp_ckpt_load_over_dcp_load",
 }
 
 
@@ -81,6 +82,7 @@ def test_run_quick(tmp_path: Path) -> None:
             assert meth["bytes_on_disk"] > 0
 
     assert [r["ranks"] for r in res["planning"]["results"]] == [64]
+    assert {"dcp.load cold", "ac.load cold", "ac.load_state_dict cold"} <= set(res["dcp_load"]["results"])
 
     s = res["summary"]
     assert set(s["targets"]) == TARGET_KEYS
