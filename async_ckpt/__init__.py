@@ -8,6 +8,7 @@ from .checkpointer import AsyncCheckpointer, PendingCheckpoint
 from .errors import CheckpointError, CheckpointReplacedError, CorruptCheckpointError
 from .format.metadata import Metadata
 from .manager import CheckpointManager
+from .single_rank import SINGLE_RANK, SingleRank
 
 __all__ = [
     "AsyncCheckpointer",
@@ -17,6 +18,8 @@ __all__ = [
     "CorruptCheckpointError",
     "Metadata",
     "PendingCheckpoint",
+    "SINGLE_RANK",
+    "SingleRank",
     "assert_same_keys",
     "async_save",
     "load",

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ._gc import gc_paused
 from .dist import comm_for, run_collectively
@@ -21,6 +20,7 @@ from .load import load_collective, read_checkpoint_metadata
 from .load_tree import load_tree_collective
 from .local_plan import build_local_plan
 from .save_flow import SaveOptions, save_collective
+from .single_rank import ProcessGroupArg, SingleRank, check_whole_on_this_rank
 from .state_dict import flatten
 from .storage import Storage, detect_storage
 
@@ -33,12 +33,15 @@ def save(
     state_dict: dict[str, Any],
     checkpoint_id: Any,
     *,
-    process_group: dist.ProcessGroup | None = None,
+    process_group: ProcessGroupArg = None,
     storage: Storage | None = None,
     allow_pickle: bool = False,
     verify_replicas: bool = False,
 ) -> Metadata:
-    """Save ``state_dict`` and return the committed checkpoint's metadata (blocking, collective)."""
+    """Save ``state_dict`` and return the committed checkpoint's metadata (blocking, collective).
+
+    ``process_group=SINGLE_RANK``: this rank saves alone, its own view of the state dict.
+    """
     with gc_paused():
         return _save(state_dict, checkpoint_id, process_group, storage, allow_pickle, verify_replicas)
 
@@ -46,7 +49,7 @@ def save(
 def _save(
     state_dict: dict[str, Any],
     checkpoint_id: Any,
-    process_group: dist.ProcessGroup | None,
+    process_group: ProcessGroupArg,
     storage: Storage | None,
     allow_pickle: bool,
     verify_replicas: bool,
@@ -58,6 +61,8 @@ def _save(
         # Inside the collective step: a checkpoint id one rank cannot use must fail every rank.
         backend, location = detect_storage(checkpoint_id, storage)
         flat = flatten(state_dict, allow_pickle=allow_pickle)
+        if isinstance(process_group, SingleRank):
+            check_whole_on_this_rank(flat.entries)
         local = build_local_plan(flat.entries, allow_pickle=allow_pickle, verify_replicas=verify_replicas)
         return backend, location, flat, local
 
@@ -73,7 +78,7 @@ def load(
     state_dict: dict[str, Any],
     checkpoint_id: Any,
     *,
-    process_group: dist.ProcessGroup | None = None,
+    process_group: ProcessGroupArg = None,
     storage: Storage | None = None,
     strict: bool = True,
     allow_pickle: bool = False,
@@ -111,7 +116,7 @@ def load_state_dict(
     *,
     keys: Sequence[str] | None = None,
     map_location: str | torch.device = "cpu",
-    process_group: dist.ProcessGroup | None = None,
+    process_group: ProcessGroupArg = None,
     storage: Storage | None = None,
     allow_pickle: bool = False,
     verify: bool = True,
@@ -148,7 +153,7 @@ def read_metadata(checkpoint_id: Any, *, storage: Storage | None = None) -> Meta
         return read_dcp_metadata(backend, location)
 
 
-def assert_same_keys(state_dict: dict[str, Any], process_group: dist.ProcessGroup | None = None) -> None:
+def assert_same_keys(state_dict: dict[str, Any], process_group: ProcessGroupArg = None) -> None:
     """Raise ``AssertionError`` on every rank if some flattened key is not on every rank."""
     comm = comm_for(process_group)
     keys = set(flatten(state_dict, allow_pickle=True).entries)
@@ -177,7 +182,7 @@ _defaults: dict[int, Any] = {}
 _defaults_lock = threading.Lock()
 
 
-def _default_checkpointer(process_group: dist.ProcessGroup | None) -> Any:
+def _default_checkpointer(process_group: ProcessGroupArg) -> Any:
     from .checkpointer import AsyncCheckpointer
 
     key = id(process_group)
@@ -202,7 +207,7 @@ async def async_save(
     state_dict: dict[str, Any],
     checkpoint_id: Any,
     *,
-    process_group: dist.ProcessGroup | None = None,
+    process_group: ProcessGroupArg = None,
     storage: Storage | None = None,
     overlap: bool = False,
 ) -> Any:

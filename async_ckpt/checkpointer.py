@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ._faults import kill_point
 from ._gc import gc_paused
@@ -29,6 +28,7 @@ from .inflight import InFlight, InFlightSaves, RemoteError
 from .layout_cache import LayoutCache, Prepared
 from .pending import PendingCheckpoint
 from .save_flow import SaveOptions
+from .single_rank import ProcessGroupArg, SingleRank, check_whole_on_this_rank
 from .staging import StagingPool, StagingSlot
 from .state_dict import flatten
 from .storage import Storage, detect_storage
@@ -45,7 +45,8 @@ class AsyncCheckpointer:
     """Saves in the background through one persistent worker process per rank.
 
     Every rank of ``process_group`` (default: the default group, or none) must
-    create its checkpointer and call ``save`` in the same order.
+    create its checkpointer and call ``save`` in the same order; with
+    ``SINGLE_RANK`` this rank saves alone (its worker joins no other rank's).
     ``max_in_flight`` bounds how many saves may be staged but not yet written,
     and so the staging memory (``max_in_flight`` copies of the state dict).
     ``start=True`` starts the worker now, so the first save does not pay for
@@ -65,7 +66,7 @@ class AsyncCheckpointer:
 
     def __init__(
         self,
-        process_group: dist.ProcessGroup | None = None,
+        process_group: ProcessGroupArg = None,
         max_in_flight: int = 1,
         *,
         storage: Storage | None = None,
@@ -295,6 +296,8 @@ class AsyncCheckpointer:
         try:
             backend, location = detect_storage(checkpoint_id, storage or self._storage)
             flat = flatten(state_dict, allow_pickle=self._options.allow_pickle)
+            if isinstance(self._pg, SingleRank):
+                check_whole_on_this_rank(flat.entries)
             prepared = self._layouts.prepare(
                 flat,
                 allow_pickle=self._options.allow_pickle,

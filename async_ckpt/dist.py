@@ -4,7 +4,8 @@
 from it, scatter from it. ``ProcessGroupComm`` runs them on a torch process
 group (the blocking ``save``/``load``); the background workers use their own
 store-backed implementation (``worker/comm.py``). ``LocalComm`` is the
-one-process case, with no torch.distributed at all.
+one-process case, with no torch.distributed at all, and the one-rank case
+inside a job (``process_group=SINGLE_RANK``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 import torch.distributed as dist
 
 from .errors import CheckpointError
+from .single_rank import ProcessGroupArg, SingleRank
 
 __all__ = [
     "Comm",
@@ -90,8 +92,10 @@ class ProcessGroupComm:
         return out[0]
 
 
-def comm_for(process_group: dist.ProcessGroup | None) -> Comm:
-    """The comm for a blocking call: the group given, the default group, or none."""
+def comm_for(process_group: ProcessGroupArg) -> Comm:
+    """The comm for a blocking call: the group given, the default group, or none (also for SINGLE_RANK)."""
+    if isinstance(process_group, SingleRank):
+        return LocalComm()
     if process_group is None and not (dist.is_available() and dist.is_initialized()):
         return LocalComm()
     comm = ProcessGroupComm(process_group)

@@ -29,13 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from .api import load
 from .checkpointer import AsyncCheckpointer, PendingCheckpoint
 from .dist import comm_for
 from .errors import CheckpointError, CheckpointNotFoundError
 from .format.metadata import METADATA_FILE
+from .single_rank import ProcessGroupArg
 from .storage import LocalStorage, Storage, detect_storage
 
 __all__ = ["CheckpointManager", "RootEntry", "parse_step", "remove_uncommitted", "scan_root", "step_name"]
@@ -165,7 +164,7 @@ class CheckpointManager:
         *,
         keep_last: int | None = None,
         keep_every: int | None = None,
-        process_group: dist.ProcessGroup | None = None,
+        process_group: ProcessGroupArg = None,
         storage: Storage | None = None,
         checkpointer: AsyncCheckpointer | None = None,
         max_in_flight: int = 1,

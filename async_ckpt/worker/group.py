@@ -4,6 +4,9 @@ Rank 0's trainer hosts it on a port the operating system picks (port 0), so
 there is no free-port race, and publishes the address once through the
 trainer's existing rendezvous store (a key/value write, not a collective on
 the trainer's process group). The other ranks read it from there.
+
+With ``SINGLE_RANK`` the group is this rank alone: a worker of world 1
+needs no store, so nothing is hosted, published or read.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
+
+from ..single_rank import ProcessGroupArg, SingleRank
 
 __all__ = ["WorkerGroup", "join_worker_group"]
 
@@ -47,8 +52,12 @@ def _advertised_host() -> str:
         return "127.0.0.1"
 
 
-def join_worker_group(process_group: dist.ProcessGroup | None, timeout: float) -> WorkerGroup:
+def join_worker_group(process_group: ProcessGroupArg, timeout: float) -> WorkerGroup:
     """Collective over the trainer ranks of ``process_group`` (all must call it, in order)."""
+    if isinstance(process_group, SingleRank):
+        # Before counting: the other ranks never see this group, and the
+        # instance numbers must agree across ranks for the groups they share.
+        return WorkerGroup(0, 1, None, None, uuid.uuid4().hex[:8])
     instance = next(_instances)
     if not (dist.is_available() and dist.is_initialized()):
         return WorkerGroup(0, 1, None, None, uuid.uuid4().hex[:8])
