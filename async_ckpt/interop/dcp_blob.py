@@ -28,6 +28,7 @@ import torch
 
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..storage.base import ShardReader
+from .dcp_zip import data_offset, read_entry, read_head, read_tail_directory
 
 __all__ = ["NeedsPickle", "SliceFile", "load_blob", "locate_tensor_bytes", "read_blob"]
 
@@ -168,6 +169,9 @@ def locate_tensor_bytes(
     if sys.byteorder != "little":
         return None
     try:
+        quick = _locate_quick(reader, start, length, dtype, sizes)
+        if quick is not _UNSURE:
+            return quick  # type: ignore[return-value]
         with zipfile.ZipFile(SliceFile(reader, start, length)) as zf:
             pkls = [i for i in zf.infolist() if i.filename.endswith("/data.pkl")]
             if len(pkls) != 1 or pkls[0].file_size > _MAX_PICKLE:
@@ -177,20 +181,11 @@ def locate_tensor_bytes(
             if prefix + "byteorder" in names and zf.read(prefix + "byteorder") != b"little":
                 return None
             spec = _TensorPickle(io.BytesIO(zf.read(pkls[0]))).load()
-            if not isinstance(spec, _TensorSpec) or spec.dtype != dtype or spec.size != sizes:
+            nbytes = _plain_bytes(spec, dtype, sizes)
+            if nbytes is None:
                 return None
-            nbytes = math.prod(sizes) * dtype.itemsize
             info = zf.getinfo(prefix + "data/" + spec.storage.key)
-            dense = all(
-                s == r for s, r, n in zip(spec.stride, _row_major(sizes), sizes, strict=True) if n > 1
-            )
-            if (
-                spec.offset != 0
-                or not dense
-                or spec.storage.numel * dtype.itemsize != nbytes
-                or info.compress_type != zipfile.ZIP_STORED
-                or info.file_size != nbytes
-            ):
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size != nbytes:
                 return None
             head = bytearray(_LOCAL_HEADER.size)
             reader.readinto(start + info.header_offset, memoryview(head))
@@ -199,8 +194,63 @@ def locate_tensor_bytes(
             if magic != _LOCAL_MAGIC or data + nbytes > length:
                 return None
             return start + data
-    except (_NotPlain, zipfile.BadZipFile, KeyError, ValueError, TypeError, EOFError, pickle.UnpicklingError):
+    except (
+        _NotPlain,
+        zipfile.BadZipFile,
+        KeyError,
+        ValueError,
+        TypeError,
+        EOFError,
+        struct.error,
+        pickle.UnpicklingError,
+    ):
         return None
+
+
+_UNSURE = object()
+
+
+def _locate_quick(
+    reader: ShardReader, start: int, length: int, dtype: torch.dtype, sizes: tuple[int, ...]
+) -> int | object | None:
+    """``locate_tensor_bytes`` from the zip records alone (``dcp_zip``); ``_UNSURE`` to ask ``zipfile``."""
+    entries = read_tail_directory(reader, start, length)
+    if entries is None:
+        return _UNSURE
+    pkls = [name for name in entries if name.endswith("/data.pkl")]
+    if len(pkls) != 1 or entries[pkls[0]].size > _MAX_PICKLE:
+        return _UNSURE
+    prefix = pkls[0][: -len("data.pkl")]
+    wanted = [e for e in (entries[pkls[0]], entries.get(prefix + "byteorder")) if e is not None]
+    head = read_head(reader, start, length, max(e.header + 1024 + e.size for e in wanted))
+    found = [read_entry(head, e) for e in wanted]
+    pkl = found[0]
+    if pkl is None or None in found:
+        return _UNSURE
+    if len(found) == 2 and found[1] != b"little":
+        return None
+    spec = _TensorPickle(io.BytesIO(pkl)).load()
+    nbytes = _plain_bytes(spec, dtype, sizes)
+    if nbytes is None:
+        return None
+    entry = entries.get(prefix + "data/" + spec.storage.key)
+    if entry is None or entry.method != 0 or entry.size != nbytes:
+        return None
+    data = data_offset(reader, start, length, entry)
+    if data is None:
+        return _UNSURE
+    return start + data if data + nbytes <= length else None
+
+
+def _plain_bytes(spec: Any, dtype: torch.dtype, sizes: tuple[int, ...]) -> int | None:
+    """The chunk's byte count if ``spec`` is exactly it, dense and row-major from offset 0."""
+    if not isinstance(spec, _TensorSpec) or spec.dtype != dtype or spec.size != sizes:
+        return None
+    nbytes = math.prod(sizes) * dtype.itemsize
+    dense = all(s == r for s, r, n in zip(spec.stride, _row_major(sizes), sizes, strict=True) if n > 1)
+    if spec.offset != 0 or not dense or spec.storage.numel * dtype.itemsize != nbytes:
+        return None
+    return nbytes
 
 
 def read_blob(reader: ShardReader, start: int, length: int, transforms: Sequence[str], where: str) -> bytes:
