@@ -175,15 +175,20 @@ def _dtensors_on_rank_0(rank: int, world: int, root: str) -> dict[str, Any]:
         loaded = ac.load_state_dict(os.path.join(root, "replicated"), process_group=ac.SINGLE_RANK)
         out["replicated"] = loaded["bias"].tolist()
     dist.barrier()
+    # Each rank alone fills its own shard of a sharded target.
+    target = DTensor.from_local(torch.zeros(3), mesh, [Shard(0)], run_check=False)
+    ac.load({"bias": target}, os.path.join(root, "replicated"), process_group=ac.SINGLE_RANK)
+    out["shard"] = target.to_local().tolist()
     return out
 
 
 def test_a_single_rank_save_refuses_a_dtensor_sharded_over_other_ranks_naming_the_key(tmp_path: Path) -> None:
-    r0, _ = run_ranks(2, _dtensors_on_rank_0, str(tmp_path), timeout=300.0, pg_timeout=120.0)
+    r0, r1 = run_ranks(2, _dtensors_on_rank_0, str(tmp_path), timeout=300.0, pg_timeout=120.0)
     for message in (r0["blocking"], r0["async"]):
         assert "'model.layer.weight'" in message and "full_tensor()" in message, message
         assert "model.bias" not in message, message
     assert r0["replicated"] == torch.arange(6.0).tolist()
+    assert r0["shard"] == [0.0, 1.0, 2.0] and r1["shard"] == [3.0, 4.0, 5.0], (r0, r1)
     assert not (tmp_path / "sharded").exists() and not (tmp_path / "sharded-async").exists()
 
 
