@@ -113,14 +113,13 @@ def load_tree_collective(
     device = torch.device(map_location)
 
     def once() -> dict[Any, Any]:
-        def read() -> tuple[dict[Any, Any], str | None]:
+        def read() -> tuple[dict[Any, Any], Metadata]:
             with open_any(storage, location, allow_pickle=allow_pickle) as opened:
                 tree = _Reader(opened, location, comm, select(keys), allow_pickle).run(keys, verify)
-                return tree, opened.md.token
+                return tree, opened.md
 
-        tree, token = run_collectively(comm, "load", read)
-        if comm.world_size > 1 and token is not None:
-            check_same_save(comm, _TokenOnly(token), location)  # type: ignore[arg-type]
+        tree, md = run_collectively(comm, "load", read)
+        check_same_save(comm, md, location)
         return tree
 
     try:
@@ -132,11 +131,6 @@ def load_tree_collective(
     if device.type != "cpu":
         tree = _move(tree, device)
     return tree
-
-
-@dataclass(frozen=True, slots=True)
-class _TokenOnly:
-    token: str
 
 
 class _Reader:
