@@ -6,7 +6,8 @@ gloo all_reduces that pair with rank 0's own steps. A save that touched the
 default group (a gather, a barrier, a store rendezvous) would pair with one of
 those all_reduces and hang or scramble them; here every step's sum is right and
 rank 0's save completes while rank 1 sits in its collective. Then each rank
-loads alone, and both load together over the default group.
+loads alone, and both load together over the default group. A DTensor of
+which rank 0 holds only a shard is refused by key; a replicated one saves whole.
 """
 
 from __future__ import annotations
