@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,25 @@ def test_torchrun_tensor_parallel_then_resume_on_two_ranks(tmp_path: Path) -> No
     assert "saved step 5 from 4 ranks" in out
     out = _run([*run, "2", str(EXAMPLES / "torchrun_tp.py"), "--out", ckpt, "--resume"], timeout=300)
     assert "resumed step 5 on 2 ranks; every parameter matches" in out
+
+
+def _checksum(out: str, prefix: str) -> str:
+    match = re.search(rf"^{prefix}: state checksum ([0-9a-f]{{16}})$", out, re.MULTILINE)
+    assert match, f"no line '{prefix}: state checksum ...' in:\n{out}"
+    return match.group(1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_fsdp2_torchrun_saves_on_four_ranks_and_resumes_bit_exact_on_two(tmp_path: Path) -> None:
+    ckpt = str(tmp_path / "fsdp2")
+    run = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    example = str(EXAMPLES / "fsdp2_torchrun.py")
+    out = _run([*run, "4", example, "--out", ckpt, "--steps", "8"], timeout=300)
+    saved = _checksum(out, "saving step 8 from 4 ranks")
+    assert _checksum(out, "saving step 4 from 4 ranks") != saved  # training moved the state
+    out = _run([*run, "2", example, "--out", ckpt, "--steps", "12", "--resume"], timeout=300)
+    assert _checksum(out, "resumed step 8 on 2 ranks") == saved
+    assert "saving step 12 from 2 ranks" in out
+    assert ac.read_metadata(Path(ckpt) / "step-00000008").world_size == 4
+    assert ac.read_metadata(Path(ckpt) / "step-00000012").world_size == 2
