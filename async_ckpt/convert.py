@@ -38,15 +38,17 @@ __all__ = ["open_input", "to_safetensors", "to_torch"]
 def open_input(backend: Storage, location: str) -> Iterator[tuple[Metadata, DcpSource | None]]:
     """The checkpoint to convert: our metadata (shards read by path), or a DCP one held open."""
     try:
-        md = read_checkpoint_metadata(backend, location)
+        md: Metadata | None = read_checkpoint_metadata(backend, location)
     except CheckpointError as exc:
         if isinstance(exc, CorruptCheckpointError) or not is_dcp_checkpoint(backend, location):
             raise
-        ckpt = read_dcp(backend, location, allow_pickle=False)
-        with DcpSource(backend, location, ckpt) as chunks:
-            yield ckpt.md, chunks
+        md = None  # a DCP checkpoint: read below, outside the handler
+    if md is not None:
+        yield md, None
         return
-    yield md, None
+    ckpt = read_dcp(backend, location, allow_pickle=False)
+    with DcpSource(backend, location, ckpt) as chunks:
+        yield ckpt.md, chunks
 
 
 class _Regions:

@@ -79,6 +79,8 @@ def open_any(storage: Storage, location: str, *, allow_pickle: bool = False) -> 
     except CheckpointError as exc:
         if isinstance(exc, CorruptCheckpointError) or not is_dcp_checkpoint(storage, location):
             raise
+        source = None  # a DCP checkpoint: read below, outside the handler
+    if source is None:
         ckpt = read_dcp(storage, location, allow_pickle=allow_pickle)
         with DcpSource(storage, location, ckpt) as chunks:
             yield Opened(ckpt.md, chunks, chunks, True, ckpt.needs_pickle)  # type: ignore[arg-type]
