@@ -2,7 +2,8 @@
 
 Checkpoints live at ``<root>/step-<step:08d>`` (any ``step-<digits>`` name is
 recognised when listing). A step is *committed* when its ``metadata.json`` is
-in place; nothing else under the root counts.
+in place, or when it holds a DCP checkpoint (``.metadata``, no ``metadata.json``:
+``load`` reads those); nothing else under the root counts.
 
 Retention runs after each save of this manager commits, on a helper thread
 (deleting a large checkpoint must not hold up the checkpointer's message
@@ -34,6 +35,7 @@ from .checkpointer import AsyncCheckpointer, PendingCheckpoint
 from .dist import comm_for
 from .errors import CheckpointError, CheckpointNotFoundError
 from .format.metadata import METADATA_FILE
+from .interop.dcp_detect import DCP_METADATA_FILE, is_dcp_checkpoint
 from .single_rank import ProcessGroupArg
 from .storage import LocalStorage, Storage, detect_storage
 
@@ -83,11 +85,14 @@ def _metadata_state(backend: Storage, location: str) -> str:
         meta = path / METADATA_FILE
         if meta.is_file():
             return "committed"
-        return "unreadable" if meta.exists() else "uncommitted"
+        if meta.exists():
+            return "unreadable"
+        # A DCP checkpoint (a run begun with DCP, resumed with us) is a checkpoint, not a leftover.
+        return "committed" if (path / DCP_METADATA_FILE).is_file() else "uncommitted"
     try:
         backend.read_metadata(location)
     except CheckpointNotFoundError:
-        return "uncommitted"
+        return "committed" if is_dcp_checkpoint(backend, location) else "uncommitted"
     except CheckpointError:
         return "unreadable"
     return "committed"
@@ -242,11 +247,15 @@ class CheckpointManager:
 
     # -------------------------------------------------------------- saves
 
-    def save(self, step: int, state_dict: dict[str, Any]) -> PendingCheckpoint:
-        """Stage ``state_dict`` as ``step`` and return; it is written in the background."""
+    def save(self, step: int, state_dict: dict[str, Any], *, overlap: bool = False) -> PendingCheckpoint:
+        """Stage ``state_dict`` as ``step`` and return; it is written in the background.
+
+        ``overlap=True`` as in ``AsyncCheckpointer.save``: wait for ``pending.staged``
+        before modifying the tensors.
+        """
         ckpt, ticket = self._begin(step)
         try:
-            pending = ckpt.save(state_dict, self.path(step), storage=self._backend)
+            pending = ckpt.save(state_dict, self.path(step), overlap=overlap, storage=self._backend)
         except BaseException:
             self._forget(ticket)
             raise
