@@ -74,6 +74,14 @@ def test_dcp_from_4_ranks_converted_to_async_ckpt_verifies_and_loads_like_dcp_lo
     dcp.load(theirs, checkpoint_id=str(dcp4))
     assert _snapshot4(ours) == _snapshot4(theirs)
     assert ours["step"] == 7 and ours["note"] == "saved"
+    for src in (dcp4, out):  # and without a target: whole plain tensors, from DCP or converted
+        tree = ac.load_state_dict(src)
+        for name, p in theirs["model"].items():
+            assert type(tree["model"][name]) is torch.Tensor
+            assert torch.equal(tree["model"][name], p.detach()), (src, name)
+        assert torch.equal(
+            tree["optim"]["state"][0]["exp_avg"], theirs["optim"].state_dict()["state"][0]["exp_avg"]
+        )
 
 
 def test_damage_after_conversion_is_caught_by_verify(dcp1: Path, tmp_path: Path) -> None:
