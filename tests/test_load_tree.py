@@ -299,3 +299,18 @@ def test_dcp_keys_read_only_the_selected_chunks(tmp_path: Path) -> None:
     assert _bits(got["model"]["w"]) == _bits(sd["model"]["w"]) and list(got) == ["model"]
     data = sum(n for name, n in storage.counts.items() if name != ".metadata")
     assert 0 < data < sd["model"]["big"].nbytes // 8
+
+
+def _save_and_load_per_rank(rank: int, world: int, path: str) -> Any:
+    ac.save({"rank": rank, "w": torch.ones(2)}, path)
+    got = ac.load_state_dict(path)
+    return [got["rank"], _bits(got["w"])]
+
+
+def test_per_rank_values_come_back_as_each_rank_s_own_and_need_the_saved_world(tmp_path: Path) -> None:
+    path = str(tmp_path / "c")
+    results = run_ranks(2, _save_and_load_per_rank, path, timeout=TIMEOUT)
+    assert results == [[0, _bits(torch.ones(2))], [1, _bits(torch.ones(2))]]
+    with pytest.raises(ac.CheckpointError, match=r"'rank'.*2 ranks"):
+        ac.load_state_dict(path)
+    assert _same(ac.load_state_dict(path, keys=["w"]), {"w": torch.ones(2)})
