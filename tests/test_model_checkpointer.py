@@ -62,8 +62,8 @@ from hypothesis.stateful import (
 
 import async_ckpt as ac
 
-EXAMPLES = int(os.environ.get("ASYNC_CKPT_MODEL_EXAMPLES", "15"))
-STEPS = int(os.environ.get("ASYNC_CKPT_MODEL_STEPS", "25"))
+EXAMPLES = int(os.environ.get("ASYNC_CKPT_MODEL_EXAMPLES", "12"))
+STEPS = int(os.environ.get("ASYNC_CKPT_MODEL_STEPS", "20"))
 RESOLVE_S = 60.0
 MAX_RESTARTS = 2
 """Kills plus closes per example: each costs a worker start (seconds)."""
@@ -109,6 +109,8 @@ class CheckpointerModel(RuleBasedStateMachine):
         self.candidates: dict[str, list[dict[str, Any] | None]] = {p: [None] for p in PATHS}
         self.kills = 0
         self.restarts = 0
+        self.generation = 0
+        """How many checkpointers this run closed (save ids restart in each)."""
 
     # ------------------------------------------------------------ helpers
 
@@ -118,7 +120,7 @@ class CheckpointerModel(RuleBasedStateMachine):
         return self.states[layout]
 
     def _track(self, pending: ac.PendingCheckpoint, path: str, want: dict[str, Any], how: str) -> Save:
-        s = Save(pending, path, want, self.kills, how, self.restarts)
+        s = Save(pending, path, want, self.kills, how, self.generation)
         pending.add_done_callback(lambda _: s.callbacks.append(1))
         self.saves.append(s)
         return s
@@ -264,6 +266,7 @@ class CheckpointerModel(RuleBasedStateMachine):
         self.restarts += 1
         ck = self._ck
         ck.close()
+        self.generation += 1
         left = [s for s in self.saves if not s.pending.done()]
         assert not left, f"close() returned with saves unresolved: {left}"
         self._open()
