@@ -40,7 +40,7 @@ from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.tools import filesystem
 
 from ..api import load
-from ..checkpointer import PendingCheckpoint
+from ..checkpointer import AsyncCheckpointer, PendingCheckpoint
 from ..errors import CheckpointError
 from ..manager import CheckpointManager
 
@@ -74,6 +74,9 @@ class AsyncCkptCheckpointManager(BaseCheckpointManager):
 
         timeout: float = 600.0
         """Seconds any rank waits for another during a save."""
+
+        start_worker: bool = True
+        """Start the background worker when the manager is built (a collective), not in the first save."""
 
         def __post_init__(self) -> None:
             BaseCheckpointManager.Config.__post_init__(self)
@@ -128,12 +131,17 @@ class AsyncCkptCheckpointManager(BaseCheckpointManager):
         # A CPU group of our own, as torchtitan's async modes do: the default
         # group may be NCCL, and our planning exchanges Python objects.
         self.pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        # Started here, the worker's start-up (a process, a group of its own) is paid
+        # while torchtitan builds the trainer, not by the step after the first save.
+        self._checkpointer = AsyncCheckpointer(
+            self.pg, config.max_in_flight, timeout=config.timeout, start=config.start_worker
+        )
         self._manager = CheckpointManager(
             self.folder,
             keep_last=config.keep_latest_k or None,
             keep_every=config.keep_every or None,
             process_group=self.pg,
-            max_in_flight=config.max_in_flight,
+            checkpointer=self._checkpointer,
             timeout=config.timeout,
         )
         self._pending: PendingCheckpoint | None = None
@@ -239,7 +247,8 @@ class AsyncCkptCheckpointManager(BaseCheckpointManager):
 
     def _close(self) -> None:
         if hasattr(self, "_manager"):
-            self._manager.close()
+            self._checkpointer.close()  # waits for the saves in flight
+            self._manager.close()  # then for their retention
 
     # --------------------------------------------------------------- loading
 
