@@ -277,6 +277,13 @@ def _dcp_then_ours(rank: int, world: int, root: str) -> None:
     # The DCP steps are checkpoints, not leftovers of interrupted saves: retention keeps them.
     assert _steps_on_disk(root) == ["step-00000006", "step-2", "step-4"]
 
+    # A new run (empty folder) seeded from the DCP step by initial_load_path: the model only.
+    seeded = _Run(rank, world, root, _ours(folder="seeded", initial_load_path=f"{root}/ckpt/step-4"))
+    assert seeded.ckpt.load() is True
+    _assert_same(at_4["model"], seeded.snapshot()["model"])
+    assert seeded.train_state.step == 0 and seeded.lr_schedulers.state_dict() == {"last_epoch": 0}
+    seeded.ckpt.close()
+
 
 def test_torchtitan_dcp_checkpoint_resumes_through_ours(tmp_path: Path) -> None:
     run_ranks(2, _dcp_then_ours, str(tmp_path), timeout=300)
