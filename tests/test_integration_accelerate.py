@@ -66,7 +66,7 @@ def _run(
     accelerator, model, opt, dl, sched, counter = _setup()
     losses: dict[int, float] = {}
     first = 0
-    with ac.AsyncCheckpointer() as ckpt:
+    with ac.AsyncCheckpointer(start=True) as ckpt:  # worker started now, not at the first save
         if resume_from is not None:
             load_accelerator_state(accelerator, resume_from)
             first = ac.load_state_dict(resume_from, keys=["train_step"])["train_step"]

@@ -57,9 +57,9 @@ class AsyncCheckpointMixin(_Base):
     """Put before ``Trainer`` (or a subclass of it): ``class MyTrainer(AsyncCheckpointMixin, Trainer)``.
 
     ``async_checkpointer``: an ``AsyncCheckpointer`` to save with; you then
-    own its lifetime. By default the mixin starts one with ``max_in_flight=1``
-    on first save and closes it when ``train()`` returns, after every save has
-    committed. A failed save raises at the next checkpoint or at the end of
+    own its lifetime. By default ``train()`` starts one (``max_in_flight=1``,
+    its worker started before the first step) and closes it when it returns,
+    after every save has committed. A failed save raises at the next checkpoint or at the end of
     ``train()``.
     """
 
@@ -87,6 +87,9 @@ class AsyncCheckpointMixin(_Base):
         ):
             resume_from_checkpoint = os.fspath(resume_from_checkpoint)
             _ensure_trainer_state_file(resume_from_checkpoint)
+        if self._async_ckpt is None and self.args.save_strategy != SaveStrategy.NO:
+            # Start the worker now (collective across ranks), so the first save does not wait for it.
+            self._async_ckpt = AsyncCheckpointer(max_in_flight=1, start=True)
         try:
             result = super().train(resume_from_checkpoint, *args, **kwargs)
         except BaseException:
