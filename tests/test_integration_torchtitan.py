@@ -312,3 +312,25 @@ def test_torchtitan_last_step_exports_hf_safetensors(tmp_path: Path) -> None:
     assert sorted(hf) == sorted(f"model.layers.{k}" for k in full)
     for k, v in full.items():
         assert torch.equal(hf[f"model.layers.{k}"], torch.from_numpy(v).to(torch.bfloat16)), k
+
+
+# ------------------------------------------------------------- the benchmark still runs
+
+
+def test_bench_integration_torchtitan_quick_runs() -> None:
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "benchmarks/bench_integration_torchtitan.py", "--quick"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    report = json.loads(out.stdout)
+    for name in ("dcp", "dcp_async", "async_ckpt"):
+        assert report[name]["first_save_step_s"] is not None, name
