@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import pickle
 import signal
 import subprocess
 import sys
@@ -180,6 +181,31 @@ def test_remove_checkpoint_through_a_link_keeps_its_target(tmp_path: pathlib.Pat
     assert torch.equal(io.load_checkpoint(target)["w"], torch.arange(4.0))
     io.remove_checkpoint(target)
     assert not target.exists()
+
+
+def test_save_last_link_points_at_the_newest_checkpoint_directory(tmp_path: pathlib.Path) -> None:
+    ckdir = tmp_path / "ckpts"
+    snap = Snapshot()
+    callbacks = [ModelCheckpoint(ckdir, monitor="val_loss", save_top_k=1, save_last="link"), snap]
+    trainer_for(tmp_path, 2, plugins=[AsyncCkptIO()], callbacks=callbacks).fit(TinyModel(), data(), data())
+    last = ckdir / "last.ckpt"
+    assert last.is_symlink() and (last / "metadata.json").is_file()
+    loaded = AsyncCkptIO(start_worker=False).load_checkpoint(last)
+    assert loaded["global_step"] == snap.at["end"]["step"]
+    for k, v in snap.at["end"]["model"].items():
+        assert torch.equal(loaded["state_dict"][k], v), k
+
+
+def test_plugin_pickles_without_its_worker(tmp_path: pathlib.Path) -> None:
+    io = AsyncCkptIO(max_in_flight=1)
+    try:
+        copy = pickle.loads(pickle.dumps(io))  # what ddp_spawn does to the plugin
+        assert copy.checkpointer is not io.checkpointer
+        copy.save_checkpoint({"w": torch.ones(2)}, tmp_path / "x.ckpt")
+        copy.teardown()
+        assert torch.equal(io.load_checkpoint(tmp_path / "x.ckpt")["w"], torch.ones(2))
+    finally:
+        io.teardown()
 
 
 def test_remove_checkpoint_waits_for_its_save_in_flight(tmp_path: pathlib.Path) -> None:

@@ -27,7 +27,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 import async_ckpt as ac
 from async_ckpt.checkpointer import PendingCheckpoint
 from async_ckpt.errors import CheckpointError
-from async_ckpt.storage import Storage, detect_storage
+from async_ckpt.storage import LocalStorage, Storage, detect_storage
 
 __all__ = ["AsyncCkptIO"]
 
@@ -144,6 +144,11 @@ class AsyncCkptIO(CheckpointIO):
         self._raise_failed()
         self._wait_for_starter()
         key = _key(path)
+        backend, location = detect_storage(key, self._storage)
+        if isinstance(backend, LocalStorage):
+            # The worker creates it only later; ModelCheckpoint(save_last="link")
+            # links to this path right after this call returns.
+            os.makedirs(os.path.dirname(location), exist_ok=True)
         pending = self.checkpointer.save(checkpoint, key)
         self._pending[key] = pending
 
