@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import pickle
@@ -245,3 +246,32 @@ def test_ddp_fit_on_gloo_saves_on_rank_zero_and_resumes(tmp_path: pathlib.Path) 
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     assert "DDP OK" in proc.stdout, proc.stdout[-4000:]
+
+
+def test_import_async_ckpt_imports_no_lightning() -> None:
+    code = (
+        "import sys, async_ckpt\n"
+        "assert not {m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning'}"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_bench_integration_lightning_quick_runs(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(HERE.parent / "benchmarks" / "bench_integration_lightning.py"),
+            "--quick",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    report = {r["mode"]: r for r in json.loads(out.read_text())}
+    assert report["default"]["save_step_s"] is not None and report["default"]["saves"] >= 1
+    assert report["async_ckpt"]["first_stall_s"] is not None and report["async_ckpt"]["saves"] >= 1
