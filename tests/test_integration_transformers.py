@@ -148,3 +148,11 @@ def test_trainer_resumes_from_a_transformers_format_checkpoint(tmp_path) -> None
     resumed = _train(tmp_path / "ours", resume=str(tmp_path / "stock" / "checkpoint-3"))
     assert _losses(resumed) == _losses(stock)
     _assert_same_tensors(stock.model.state_dict(), resumed.model.state_dict(), "model")
+
+
+def test_trainer_failed_save_raises_from_train_and_leaves_no_checkpoint(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ASYNC_CKPT_FAIL_AT", "commit:0")  # the worker inherits it: the first save fails
+    trainer = AsyncCheckpointTrainer(model=_model(), args=_args(tmp_path / "run"), train_dataset=_Tokens())
+    with pytest.raises(ac.CheckpointError, match="checkpoint-3"):
+        trainer.train()
+    assert not (tmp_path / "run" / "checkpoint-3").exists()

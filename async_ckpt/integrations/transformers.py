@@ -38,7 +38,7 @@ from ..format.metadata import METADATA_FILE, SaveStats
 from ..single_rank import SINGLE_RANK
 from ._rng import capture_rng, restore_rng
 
-__all__ = ["AsyncCheckpointMixin", "AsyncCheckpointTrainer", "TRAINER_STATE_NAME"]
+__all__ = ["TRAINER_STATE_NAME", "AsyncCheckpointMixin", "AsyncCheckpointTrainer", "is_async_checkpoint"]
 
 log = logging.getLogger("async_ckpt")
 
