@@ -33,6 +33,7 @@ import torch
 
 import async_ckpt as ac
 from async_ckpt import api
+from async_ckpt.errors import CheckpointError
 from async_ckpt.pending import PendingCheckpoint
 from async_ckpt.worker.client import WorkerDiedError
 from async_ckpt.worker.messages import SaveRequest
@@ -385,3 +386,33 @@ def test_a_killed_worker_fails_its_save_and_the_next_save_starts_a_new_one(tmp_p
         c.save(_state(15), tmp_path / "c").result(timeout=60)
         assert c.worker_pid not in (None, pid) and c.worker_starts == 2
     ac.read_metadata(tmp_path / "c")
+
+
+def _sockets() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:"):
+            out.append(link)
+    return out
+
+
+def test_a_dead_workers_connection_is_closed_even_while_its_failed_save_is_held(tmp_path: Path) -> None:
+    # The failed pending's traceback reaches the dead client; its socket must not
+    # live as long as the caller keeps that pending around.
+    sockets_before = _sockets()
+    held = []
+    with ac.AsyncCheckpointer(max_in_flight=2, worker_nice=0) as c:
+        for i in range(3):
+            c.save(_state(20 + i), tmp_path / f"a{i}").result(timeout=60)
+            pid = c.worker_pid
+            assert pid is not None
+            held.append(c.save(_state(30 + i, mb=64), tmp_path / f"b{i}", overlap=True))
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(CheckpointError):
+                held[-1].result(timeout=60)
+    assert len(_sockets()) <= len(sockets_before), "a dead worker's socket outlived its checkpointer"
+    assert all(p.done() for p in held)

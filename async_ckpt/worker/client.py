@@ -126,6 +126,11 @@ class WorkerClient:
             except Exception:
                 log.exception("async_ckpt: error handling a worker message")
         self.alive = False
+        # The dead worker's socket is closed here, not when this client is
+        # collected: a failed save's traceback keeps the client alive for as
+        # long as the caller holds that save.
+        with self._send_lock, contextlib.suppress(OSError):
+            self.conn.close()
         code = self.proc.poll()
         if code is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
