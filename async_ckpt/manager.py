@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._faults import hook_point
 from .api import load
 from .checkpointer import AsyncCheckpointer, PendingCheckpoint
 from .dist import comm_for
@@ -183,6 +184,8 @@ class CheckpointManager:
         self._ckpt = checkpointer
         self._owns_ckpt = checkpointer is None
         self._is_coordinator: bool | None = None
+        self._shared = False  # several ranks write under root
+        self._swept = False
         self._cond = threading.Condition(threading.Lock())
         self._inflight: dict[int, int] = {}  # ticket -> step
         self._tickets = itertools.count()
@@ -276,10 +279,21 @@ class CheckpointManager:
     def _begin(self, step: int) -> tuple[AsyncCheckpointer, int]:
         _check_step(step)
         if self._is_coordinator is None:
-            self._is_coordinator = comm_for(self._pg).rank == 0
+            comm = comm_for(self._pg)
+            self._is_coordinator = comm.rank == 0
+            self._shared = comm.world_size > 1
         with self._cond:
             if self._closed:
                 raise CheckpointError("this CheckpointManager is closed")
+            if self._shared and not self._swept and self._is_coordinator and self._owns_ckpt:
+                # With several ranks, rank 0 cannot tell another rank's save in flight
+                # from an interrupted save's leftover: once a plan is cached, a rank
+                # starts writing a step before rank 0 has called save for it. Before
+                # the first save of a fresh worker, no rank can (the first plan needs
+                # rank 0), so leftovers are swept then, and only then.
+                for removed in remove_uncommitted(self._backend, self._root):
+                    log.info("async_ckpt: removed leftover of an interrupted save: %s", removed)
+            self._swept = True
             if self._ckpt is None:
                 self._ckpt = AsyncCheckpointer(
                     self._pg,
@@ -287,7 +301,7 @@ class CheckpointManager:
                     storage=self._backend,
                     timeout=self._config.timeout,
                 )
-            if self._is_coordinator and step not in self._inflight.values():
+            if self._is_coordinator and not self._shared and step not in self._inflight.values():
                 # An interrupted save of this very step would block the new one
                 # (a directory without metadata is never overwritten): clear it.
                 location = self.path(step)
@@ -327,9 +341,10 @@ class CheckpointManager:
             log.warning("async_ckpt: retention under %s failed", self._root, exc_info=True)
 
     def _apply_retention(self, just_committed: int) -> None:
+        hook_point("retention")
         with self._cond:
             busy = set(self._inflight.values())
-            if not busy:
+            if not busy and not self._shared:
                 # Nothing of ours is being written, so every staging leftover is
                 # from an interrupted save. The lock keeps new saves out meanwhile.
                 for removed in remove_uncommitted(self._backend, self._root):
