@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from harness import run_ranks
 
 import async_ckpt as ac
 from async_ckpt import _faults
 from async_ckpt.manager import step_name
-from harness import run_ranks
 
 
 def _body(rank: int, world: int, root: str) -> dict[str, Any]:
