@@ -6,7 +6,11 @@ Dropout is on, so a resume that lost the RNG state would show in the losses.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -156,3 +160,27 @@ def test_trainer_failed_save_raises_from_train_and_leaves_no_checkpoint(tmp_path
     with pytest.raises(ac.CheckpointError, match="checkpoint-3"):
         trainer.train()
     assert not (tmp_path / "run" / "checkpoint-3").exists()
+
+
+def test_import_async_ckpt_pulls_in_no_hugging_face_package() -> None:
+    code = (
+        "import sys, async_ckpt; print(sorted(m for m in sys.modules if m in ('transformers', 'accelerate')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_bench_integration_transformers_quick_reports_both_trainers(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_integration_transformers.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    subprocess.run(
+        [sys.executable, str(script), "--quick", "--json", str(out)], env=env, check=True, timeout=600
+    )
+    results = json.loads(out.read_text())
+    for name in ("stock", "async_ckpt"):
+        assert results[name]["step_with_save_s"] and results[name]["save_call_s"], name
+    # Every save_every steps, and at the last step.
+    saves = -(-results["steps"] // results["save_every"])
+    assert len(results["async_ckpt"]["save_stats"]) == len(results["stock"]["save_call_s"]) == saves
