@@ -184,3 +184,28 @@ def test_bench_integration_transformers_quick_reports_both_trainers(tmp_path) ->
     # Every save_every steps, and at the last step.
     saves = -(-results["steps"] // results["save_every"])
     assert len(results["async_ckpt"]["save_stats"]) == len(results["stock"]["save_call_s"]) == saves
+
+
+@pytest.mark.parametrize("greater_is_better", [True, False])
+def test_trainer_load_best_model_at_end_loads_the_best_async_checkpoint(tmp_path, greater_is_better) -> None:
+    # On the loss, greater_is_better=True makes an earlier checkpoint the best; False, the newest one.
+    trainer = AsyncCheckpointTrainer(
+        model=_model(),
+        args=_args(
+            tmp_path / "run",
+            eval_strategy="steps",
+            eval_steps=3,
+            load_best_model_at_end=True,
+            metric_for_best_model="loss",
+            greater_is_better=greater_is_better,
+        ),
+        train_dataset=_Tokens(),
+        eval_dataset=_Tokens(n=8),
+    )
+    trainer.train()
+    evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    best_step = (max if greater_is_better else min)(evals, key=lambda s: evals[s])
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "run" / f"checkpoint-{best_step}")
+    saved = ac.load_state_dict(trainer.state.best_model_checkpoint, keys=["model"])["model"]
+    for k, t in trainer.model.state_dict().items():
+        assert torch.equal(t, saved[k]), k

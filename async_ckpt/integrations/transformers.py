@@ -113,7 +113,7 @@ class AsyncCheckpointMixin(_Base):
             self.store_flos()
         run_dir = self._get_output_dir(trial=trial)
         output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        self._track_best_checkpoint(run_dir)
+        self._track_best_checkpoint(run_dir, output_dir)
         if self.args.should_save:
             self._export_callback_states()
         trainer_state = json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n"
@@ -164,13 +164,14 @@ class AsyncCheckpointMixin(_Base):
             else:
                 self.state.stateful_callbacks[name] = cb.state()
 
-    def _track_best_checkpoint(self, run_dir: str) -> None:
+    def _track_best_checkpoint(self, run_dir: str, output_dir: str) -> None:
         strategies = (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
         if self.args.save_strategy not in strategies or not self.state.best_global_step:
             return
         best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-        # The best step may still be saving: its directory appears only when it commits.
-        in_flight = any(os.fspath(p.checkpoint_id) == best for p in self._pending_saves)
+        # The best step may be the one about to be saved, or still saving: its directory appears
+        # only when it commits.
+        in_flight = best == output_dir or any(os.fspath(p.checkpoint_id) == best for p in self._pending_saves)
         if in_flight or os.path.exists(best):
             self.state.best_model_checkpoint = best
 
@@ -221,6 +222,10 @@ class AsyncCheckpointMixin(_Base):
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
+        # The best checkpoint may be the last one, still being written (its directory appears on commit).
+        for p in self._pending_saves:
+            if os.fspath(p.checkpoint_id) == best:
+                p.result()
         if not is_async_checkpoint(best):
             super()._load_best_model()
             return
