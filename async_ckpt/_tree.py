@@ -9,18 +9,27 @@ value too, never a container.
 
 The saved tree (docs/format.md section 3.4) has one-key nodes: ``{"d": [[key,
 node], ...]}`` dict, ``{"l": [...]}`` list, ``{"t": [...]}`` tuple, ``{"n":
-[[field, node], ...]}`` namedtuple, ``{"x": fqn}`` leaf.
+[[field, node], ...]}`` namedtuple, ``{"x": fqn}`` leaf. A dict node of an
+``OrderedDict`` or ``defaultdict`` also has ``"kind"`` (and a defaultdict whose
+factory is a builtin in :data:`DICT_FACTORIES`, ``"factory"``), so loading
+without a target gives that type back; nothing named in a file is imported.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .format.value_kinds import DICT_FACTORIES
+
 __all__ = [
+    "DICT_FACTORIES",
     "MAX_DEPTH",
+    "dict_kind",
+    "make_dict",
     "Stateful",
     "index_tree",
     "is_stateful",
@@ -88,8 +97,39 @@ def plain_sequence(node: list[Any] | tuple[Any, ...], fqn: str, depth: int = 0) 
     return True
 
 
+def dict_kind(node: dict[Any, Any]) -> dict[str, str]:
+    """The extra members of the saved node of dict ``node``: none for a plain dict."""
+    cls = type(node)
+    if cls is collections.OrderedDict:
+        return {"kind": "OrderedDict"}
+    if cls is collections.defaultdict:
+        factory = node.default_factory  # type: ignore[attr-defined]
+        name = getattr(factory, "__name__", "")
+        if factory is not None and DICT_FACTORIES.get(name) is factory:
+            return {"kind": "defaultdict", "factory": name}
+        return {"kind": "defaultdict"}
+    return {}
+
+
+def make_dict(node: Any, items: Iterator[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A dict of ``items`` of the kind saved node ``node`` records; a plain dict if unknown."""
+    kind = node.get("kind") if isinstance(node, dict) else None
+    if kind == "OrderedDict":
+        return collections.OrderedDict(items)
+    if kind == "defaultdict":
+        factory = node.get("factory")
+        return collections.defaultdict(
+            DICT_FACTORIES.get(factory) if isinstance(factory, str) else None, items
+        )
+    return dict(items)
+
+
 def node_parts(node: Any) -> tuple[str, Any]:
     """``(kind, body)`` of a well-formed saved tree node, ``("?", None)`` otherwise."""
+    if isinstance(node, dict) and len(node) > 1 and isinstance(node.get("d"), list):
+        if node.keys() <= {"d", "kind", "factory"}:
+            return "d", node["d"]
+        return "?", None
     if isinstance(node, dict) and len(node) == 1:
         ((kind, body),) = node.items()
         if kind in ("d", "l", "t", "n") and isinstance(body, list):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ._tree import node_parts
 from .errors import CheckpointError, CorruptCheckpointError
 from .format.metadata import Metadata, TensorRecord
 from .format.shard import ShardEntry, layout_shard
@@ -291,9 +292,9 @@ def _weights_only_loadable(value: Any) -> bool:
 
 def _rebuild(node: Any, leaf: Callable[[str], Any]) -> Any:
     """The container tree of ``md.tree`` with leaves from ``leaf`` (``_SKIP`` drops dict items)."""
-    if not isinstance(node, dict) or len(node) != 1:
-        return _SKIP
-    ((kind, body),) = node.items()
+    # node_parts: a dict node may also name its kind; written out as a plain dict,
+    # which torch.load(weights_only=True) reads (a defaultdict it would refuse).
+    kind, body = node_parts(node)
     if kind == "x" and isinstance(body, str):
         return leaf(body)
     if kind == "d" and isinstance(body, list):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ._tree import MAX_DEPTH, children, node_parts
+from ._tree import MAX_DEPTH, children, make_dict, node_parts
 from .dist import Comm, run_collectively
 from .errors import CheckpointError, CheckpointReplacedError, CorruptCheckpointError
 from .format.metadata import Metadata
@@ -182,7 +182,7 @@ class _Reader:
             return _SKIP
         self.matched.add(fqn)
         if kind == "d":
-            return {k: v for k, v in kids if v is not _SKIP}
+            return make_dict(node, ((k, v) for k, v in kids if v is not _SKIP))
         # A list or tuple keeps the positions of items left out (None), so indices stay true.
         items = [None if v is _SKIP else v for _, v in kids]
         if kind == "l":
@@ -242,7 +242,10 @@ def _move(node: Any, device: torch.device) -> Any:
     if isinstance(node, torch.Tensor):
         return node.to(device)
     if isinstance(node, dict):
-        return {k: _move(v, device) for k, v in node.items()}
+        moved = ((k, _move(v, device)) for k, v in node.items())
+        if isinstance(node, collections.defaultdict):
+            return collections.defaultdict(node.default_factory, moved)
+        return collections.OrderedDict(moved) if isinstance(node, collections.OrderedDict) else dict(moved)
     if isinstance(node, list):
         return [_move(v, device) for v in node]
     if isinstance(node, tuple) and type(node) is not torch.Size:

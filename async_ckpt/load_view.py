@@ -31,6 +31,7 @@ from ._tree import (
     index_tree,
     is_stateful,
     join,
+    make_dict,
     namedtuple_fields,
     node_parts,
     plain_sequence,
@@ -254,7 +255,7 @@ class LoadView:
             raise CorruptCheckpointError(f"key '{fqn}': saved tree nested over {MAX_DEPTH} levels")
         kind, body = node_parts(saved)
         if kind == "d":
-            d = _Dict({}, [], fqn, fresh=True)
+            d = _Dict(make_dict(saved, iter(())), [], fqn, fresh=True)
             d.grafts = [
                 (key, self._build(child, cfqn, depth + 1))
                 for key, cfqn, child in children(kind, body, fqn)
@@ -324,11 +325,14 @@ def assemble_saved(saved: Any, fqn: str, value_of: Callable[[str], Any], depth: 
     if kind == "x":
         return value_of(body)
     if kind == "d":
-        return {
-            key: assemble_saved(child, cfqn, value_of, depth + 1)
-            for key, cfqn, child in children(kind, body, fqn)
-            if _hashable(key)
-        }
+        return make_dict(
+            saved,
+            (
+                (key, assemble_saved(child, cfqn, value_of, depth + 1))
+                for key, cfqn, child in children(kind, body, fqn)
+                if _hashable(key)
+            ),
+        )
     if kind in ("l", "t", "n"):
         items = [
             assemble_saved(child, cfqn, value_of, depth + 1) for _, cfqn, child in children(kind, body, fqn)

@@ -25,6 +25,7 @@ import torch
 from ._tree import (
     MAX_DEPTH,
     Stateful,
+    dict_kind,
     is_stateful,
     join,
     namedtuple_fields,
@@ -52,8 +53,8 @@ class Flat:
     entries: dict[str, Any]
     """fqn -> tensor or plain value; a Stateful's entries follow the rest of its round."""
     tree: Any
-    """JSON structure: {"d": [[key, node]...]}, {"l": [...]}, {"t": [...]}, {"n": [[field, node]...]},
-    {"x": fqn}."""
+    """JSON structure: {"d": [[key, node]...]} (an OrderedDict or defaultdict's also has "kind"),
+    {"l": [...]}, {"t": [...]}, {"n": [[field, node]...]}, {"x": fqn}."""
 
 
 # A Stateful met while flattening: its fqn, the object, the tree node to fill, its depth.
@@ -83,7 +84,7 @@ def _flatten_node(
     if depth > MAX_DEPTH:
         raise ValueError(f"key '{fqn}': state dict nested over {MAX_DEPTH} levels (a cycle?)")
     if isinstance(node, dict):
-        return {
+        saved: dict[str, Any] = {
             "d": [
                 [
                     _json_key(key, fqn),
@@ -92,6 +93,9 @@ def _flatten_node(
                 for key, child in node.items()
             ]
         }
+        if type(node) is not dict:
+            saved.update(dict_kind(node))
+        return saved
     if isinstance(node, (list, tuple)):
         kind = type(node)
         if (kind is list or kind is tuple) and plain_sequence(node, fqn, depth):

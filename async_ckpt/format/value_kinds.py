@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import datetime
 import decimal
 import enum
@@ -20,13 +21,13 @@ import pathlib
 import re
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["DECODERS", "Context", "Malformed", "encode_kind"]
+__all__ = ["DECODERS", "DICT_FACTORIES", "Context", "Malformed", "encode_kind"]
 
 Nested = Callable[[Any], Any]
 """Encodes (or decodes) one value nested inside another one's payload."""
@@ -141,7 +142,25 @@ def _encode_numpy(value: Any, np: Any) -> Any:
     return {"$ndarray": [dtype.str, list(value.shape), _b64e(np.ascontiguousarray(value).tobytes())]}
 
 
+# A fixed table, looked up by name: a defaultdict factory is never imported from a file.
+DICT_FACTORIES: dict[str, type] = {t.__name__: t for t in (list, dict, set, int, float, str, tuple)}
+
+
+def _pairs(value: Any, nested: Nested) -> list[list[Any]]:
+    return [[nested(k), nested(v)] for k, v in value.items()]
+
+
+def _encode_defaultdict(value: Any, nested: Nested) -> Any:
+    # Only a builtin factory is kept, by name; any other loads as None (never imported).
+    factory = value.default_factory
+    name = getattr(factory, "__name__", None)
+    kept = name if factory is not None and DICT_FACTORIES.get(name or "") is factory else None
+    return {"$defaultdict": [kept, _pairs(value, nested)]}
+
+
 _ENCODERS: dict[type, Callable[[Any, Nested], Any]] = {
+    collections.OrderedDict: lambda v, n: {"$ordereddict": _pairs(v, n)},
+    collections.defaultdict: _encode_defaultdict,
     torch.dtype: lambda v, n: {"$dtype": str(v).removeprefix("torch.")},
     torch.device: lambda v, n: {"$device": str(v)},
     **{c: (lambda v, n: {"$path": [type(v).__name__, str(v)]}) for c in _PATHS.values()},
@@ -223,6 +242,20 @@ def _decode_set(payload: object, ctx: Context) -> set[Any]:
     return {ctx.nested(v) for v in _list(payload)}
 
 
+def _decode_pairs(payload: object, ctx: Context) -> Iterator[tuple[Any, Any]]:
+    for pair in _list(payload):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise Malformed("bad key/value pair")
+        yield ctx.nested(pair[0]), ctx.nested(pair[1])
+
+
+def _decode_defaultdict(payload: object, ctx: Context) -> collections.defaultdict[Any, Any]:
+    items = _list(payload)
+    if len(items) != 2 or not (items[0] is None or items[0] in DICT_FACTORIES):
+        raise Malformed("bad defaultdict")
+    return collections.defaultdict(DICT_FACTORIES.get(items[0]), _decode_pairs(items[1], ctx))
+
+
 def _decode_namespace(payload: object, ctx: Context) -> argparse.Namespace:
     if not isinstance(payload, dict) or any(k.startswith("__") for k in payload):
         raise Malformed("bad namespace")
@@ -295,6 +328,8 @@ DECODERS: dict[str, Callable[[Any, Context], Any]] = {
     "$set": _decode_set,
     "$frozenset": lambda p, c: frozenset(_decode_set(p, c)),
     "$namespace": _decode_namespace,
+    "$ordereddict": lambda p, c: collections.OrderedDict(_decode_pairs(p, c)),
+    "$defaultdict": _decode_defaultdict,
     "$enum": _decode_enum,
     "$numpy": _decode_numpy,
     "$ndarray": _decode_ndarray,
