@@ -209,3 +209,15 @@ def test_trainer_load_best_model_at_end_loads_the_best_async_checkpoint(tmp_path
     saved = ac.load_state_dict(trainer.state.best_model_checkpoint, keys=["model"])["model"]
     for k, t in trainer.model.state_dict().items():
         assert torch.equal(t, saved[k]), k
+
+
+def test_trainer_removes_an_interrupted_saves_staging_directory(tmp_path) -> None:
+    out = tmp_path / "run"
+    _train(out, max_steps=3)
+    # What a crash mid-save leaves: the hidden staging directory of checkpoint-6, half written.
+    leftover = out / ".checkpoint-6.tmp-0123abcd"
+    leftover.mkdir()
+    (leftover / "rank0-0.safetensors").write_bytes(b"\0" * 64)
+    _train(out, resume=True)
+    assert not leftover.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "checkpoint-6"]

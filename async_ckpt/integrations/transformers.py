@@ -36,6 +36,7 @@ from ..checkpointer import AsyncCheckpointer, PendingCheckpoint
 from ..errors import CheckpointError
 from ..format.metadata import METADATA_FILE, SaveStats
 from ..single_rank import SINGLE_RANK
+from ..storage import LocalStorage
 from ._rng import capture_rng, restore_rng
 
 __all__ = ["TRAINER_STATE_NAME", "AsyncCheckpointMixin", "AsyncCheckpointTrainer", "is_async_checkpoint"]
@@ -87,6 +88,10 @@ class AsyncCheckpointMixin(_Base):
         ):
             resume_from_checkpoint = os.fspath(resume_from_checkpoint)
             _ensure_trainer_state_file(resume_from_checkpoint)
+        if self.args.should_save and not self._pending_saves and os.path.isdir(self.args.output_dir):
+            # Nothing of ours is saving here now, so hidden staging directories are interrupted saves.
+            for leftover in LocalStorage().remove_uncommitted(self.args.output_dir):
+                log.info("removed %s, left by an interrupted save", leftover)
         if self._async_ckpt is None and self.args.save_strategy != SaveStrategy.NO:
             # Start the worker now (collective across ranks), so the first save does not wait for it.
             self._async_ckpt = AsyncCheckpointer(max_in_flight=1, start=True)
