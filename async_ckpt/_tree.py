@@ -9,7 +9,8 @@ value too, never a container.
 
 The saved tree (docs/format.md section 3.4) has one-key nodes: ``{"d": [[key,
 node], ...]}`` dict, ``{"l": [...]}`` list, ``{"t": [...]}`` tuple, ``{"n":
-[[field, node], ...]}`` namedtuple, ``{"x": fqn}`` leaf. A dict node of an
+[[field, node], ...]}`` namedtuple, ``{"x": fqn}`` leaf (``{"x": fqn, "np": 1}``
+for a numpy array saved as a tensor, restored as an array). A dict node of an
 ``OrderedDict`` or ``defaultdict`` also has ``"kind"`` (and a defaultdict whose
 factory is a builtin in :data:`DICT_FACTORIES`, ``"factory"``), so loading
 without a target gives that type back; nothing named in a file is imported.
@@ -23,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .errors import CorruptCheckpointError
 from .format.value_kinds import DICT_FACTORIES
 
 __all__ = [
@@ -32,11 +34,13 @@ __all__ = [
     "make_dict",
     "Stateful",
     "index_tree",
+    "is_numpy_leaf",
     "is_stateful",
     "join",
     "namedtuple_fields",
     "node_parts",
     "plain_sequence",
+    "tensor_to_numpy",
     "tree_leaves",
 ]
 
@@ -124,8 +128,25 @@ def make_dict(node: Any, items: Iterator[tuple[Any, Any]]) -> dict[Any, Any]:
     return dict(items)
 
 
+def is_numpy_leaf(node: Any) -> bool:
+    """Whether saved node ``node`` is a tensor leaf that was a numpy array."""
+    return isinstance(node, dict) and node.get("np") == 1 and isinstance(node.get("x"), str)
+
+
+def tensor_to_numpy(tensor: torch.Tensor, fqn: str, location: str) -> Any:
+    """A loaded CPU tensor of a leaf saved as a numpy array, as that array (sharing its memory)."""
+    try:
+        return tensor.numpy()
+    except (TypeError, RuntimeError) as exc:
+        raise CorruptCheckpointError(
+            f"{location}: key '{fqn}' is marked as a numpy array but holds {tensor.dtype}: {exc}"
+        ) from exc
+
+
 def node_parts(node: Any) -> tuple[str, Any]:
     """``(kind, body)`` of a well-formed saved tree node, ``("?", None)`` otherwise."""
+    if isinstance(node, dict) and len(node) == 2 and is_numpy_leaf(node):
+        return "x", node["x"]
     if isinstance(node, dict) and len(node) > 1 and isinstance(node.get("d"), list):
         if node.keys() <= {"d", "kind", "factory"}:
             return "d", node["d"]

@@ -11,6 +11,7 @@ the caller allows it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from ._dtensor import dtensor_class, is_dtensor
-from ._tree import node_parts
+from ._tree import is_numpy_leaf, node_parts, tensor_to_numpy
 from .dist import Comm, run_collectively
 from .errors import CheckpointError, CheckpointReplacedError, CorruptCheckpointError
 from .format.metadata import METADATA_FILE, Metadata, TensorRecord
@@ -130,12 +131,23 @@ class _Plan:
     reads: list[Read] = field(default_factory=list)
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     """(target, host buffer) pairs copied in the finish step: GPU targets and casts."""
+    fills: list[tuple[Any, Any]] = field(default_factory=list)
+    """(target ndarray, loaded ndarray) pairs copied in the finish step."""
 
 
-def _finish(view: LoadView, plan: _Plan) -> None:
+def _copy_over(plan: _Plan) -> None:
     with torch.no_grad():
         for dest, host in plan.copies:
             dest.copy_(host, non_blocking=False)
+    if plan.fills:
+        import numpy as np  # loaded already: the targets are numpy arrays
+
+        for arr, loaded in plan.fills:
+            np.copyto(arr, loaded)
+
+
+def _finish(view: LoadView, plan: _Plan) -> None:
+    _copy_over(plan)
     view.finish()
 
 
@@ -156,9 +168,7 @@ def _load_into(
         view, md, rank, world, storage, location, strict=strict, allow_pickle=allow_pickle, cast=False
     )
     execute_reads(plan.reads, storage, location, md, verify)
-    with torch.no_grad():
-        for dest, host in plan.copies:
-            dest.copy_(host, non_blocking=False)
+    _copy_over(plan)
 
 
 def _plan_load(
@@ -181,7 +191,11 @@ def _plan_load(
         for fqn, target in list(view.leaves.items()):
             if fqn in md.tensors:
                 rec = md.tensors[fqn]
-                if not isinstance(target, torch.Tensor) and not is_missing(target):
+                # An array saved from numpy, or a numpy target, is loaded as a numpy array.
+                as_numpy = not isinstance(target, torch.Tensor) and (
+                    is_numpy_leaf(view.saved_node(fqn)) or _is_ndarray(target)
+                )
+                if not isinstance(target, torch.Tensor) and not is_missing(target) and not as_numpy:
                     raise CheckpointError(
                         f"key '{fqn}': checkpoint holds a tensor but the target is a "
                         f"{type(target).__qualname__}"
@@ -190,9 +204,12 @@ def _plan_load(
                     fqn, {c.rank for c in rec.chunks}, md.world_size, world, rank, strict, location
                 ):
                     continue
-                if is_missing(target):
+                if is_missing(target) or as_numpy:
                     # Sized by the checkpoint, not by the caller: prove the bytes exist first.
                     _check_backed(storage, location, md, rec, fqn, source)
+                if as_numpy:
+                    _plan_numpy(view, plan, fqn, target, rec, rank, location)
+                    continue
                 dest, new = _prepare_tensor(fqn, target, rec, location, cast)
                 if new is not None:
                     tied = made.get(view.tie_root(fqn))
@@ -238,6 +255,37 @@ def _plan_load(
                     "to leave such keys untouched"
                 )
     return plan
+
+
+def _is_ndarray(value: object) -> bool:
+    np = sys.modules.get("numpy")  # an ndarray exists only if numpy was imported
+    return np is not None and isinstance(value, np.ndarray)
+
+
+def _plan_numpy(
+    view: LoadView, plan: _Plan, fqn: str, target: Any, rec: TensorRecord, rank: int, location: str
+) -> None:
+    """Read a saved tensor as a numpy array: into ``target`` at finish if it fits, else in its place."""
+    host = torch.empty(rec.shape, dtype=rec.dtype)
+    if _is_ndarray(target) and not is_numpy_leaf(view.saved_node(fqn)):
+        try:
+            host.numpy()
+        except TypeError as exc:
+            raise CheckpointError(
+                f"key '{fqn}': target is a numpy array but {location} holds a {rec.dtype} tensor"
+            ) from exc
+    loaded = tensor_to_numpy(host, fqn, location)  # shares host's memory, which the reads fill
+    if (
+        _is_ndarray(target)
+        and target.shape == loaded.shape
+        and target.dtype == loaded.dtype
+        and target.flags.writeable
+    ):
+        plan.fills.append((target, loaded))
+    else:
+        view.set(fqn, loaded)
+    _, tchunk, _ = local_chunk(fqn, host)
+    plan.reads.extend(_plan_reads(fqn, rec, tchunk, host, rank))
 
 
 class _NotAValue(Exception):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ._tree import MAX_DEPTH, children, make_dict, node_parts
+from ._tree import MAX_DEPTH, children, is_numpy_leaf, make_dict, node_parts, tensor_to_numpy
 from .dist import Comm, run_collectively
 from .errors import CheckpointError, CheckpointReplacedError, CorruptCheckpointError
 from .format.metadata import Metadata
@@ -174,7 +174,10 @@ class _Reader:
             raise CorruptCheckpointError(f"{self.location}: saved tree nested over {MAX_DEPTH} levels")
         kind, body = node_parts(node)
         if kind == "x":
-            return self._leaf(fqn, body)
+            value = self._leaf(fqn, body)
+            if is_numpy_leaf(node) and isinstance(value, torch.Tensor):
+                return tensor_to_numpy(value, body, self.location)  # shares memory: reads fill it
+            return value
         if kind == "?":
             raise CorruptCheckpointError(f"{self.location}: key '{fqn}': malformed saved tree node")
         kids = [(key, self._node(child, cfqn, depth + 1)) for key, cfqn, child in children(kind, body, fqn)]

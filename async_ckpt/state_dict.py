@@ -17,6 +17,7 @@ same order everywhere. The load side (load_view.py) does the same.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,9 @@ def _flatten_node(
         slot: dict[str, Any] = {}
         pending.append((fqn, node, slot, depth))
         return slot
+    np = sys.modules.get("numpy")  # never imported here: an array exists only if numpy was
+    if np is not None and type(node) is np.ndarray and node.dtype.kind in _NUMPY_KINDS:
+        return _numpy_leaf(node, fqn, out)
     encode_value(node, fqn=fqn, allow_pickle=allow_pickle)  # raises TypeError naming the key
     return _leaf(node, fqn, out)
 
@@ -130,6 +134,26 @@ def _leaf(node: Any, fqn: str, out: dict[str, Any]) -> Any:
         raise ValueError(f"two entries flatten to the same key '{fqn}'; rename one (keys are joined by '.')")
     out[fqn] = node
     return {"x": fqn}
+
+
+# bool, signed and unsigned ints, floats, complex: dtypes torch.from_numpy takes.
+_NUMPY_KINDS = frozenset("biufc")
+
+
+def _numpy_leaf(node: Any, fqn: str, out: dict[str, Any]) -> Any:
+    # Every numeric numpy array leaf goes to the shards as a tensor (docs/format.md 3.4),
+    # viewing the array's memory when it can, like a CPU tensor leaf.
+    arr = node
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="), order="C")
+    elif not (arr.flags.c_contiguous and arr.flags.writeable):
+        arr = arr.copy(order="C")
+    try:
+        tensor = torch.from_numpy(arr)
+    except TypeError as exc:
+        raise TypeError(f"key '{fqn}': numpy dtype {node.dtype} is not supported: {exc}") from exc
+    _leaf(tensor, fqn, out)
+    return {"x": fqn, "np": 1}
 
 
 def _json_key(key: object, fqn: str) -> object:

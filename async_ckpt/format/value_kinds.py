@@ -137,7 +137,7 @@ def _encode_numpy(value: Any, np: Any) -> Any:
     if value.nbytes > MAX_NDARRAY_BYTES:
         raise TypeError(
             f"a numpy array of {value.nbytes} bytes is too large for a value (at most {MAX_NDARRAY_BYTES}); "
-            "save it as a tensor (torch.from_numpy) instead"
+            "inside a plain value; hold it directly in a dict (where a numeric array is saved as a tensor)"
         )
     return {"$ndarray": [dtype.str, list(value.shape), _b64e(np.ascontiguousarray(value).tobytes())]}
 
