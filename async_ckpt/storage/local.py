@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import json
 import os
 import re
 import shutil
@@ -49,6 +50,31 @@ def _check_replaceable(final: Path) -> None:
             "Choose another checkpoint id or remove it."
         )
     raise CheckpointError(f"{final} exists and is not a directory; choose another checkpoint id")
+
+
+def _check_staged(stage: Path, metadata: bytes, location: str) -> None:
+    """Every shard the metadata names must be in ``stage`` at its size, or nothing is committed.
+
+    The ranks' writers report what they wrote; this proves it is still there,
+    so that a staging directory emptied behind a save's back (a housekeeping
+    bug, a user's ``rm``) fails the save instead of committing a checkpoint
+    that cannot be read.
+    """
+    doc = json.loads(metadata)
+    files = (doc.get("body") if isinstance(doc.get("body"), dict) else doc).get("files") or {}
+    for name, rec in files.items():
+        try:
+            size = os.stat(stage / name).st_size
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"cannot commit {location}: shard {name} (rank {rec.get('rank')}) is missing from "
+                f"the staging directory {stage}; was it deleted during the save? Nothing was committed."
+            ) from None
+        if size != rec.get("size"):
+            raise CheckpointError(
+                f"cannot commit {location}: shard {name} (rank {rec.get('rank')}) holds {size} bytes, "
+                f"its writer reported {rec.get('size')}; nothing was committed."
+            )
 
 
 def _writev_all(fd: int, parts: list[memoryview]) -> None:
@@ -191,6 +217,7 @@ class LocalStorage:
     def commit(self, location: str, token: str, metadata: bytes) -> None:
         stage = staging_dir(location, token)
         final = Path(location)
+        _check_staged(stage, metadata, location)
         tmp = stage / (METADATA_FILE + ".tmp")
         with open(tmp, "wb") as f:
             f.write(metadata)
