@@ -309,9 +309,12 @@ def test_one_info_line_per_save_and_a_wait_only_when_real(
         first = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
         assert len(first) == 1 and "waited" not in first[0], first
         caplog.clear()
-        # The second save must wait for the first one's buffer (written and fsynced).
-        p1 = c.save(_state(9, mb=40), tmp_path / "b")
-        p2 = c.save(_state(10, mb=40), tmp_path / "c")
+        # The second save must wait for the first one's buffer (written and fsynced):
+        # both states exist before the first save, or building the second one
+        # (0.1 s) could outlast the first one's write.
+        s1, s2 = _state(9, mb=40), _state(10, mb=40)
+        p1 = c.save(s1, tmp_path / "b")
+        p2 = c.save(s2, tmp_path / "c")
         p1.result(timeout=60), p2.result(timeout=60)
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert len(lines) == 2, lines
