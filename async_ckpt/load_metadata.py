@@ -11,7 +11,7 @@ load, each of which reads ``metadata.json`` itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from .dist import Comm
@@ -36,6 +36,7 @@ __all__ = [
     "read_checkpoint_metadata",
     "same_checkpoint",
     "unchanged_while",
+    "validate_chunks",
 ]
 
 
@@ -73,20 +74,25 @@ def unchanged_while(storage: Storage, location: str, md: Metadata) -> Iterator[N
 
 
 def decode_checked(raw: bytes, location: str) -> Metadata:
-    md = decode_metadata(raw, where=f"{location}/{METADATA_FILE}")
-    _validate_chunks(md, location)
+    where = f"{location}/{METADATA_FILE}"
+    md = decode_metadata(raw, where=where)
+    validate_chunks(md.tensors, where)
     return md
 
 
-def _validate_chunks(md: Metadata, location: str) -> None:
+def validate_chunks(tensors: Mapping[str, TensorRecord], where: str) -> None:
+    """Every tensor's saved chunks tile it exactly (per-rank tensors: one whole copy per rank).
+
+    Shared by our metadata and DCP's translated metadata; ``where`` names the file.
+    """
     items = []
     per_rank = set()
-    for fqn, rec in md.tensors.items():
+    for fqn, rec in tensors.items():
         if not rec.chunks and math.prod(rec.shape) > 0:
-            raise CorruptCheckpointError(f"{location}/{METADATA_FILE}: tensor '{fqn}' has no saved chunks")
+            raise CorruptCheckpointError(f"{where}: tensor '{fqn}' has no saved chunks")
         if rec.per_rank:
             per_rank.add(fqn)
-            _validate_per_rank(fqn, rec, location)
+            _validate_per_rank(fqn, rec, where)
             continue
         if len(rec.chunks) == 1 and rec.chunks[0].sizes == rec.shape:
             continue  # one chunk as big as the tensor (in bounds: the parser checked) tiles it
@@ -101,17 +107,16 @@ def _validate_chunks(md: Metadata, location: str) -> None:
     try:
         validate_coverage([SavePlan(items)], per_rank_fqns=frozenset(per_rank))
     except PlanValidationError as exc:
-        raise CorruptCheckpointError(f"{location}/{METADATA_FILE}: {exc}") from None
+        raise CorruptCheckpointError(f"{where}: {exc}") from None
 
 
-def _validate_per_rank(fqn: str, rec: TensorRecord, location: str) -> None:
+def _validate_per_rank(fqn: str, rec: TensorRecord, where: str) -> None:
     """Each rank's copy of a per-rank tensor must be the whole tensor, once."""
     seen: set[int | None] = set()
     for c in rec.chunks:
         if c.rank in seen or c.sizes != rec.shape or any(c.offsets):
             raise CorruptCheckpointError(
-                f"{location}/{METADATA_FILE}: per-rank tensor '{fqn}' has a partial or "
-                f"duplicated copy for rank {c.rank}"
+                f"{where}: per-rank tensor '{fqn}' has a partial or duplicated copy for rank {c.rank}"
             )
         seen.add(c.rank)
 

@@ -27,16 +27,7 @@ import torch
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..format.metadata import ChunkRecord, FileRecord, Metadata, TensorRecord, ValueRecord
 from ..format.values import encode_value
-from ..planning import (
-    ChunkStorageMetadata,
-    MetadataIndex,
-    PlanValidationError,
-    SavePlan,
-    TensorWriteData,
-    WriteItem,
-    WriteItemType,
-    validate_coverage,
-)
+from ..load_metadata import validate_chunks
 from ..storage.base import ShardReader, Storage
 from .dcp_blob import NeedsPickle, load_blob, read_blob
 from .dcp_detect import DCP_METADATA_FILE
@@ -131,7 +122,7 @@ class _Translator:
                 byte_items.append((fqn, infos[(fqn, None)]))
             else:
                 raise _Bad(f"key '{fqn}' has unknown storage type {entry.kind}")
-        self._check_tiling()
+        validate_chunks(self.tensors, f"{self.location}/{DCP_METADATA_FILE}")
         self._read_values(byte_items)
         tree = _tree(root.field("planner_data"), self.leaf_nodes)
         md = Metadata(
@@ -203,25 +194,6 @@ class _Translator:
             chunks.append(ChunkRecord(offsets, sizes, name, fqn, 0, nbytes, ()))
         self.tensors[fqn] = TensorRecord(dtype=dtype, shape=shape, chunks=tuple(chunks))
         self.leaf_nodes[fqn] = {"x": fqn}
-
-    def _check_tiling(self) -> None:
-        items = [
-            WriteItem(
-                MetadataIndex(fqn, c.offsets),
-                WriteItemType.SHARD,
-                TensorWriteData(ChunkStorageMetadata(c.offsets, c.sizes), rec.dtype, rec.shape),
-            )
-            for fqn, rec in self.tensors.items()
-            if not (len(rec.chunks) == 1 and rec.chunks[0].sizes == rec.shape)
-            for c in rec.chunks
-        ]
-        for fqn, rec in self.tensors.items():
-            if not rec.chunks and math.prod(rec.shape) > 0:
-                raise _Bad(f"tensor '{fqn}' has no saved chunks")
-        try:
-            validate_coverage([SavePlan(items)])
-        except PlanValidationError as exc:
-            raise _Bad(str(exc)) from None
 
     def _read_values(self, items: list[tuple[str, tuple[str, int, int, tuple[str, ...]]]]) -> None:
         readers: dict[str, ShardReader] = {}
