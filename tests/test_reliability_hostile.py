@@ -36,6 +36,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from _counts import count
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -52,11 +53,11 @@ PREFIX = b'{"format":"async_ckpt","checksum":"xxh3_64:'
 MIDDLE = b'","body":'
 SHARD = "shard-r00000-00.safetensors"
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-COUNTS: dict[str, int] = {}
 
 
 def _count(name: str, n: int = 1) -> None:
-    COUNTS[name] = COUNTS.get(name, 0) + n
+    # Printed in the terminal summary (tests/conftest.py).
+    count("hostile", name, n)
 
 
 # ------------------------------------------------------------------ watchers
@@ -683,12 +684,14 @@ def test_tree_of_the_wrong_shape_under_a_stateful(
     ac.save({"m": base}, path)
     raw = (path / "metadata.json").read_bytes()
     doc = json.loads(unframe(raw))
-    for tree in [
-        {"d": [["m", {"d": [["w", {"x": 5}], ["ghost", {"x": "m.ghost"}], ["b", {"l": "z"}]]}]]},
-        {"d": [["m", {"d": [["w", {"d": [["deeper", {"x": "m.w"}]]}]]}]]},
-        {"d": [["m", {"d": [["nope", {"x": "m.nope"}]]}]]},
-    ]:
-        d = path.parent / f"stateful-{len(COUNTS)}-{abs(hash(json.dumps(tree)))}"
+    for i, tree in enumerate(
+        [
+            {"d": [["m", {"d": [["w", {"x": 5}], ["ghost", {"x": "m.ghost"}], ["b", {"l": "z"}]]}]]},
+            {"d": [["m", {"d": [["w", {"d": [["deeper", {"x": "m.w"}]]}]]}]]},
+            {"d": [["m", {"d": [["nope", {"x": "m.nope"}]]}]]},
+        ]
+    ):
+        d = path.parent / f"stateful-{i}"
         shutil.copytree(path, d)
         (d / "metadata.json").write_bytes(frame(json.dumps(dict(doc, tree=tree)).encode()))
         holder = Holder()
@@ -922,7 +925,3 @@ def test_fuzz_parse_header_mutated_valid_header(case: tuple[bytes, int]) -> None
     prefix, size = case
     _only_checkpoint_errors(lambda: parse_header(prefix, size, where="fuzz"))
     _count("fuzz: parse_header mutations")
-
-
-def test_print_hostile_counts() -> None:
-    print("\n[hostile]", ", ".join(f"{k}: {v}" for k, v in sorted(COUNTS.items())))
