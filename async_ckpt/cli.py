@@ -12,7 +12,6 @@ import math
 import os
 import reprlib
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -27,18 +26,19 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
-from rich.text import Text
 
+from ._version import __version__
+from .cli_ls import cmd_gc, cmd_ls
+from .cli_output import human, say
 from .convert import open_input, to_safetensors, to_torch
 from .convert_ckpt import to_async_ckpt
 from .errors import CheckpointError, CorruptCheckpointError
 from .format.dtypes import dtype_name
-from .format.metadata import METADATA_FILE, Metadata, decode_metadata
+from .format.metadata import Metadata
 from .format.values import PickleRefusedError, decode_value
 from .interop import dcp_unsupported, is_dcp_checkpoint, read_dcp_metadata
 from .load import read_checkpoint_metadata
-from .manager import RootEntry, remove_uncommitted, scan_root
-from .storage import LocalStorage, Storage, detect_storage
+from .storage import Storage, detect_storage
 from .verify import verify_checkpoint
 
 __all__ = ["main"]
@@ -61,13 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         status: int = args.run(args, out, err)
         return status
     except KeyboardInterrupt:
-        _say(err, "interrupted", "red")
+        say(err, "interrupted", "red")
         return 130
     except Exception as exc:  # noqa: BLE001 - the last resort: one line and exit 2, or --debug
         if args.debug:
             traceback.print_exc(file=sys.stderr)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _say(err, f"error: {message}", "bold red")
+        say(err, f"error: {message}", "bold red")
         return 2
 
 
@@ -78,11 +78,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="async-ckpt", description="Inspect, verify, convert and clean async_ckpt checkpoints."
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action="version", version=f"async-ckpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("ls", parents=[common], help="list the checkpoints under a root")
     p.add_argument("root", metavar="ROOT")
-    p.set_defaults(run=_cmd_ls)
+    p.set_defaults(run=cmd_ls)
 
     p = sub.add_parser("inspect", parents=[common], help="show a checkpoint's tensors and values")
     p.add_argument("ckpt", metavar="CKPT")
@@ -121,37 +122,11 @@ def _parser() -> argparse.ArgumentParser:
         help="remove leftovers of interrupted saves (never while a job is saving to ROOT)",
     )
     p.add_argument("root", metavar="ROOT")
-    p.set_defaults(run=_cmd_gc)
+    p.set_defaults(run=cmd_gc)
     return parser
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _say(console: Console, text: str, style: str = "") -> None:
-    # Text, not markup: paths and messages often hold [brackets].
-    console.print(Text(text, style=style), soft_wrap=True)
-
-
-def _human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def _age(mtime: float | None) -> str:
-    if mtime is None:
-        return "-"
-    s = max(0.0, time.time() - mtime)
-    for limit, unit, div in ((120, "s", 1), (7200, "m", 60), (172800, "h", 3600)):
-        if s < limit:
-            return f"{int(s // div)}{unit} ago"
-    return f"{int(s // 86400)}d ago"
 
 
 def _open(ckpt: str, command: str) -> tuple[Storage, str, Metadata]:
@@ -187,73 +162,6 @@ def _progress(err: Console, label: str) -> Progress:
     )
 
 
-# ------------------------------------------------------------------------ ls
-
-
-def _cmd_ls(args: argparse.Namespace, out: Console, err: Console) -> int:
-    backend, root = detect_storage(args.root)
-    if isinstance(backend, LocalStorage) and not Path(root).is_dir():
-        raise CheckpointError(f"{root} is not a directory")
-    entries = scan_root(backend, root)
-    if not entries:
-        _say(out, f"nothing under {root}")
-        return 0
-    table = Table(show_edge=False, title=Text(root), title_justify="left")
-    table.add_column("name", overflow="fold")
-    table.add_column("step", justify="right")
-    table.add_column("size", justify="right")
-    table.add_column("committed")
-    table.add_column("age", justify="right")
-    for e in entries:
-        size, state = _entry_size(backend, e)
-        style = {"yes": "green", "no": "yellow"}.get(state, "red")
-        table.add_row(
-            e.name,
-            "" if e.step is None else str(e.step),
-            _human(size),
-            Text(state, style=style),
-            _age(_mtime(backend, e)),
-        )
-    out.print(table)
-    return 0
-
-
-def _entry_size(backend: Storage, e: RootEntry) -> tuple[int | None, str]:
-    """(total bytes, committed column) of one entry."""
-    if e.state == "committed":
-        try:
-            raw = backend.read_metadata(e.location)
-            md = decode_metadata(raw, where=f"{e.location}/{METADATA_FILE}")
-        except CheckpointError:
-            return None, "corrupt"
-        return len(raw) + sum(f.size for f in md.files.values()), "yes"
-    state = {"uncommitted": "no", "file": "not a checkpoint"}.get(e.state, e.state)
-    if isinstance(backend, LocalStorage):
-        path = Path(e.location)
-        if path.is_file():
-            return path.stat().st_size, state
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()), state
-    return None, state
-
-
-def _mtime(backend: Storage, e: RootEntry) -> float | None:
-    if isinstance(backend, LocalStorage):
-        path = Path(e.location)
-        meta = path / METADATA_FILE
-        try:
-            return (meta if e.committed else path).stat().st_mtime
-        except OSError:
-            return None
-    fs_for = getattr(backend, "fs_for", None)
-    if fs_for is None:
-        return None
-    try:
-        fs = fs_for(e.location)
-        return float(fs.modified(fs._strip_protocol(f"{e.location}/{METADATA_FILE}")).timestamp())
-    except (OSError, NotImplementedError, ValueError, AttributeError, TypeError):
-        return None
-
-
 # ------------------------------------------------------------------- inspect
 
 
@@ -263,11 +171,11 @@ def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
     kind = f"format version {md.version}"
     if is_dcp:  # its "files" are its tensor chunks, sized as raw bytes
         kind = "a torch.distributed.checkpoint (DCP) checkpoint (no checksums)"
-    _say(
+    say(
         out,
         f"{location}: {kind}, saved by {md.world_size} rank(s), "
         f"{len(md.tensors)} tensor(s) and {len(md.values)} value(s) in {len(md.files)} file(s), "
-        f"{_human(total)}",
+        f"{human(total)}",
         "bold",
     )
     if md.tensors:
@@ -287,7 +195,7 @@ def _cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
                 dtype_name(rec.dtype),
                 str(tuple(rec.shape)),
                 chunks,
-                _human(sum(c.byte_length for c in rec.chunks)),
+                human(sum(c.byte_length for c in rec.chunks)),
                 shown,
             )
         out.print(table)
@@ -343,15 +251,15 @@ def _cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
         if total is not None:
             progress.update(task, completed=total)
     if report.ok:
-        _say(
+        say(
             out,
-            f"ok: {location}: {report.files_checked} file(s), {_human(report.bytes_checked)} verified",
+            f"ok: {location}: {report.files_checked} file(s), {human(report.bytes_checked)} verified",
             "green",
         )
         return 0
-    _say(out, f"FAILED: {location}: {len(report.problems)} problem(s)", "bold red")
+    say(out, f"FAILED: {location}: {len(report.problems)} problem(s)", "bold red")
     for problem in report.problems:
-        _say(out, f"  {problem}", "red")
+        say(out, f"  {problem}", "red")
     return 1
 
 
@@ -364,7 +272,7 @@ def _cmd_convert(args: argparse.Namespace, out: Console, err: Console) -> int:
     backend, location = detect_storage(args.ckpt)
 
     def warn(text: str) -> None:
-        _say(err, text, "yellow" if text.startswith("warning") else "")
+        say(err, text, "yellow" if text.startswith("warning") else "")
 
     with open_input(backend, location) as (md, dcp):
         if args.to == "async_ckpt":
@@ -382,7 +290,7 @@ def _cmd_convert(args: argparse.Namespace, out: Console, err: Console) -> int:
                     warn=warn,
                     progress=lambda n, total: progress.update(task, advance=n, total=total),
                 )
-            _say(out, f"wrote {out_location}: {summary}", "green")
+            say(out, f"wrote {out_location}: {summary}", "green")
             return 0
         target = Path(args.out)
         _make_parent(target)
@@ -411,7 +319,7 @@ def _cmd_convert(args: argparse.Namespace, out: Console, err: Console) -> int:
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
-    _say(out, f"wrote {target}: {summary}", "green")
+    say(out, f"wrote {target}: {summary}", "green")
     return 0
 
 
@@ -422,19 +330,3 @@ def _make_parent(target: Path) -> None:
         blocker = next((p for p in (target.parent, *target.parent.parents) if p.is_file()), None)
         why = f"{blocker} is a file, not a directory" if blocker is not None else str(exc)
         raise CheckpointError(f"cannot create the output directory {target.parent}: {why}") from exc
-
-
-# ------------------------------------------------------------------------ gc
-
-
-def _cmd_gc(args: argparse.Namespace, out: Console, err: Console) -> int:
-    backend, root = detect_storage(args.root)
-    if isinstance(backend, LocalStorage) and not Path(root).is_dir():
-        raise CheckpointError(f"{root} is not a directory")
-    removed = remove_uncommitted(backend, root)
-    for location in removed:
-        _say(out, f"removed {location}")
-    _say(
-        out, f"{len(removed)} leftover(s) removed from {root}" if removed else f"nothing to remove in {root}"
-    )
-    return 0

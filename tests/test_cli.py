@@ -119,6 +119,53 @@ def test_ls(tmp_path: Path, single: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "nothing under" in capsys.readouterr().out
 
 
+def test_ls_shows_the_steps_of_a_manager_root_under_root(
+    tmp_path: Path, single: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"  # a CheckpointManager root one level down
+    run.mkdir()
+    shutil.copytree(single, run / "step-00000001")
+    shutil.copytree(single, run / "step-00000002")
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["ls", str(tmp_path)]) == 0
+    lines = _rows(capsys.readouterr().out)
+    assert "run" not in lines, "a manager root is not one uncommitted checkpoint"
+    assert "yes" in lines["run/step-00000001"] and " 1 " in lines["run/step-00000001"]
+    assert "yes" in lines["run/step-00000002"] and " 2 " in lines["run/step-00000002"]
+    assert "not a checkpoint" in lines["notes.txt"]
+
+
+def test_ls_missing_path_says_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope"
+    assert main(["ls", str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {missing} does not exist"
+    (tmp_path / "file").write_text("x")
+    assert main(["ls", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'file'} is not a directory"
+
+
+def test_ls_counts_hidden_leftovers_and_names_gc(
+    tmp_path: Path, single: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(single, tmp_path / "step-00000007")
+    (tmp_path / ".step-00000009.tmp-0123456789abcdef").mkdir()
+    (tmp_path / ".step-00000010.tmp-fedcba9876543210").mkdir()
+    (tmp_path / ".cache").mkdir()  # hidden, but no save's leftover
+    assert main(["ls", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "yes" in _rows(out)["step-00000007"]
+    assert f"2 hidden leftover(s) of interrupted saves; `async-ckpt gc {tmp_path}` removes them" in out
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".step-00000001.tmp-0123456789abcdef").mkdir()
+    assert main(["ls", str(tmp_path / "empty")]) == 0
+    out = capsys.readouterr().out
+    assert "nothing under" in out and "1 hidden leftover(s)" in out
+
+    assert main(["ls", str(tmp_path / "step-00000007")]) == 0
+    assert "hidden leftover" not in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ inspect
 
 
@@ -291,7 +338,7 @@ def test_errors_one_line_or_traceback(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "Traceback (most recent call last)" in err and "CheckpointNotFoundError" in err
     assert main(["verify", missing, "--debug"]) == 1  # a missing checkpoint fails verification
     assert main(["ls", missing]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
     assert main(["bogus"]) == 2
     assert main(["convert", missing, "--to", "safetensors", str(tmp_path / "o"), "--slab-mb", "0"]) == 2
     assert "--slab-mb must be positive" in capsys.readouterr().err
@@ -303,3 +350,8 @@ def test_console_script(single: Path) -> None:
     done = subprocess.run([exe, "inspect", str(single)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "model.w" in done.stdout and "float32" in done.stdout
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"async-ckpt {ac.__version__}"

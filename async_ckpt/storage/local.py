@@ -20,9 +20,20 @@ from ..format.metadata import METADATA_FILE
 from .direct_io import DirectSink, open_direct
 from .local_read import DirSource, FileReader, read_metadata_at
 
-__all__ = ["LocalStorage", "staging_dir"]
+__all__ = ["LocalStorage", "hidden_leftovers", "staging_dir"]
 
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<token>[0-9a-f]{8,32})")
+
+
+def hidden_leftovers(root: str) -> list[str]:
+    """The staging (``.<name>.tmp-<token>``) and swap (``.old-``) directories directly under ``root``.
+
+    What interrupted saves leave behind and ``remove_uncommitted`` cleans up; ``list_children`` hides them.
+    """
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    return [str(e) for e in sorted(base.iterdir()) if _LEFTOVER.fullmatch(e.name) and e.is_dir()]
 
 
 def staging_dir(location: str, token: str) -> Path:
