@@ -38,7 +38,7 @@ from .format.metadata import Metadata
 from .format.values import PickleRefusedError, decode_value
 from .interop import dcp_unsupported, is_dcp_checkpoint, read_dcp_metadata
 from .load import read_checkpoint_metadata
-from .storage import Storage, detect_storage
+from .storage import detect_storage
 from .verify import verify_checkpoint
 
 __all__ = ["main"]
@@ -127,16 +127,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _open(ckpt: str, command: str) -> tuple[Storage, str, Metadata]:
-    backend, location = detect_storage(ckpt)
-    try:
-        return backend, location, read_checkpoint_metadata(backend, location)
-    except CheckpointError as exc:
-        if isinstance(exc, CorruptCheckpointError) or not is_dcp_checkpoint(backend, location):
-            raise
-        raise dcp_unsupported(location, f"async-ckpt {command}") from None
 
 
 def _open_any(ckpt: str) -> tuple[str, Metadata, bool]:
