@@ -143,6 +143,11 @@ class AsyncCheckpointer:
         w = self._worker
         return w.pid if w is not None and w.alive else None
 
+    @property
+    def staging_allocations(self) -> int:
+        """How many staging buffers this checkpointer has allocated: a steady state adds none."""
+        return self._pool.allocations
+
     def _check_process(self) -> None:
         if os.getpid() != self._owner_pid:
             raise CheckpointError(

@@ -421,6 +421,18 @@ def test_layout_changes_free_the_old_buffers_in_the_worker_too(tmp_path: Path) -
 # ------------------------------------------------------------- backpressure
 
 
+def test_staging_allocations_counts_buffers_and_a_steady_state_adds_none(tmp_path: Path) -> None:
+    sd = _state(3)
+    with ac.AsyncCheckpointer(max_in_flight=1) as c:
+        assert c.staging_allocations == 0
+        c.save(sd, tmp_path / "a").result(60)
+        assert c.staging_allocations == 1
+        c.save(sd, tmp_path / "b").result(60)  # the same layout reuses its buffer
+        assert c.staging_allocations == 1
+        c.save({"other": torch.ones(7)}, tmp_path / "c").result(60)
+        assert c.staging_allocations == 2
+
+
 def test_backpressure_waits_for_a_free_buffer(ck: ac.AsyncCheckpointer, tmp_path: Path) -> None:
     assert ck._pool.max_in_flight == 1
     sd1 = _state(8, mb=40)
