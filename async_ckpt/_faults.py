@@ -10,7 +10,8 @@ Unset, each check is one dictionary lookup.
 ``set_hook(point, fn)`` runs ``fn`` in this process whenever ``hook_point(point)``
 is reached: how a test does something (commit another save) at an exact
 moment of a load. Load points: ``load_metadata_read`` (metadata.json read and
-decoded, no shard opened yet).
+decoded, no shard opened yet). Save points: ``stage`` (half way through an
+``AsyncCheckpointer`` save's staging copy, on the thread that stages).
 
 ``ASYNC_CKPT_FAIL_AT=<spec>[,<spec>...]``, each spec as for ``KILL_AT``, makes
 ``fail_point`` raise ``InjectedFault`` instead: how a test fails one rank at

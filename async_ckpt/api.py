@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,10 +19,15 @@ from .interop import is_dcp_checkpoint, load_dcp, read_dcp_metadata
 from .load import load_collective, read_checkpoint_metadata
 from .load_tree import load_tree_collective
 from .local_plan import build_local_plan
+from .overlap_guard import GuardArg
+from .pending import PendingCheckpoint
 from .save_flow import SaveOptions, save_collective
 from .single_rank import ProcessGroupArg, SingleRank, check_whole_on_this_rank
 from .state_dict import flatten
 from .storage import Storage, detect_storage
+
+if TYPE_CHECKING:
+    from .checkpointer import AsyncCheckpointer
 
 __all__ = ["assert_same_keys", "async_save", "load", "load_state_dict", "read_metadata", "save"]
 
@@ -182,7 +187,7 @@ _defaults: dict[int, Any] = {}
 _defaults_lock = threading.Lock()
 
 
-def _default_checkpointer(process_group: ProcessGroupArg) -> Any:
+def _default_checkpointer(process_group: ProcessGroupArg) -> AsyncCheckpointer:
     from .checkpointer import AsyncCheckpointer
 
     key = id(process_group)
@@ -210,11 +215,13 @@ async def async_save(
     process_group: ProcessGroupArg = None,
     storage: Storage | None = None,
     overlap: bool = False,
-) -> Any:
+    guard: GuardArg = True,
+) -> PendingCheckpoint:
     """Stage ``state_dict`` and return a ``PendingCheckpoint`` (await it for the ``Metadata``).
 
-    Uses one default ``AsyncCheckpointer`` per process group, created on first
-    use and closed at interpreter exit.
+    ``overlap`` and ``guard`` as for ``AsyncCheckpointer.save``. Uses one
+    default ``AsyncCheckpointer`` per process group, created on first use and
+    closed at interpreter exit.
     """
     ckpt = _default_checkpointer(process_group)
-    return await ckpt.async_save(state_dict, checkpoint_id, overlap=overlap, storage=storage)
+    return await ckpt.async_save(state_dict, checkpoint_id, overlap=overlap, storage=storage, guard=guard)

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from ._faults import kill_point
+from ._faults import hook_point, kill_point
 from ._gc import gc_paused
 from .errors import CheckpointError
 from .inflight import InFlight, InFlightSaves, RemoteError
 from .layout_cache import LayoutCache, Prepared
+from .overlap_guard import GuardArg, guard_step, optimizers_to_guard
 from .pending import PendingCheckpoint
 from .save_flow import SaveOptions
 from .single_rank import ProcessGroupArg, SingleRank, check_whole_on_this_rank
@@ -244,17 +245,23 @@ class AsyncCheckpointer:
         *,
         overlap: bool = False,
         storage: Storage | None = None,
+        guard: GuardArg = True,
     ) -> PendingCheckpoint:
         """Stage ``state_dict`` and return; the write happens in the background.
 
         Blocks until staged (the caller may then modify its tensors), unless
-        ``overlap=True``: then staging runs on a helper thread and the caller
-        must wait for ``pending.staged`` before modifying the tensors (before
-        the next optimizer step).
+        ``overlap=True``: then staging runs on a helper thread and the call
+        returns at once. The next ``step()`` of every optimizer in the state
+        dict (directly, in its containers, or held by a ``Stateful`` wrapper)
+        then waits for the copy; ``guard=[opt, ...]`` adds optimizers it cannot
+        see, ``guard=False`` turns that off. Other in-place changes (BatchNorm
+        statistics in forward, EMA updates) must wait for ``pending.staged``.
         """
         with gc_paused():
+            guarded = optimizers_to_guard(state_dict, guard) if overlap else _check_guard(guard)
             job = self._prepare(state_dict, checkpoint_id, storage)
             if overlap:
+                guard_step(guarded, job.pending.staged)
                 self._submit(self._stage_and_send, job)
             else:
                 # Saves reach the worker in order: earlier overlapped ones first.
@@ -272,13 +279,17 @@ class AsyncCheckpointer:
         *,
         overlap: bool = False,
         storage: Storage | None = None,
+        guard: GuardArg = True,
     ) -> PendingCheckpoint:
         """``save`` for asyncio loops: waits for staging (and for a free buffer) without blocking the loop.
 
-        Cancelling the awaiting task ends the wait only: the save goes on.
+        ``overlap`` and ``guard`` as for ``save``. Cancelling the awaiting task
+        ends the wait only: the save goes on.
         """
         with gc_paused():
+            guarded = optimizers_to_guard(state_dict, guard) if overlap else _check_guard(guard)
             job = self._prepare(state_dict, checkpoint_id, storage)
+            guard_step(guarded, job.pending.staged)
         self._submit(self._stage_and_send, job)
         if not overlap:
             await job.pending.staged
@@ -350,7 +361,7 @@ class AsyncCheckpointer:
                 event = slot.copy_in(
                     tensors,
                     self._cuda_stream(job.prepared.on_cuda),
-                    on_half=lambda: kill_point("stage", pending.save_id, rank),
+                    on_half=lambda: _half_staged(pending.save_id, rank),
                 )
                 if event is not None:
                     event.synchronize()
@@ -416,3 +427,14 @@ class _Job:
     location: str
     prepared: Prepared
     t0: float
+
+
+def _check_guard(guard: GuardArg) -> list[Any]:
+    """A save that returns staged needs no guard: only the argument is checked."""
+    optimizers_to_guard({}, guard)
+    return []
+
+
+def _half_staged(save_id: int, rank: int) -> None:
+    kill_point("stage", save_id, rank)
+    hook_point("stage")
