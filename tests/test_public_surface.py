@@ -29,7 +29,7 @@ _INTERNAL_ERRORS = {
     "async_ckpt.interop.dcp_blob.NeedsPickle",
 }
 
-# Submodules whose import needs an optional framework, or that are the worker's entry point.
+# Not walked: integrations import optional frameworks; testing (the pytest plugin) has its own surface.
 _SKIP_IMPORT = ("async_ckpt.integrations.", "async_ckpt.testing.")
 
 
