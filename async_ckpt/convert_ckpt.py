@@ -2,7 +2,7 @@
 
 Each saved DCP chunk becomes one or more of our chunks (slabs of at most
 ``slab_bytes``, cut as ``convert._slabs`` cuts them), read one at a time into a
-fresh buffer and handed to the save's writer pipeline (``worker.pipeline``),
+fresh buffer and handed to the save's writer pipeline (``writer.pipeline``),
 which checksums them on the fly and writes one file at a time. Memory stays
 within a slab plus the writer's small batch, whatever the checkpoint's size.
 The output is committed through the storage's commit protocol, so it is whole
@@ -26,10 +26,11 @@ from .format.metadata import Metadata, TensorRecord
 from .format.shard import chunk_name
 from .interop.dcp_storage import DcpSource
 from .local_plan import tensor_bytes
-from .save_flow import RankResult, SaveOptions, commit_checkpoint
+from .save_flow import RankResult, commit_checkpoint
+from .save_options import SaveOptions
 from .storage.base import Storage
-from .worker.loop import run_blocking
-from .worker.pipeline import FileJob, WriteEntry, write_files
+from .writer.loop import run_blocking
+from .writer.pipeline import FileJob, WriteEntry, write_files
 
 __all__ = ["to_async_ckpt"]
 

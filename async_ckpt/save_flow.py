@@ -3,9 +3,9 @@
 Every step runs on all ranks of a ``Comm``. A failure on any rank is carried
 to every rank before the next collective, so no rank is left waiting; the
 coordinator (rank 0) then removes the staging area. The blocking ``save`` runs
-:func:`save_collective` in-process; the background workers reuse the pieces
-(:func:`plan_assignments`, :func:`write_assignment`, :func:`assemble_metadata`)
-with a cached plan (``worker/save_job.py``).
+:func:`save_collective` in-process; the background workers run the same steps
+(:func:`plan_together`, :func:`write_assignment`, :func:`commit_together`,
+:func:`commit_reports`) around a cached plan (``worker/save_job.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import json
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,6 @@ import torch
 
 from ._faults import fail_point
 from .dist import Comm, RankFailure, RanksFailedError, run_collectively
-from .format import checksum
 from .format.dtypes import dtype_from_name
 from .format.metadata import (
     ChunkRecord,
@@ -38,21 +38,28 @@ from .format.metadata import (
 from .format.shard import chunk_name
 from .local_plan import LocalPlan, tensor_bytes
 from .planning import SavePlan, WriteItemType, create_global_plan
+from .save_options import SaveOptions
 from .storage.base import Storage
-from .worker.loop import run_blocking
-from .worker.pipeline import FileJob, WriteEntry, WrittenFile, write_files
+from .writer.loop import run_blocking
+from .writer.pipeline import FileJob, WriteEntry, WrittenFile, write_files
 
 __all__ = [
     "ABSENT",
     "RankAssignment",
     "RankResult",
-    "SaveOptions",
+    "SaveTarget",
+    "aborting_on_failure",
     "assemble_metadata",
     "assign_files",
     "commit_checkpoint",
+    "commit_reports",
+    "commit_together",
     "coordinate",
     "plan_assignments",
+    "plan_together",
     "save_collective",
+    "with_stats",
+    "write_assignment",
     "write_jobs",
 ]
 
@@ -62,15 +69,6 @@ ABSENT = {"$absent": True}
 _MIN_FILE_BYTES = 64 << 20
 
 Key = tuple[str, tuple[int, ...] | None]
-
-
-@dataclass(frozen=True, slots=True)
-class SaveOptions:
-    allow_pickle: bool = False
-    verify_replicas: bool = False
-    block_size: int = checksum.DEFAULT_BLOCK_SIZE
-    max_files_per_rank: int = 4
-    dedup: str = "balanced"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +92,19 @@ class RankResult:
 
     files: list[WrittenFile]
     values: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SaveTarget:
+    """Where one save goes, and how: what every step of it needs besides the data."""
+
+    storage: Storage
+    location: str
+    token: str
+    """Names the save's staging area; only the coordinator's counts (see :func:`plan_together`)."""
+    options: SaveOptions
+    save_id: int | None = None
+    """A worker's save number, which scopes the test-only fault points; None for the blocking save."""
 
 
 def coordinate(comm: Comm, step: str, payload: Any, fn: Callable[[list[Any]], Sequence[Any]]) -> Any:
@@ -302,6 +313,62 @@ def _is_pickled(v: ValueRecord) -> bool:
     return any(isinstance(x, dict) and "$pickle" in x for x in candidates)
 
 
+# ------------------------------------------------ the steps both paths run
+
+
+def plan_together(comm: Comm, target: SaveTarget, plan: SavePlan) -> RankAssignment:
+    """Collective: the coordinator plans from every rank's local plan and begins the save.
+
+    The assignment carries the coordinator's token: it names the save from
+    then on, on every rank.
+    """
+
+    def make(plans: list[SavePlan]) -> list[RankAssignment]:
+        fail_point("plan", comm.rank, target.save_id)
+        out = plan_assignments(plans, target.options, target.token, target.storage)
+        target.storage.begin_save(target.location, target.token)
+        return out
+
+    return coordinate(comm, "save planning", plan, make)  # type: ignore[no-any-return]
+
+
+async def write_assignment(
+    rank: int, target: SaveTarget, assignment: RankAssignment, local: LocalPlan
+) -> list[WrittenFile]:
+    """This rank's shard files, written and durable (local: not collective)."""
+    fail_point("write_jobs", rank, target.save_id)
+    jobs = write_jobs(assignment, local, rank)
+    return await write_files(
+        target.storage, target.location, assignment.token, jobs, block_size=target.options.block_size
+    )
+
+
+def commit_reports(rank: int, target: SaveTarget, results: Sequence[RankResult], tree: Any) -> Metadata:
+    """Coordinator only: commit the checkpoint from every rank's report."""
+    fail_point("commit", rank, target.save_id)
+    return commit_checkpoint(target.storage, target.location, target.token, results, tree, target.options)
+
+
+def commit_together(comm: Comm, target: SaveTarget, result: RankResult, tree: Any) -> Metadata:
+    """Collective: every rank's report to the coordinator, which commits; its metadata on every rank."""
+
+    def commit(results: list[RankResult]) -> list[Metadata]:
+        return [commit_reports(comm.rank, target, results, tree)] * len(results)
+
+    return coordinate(comm, "commit", result, commit)  # type: ignore[no-any-return]
+
+
+@contextmanager
+def aborting_on_failure(comm: Comm, target: SaveTarget) -> Iterator[None]:
+    """A step that fails on any rank fails here on every rank: the coordinator removes the staging area."""
+    try:
+        yield
+    except BaseException:
+        if comm.rank == 0:
+            target.storage.abort_save(target.location, target.token)
+        raise
+
+
 # ------------------------------------------------------------ the whole flow
 
 
@@ -317,40 +384,21 @@ def save_collective(
 ) -> Metadata:
     """Plan, write and commit, every step collective over ``comm``."""
     t0 = time.perf_counter()
-
-    def plan(plans: list[SavePlan]) -> list[RankAssignment]:
-        token = uuid.uuid4().hex[:16]
-        fail_point("plan", comm.rank)
-        out = plan_assignments(plans, options, token, storage)
-        storage.begin_save(location, token)
-        return out
-
-    assignment: RankAssignment = coordinate(comm, "save planning", local.plan, plan)
+    target = SaveTarget(storage, location, uuid.uuid4().hex[:16], options)
+    assignment = plan_together(comm, target, local.plan)
+    # Only the coordinator's token was used: from here on every rank names the save by it.
+    target = dataclasses.replace(target, token=assignment.token)
     t1 = time.perf_counter()
-    try:
+    with aborting_on_failure(comm, target):
 
         def write() -> list[WrittenFile]:
             # Everything between planning and the commit runs inside a collective step:
             # a rank failing outside one would leave the others waiting in the next.
-            fail_point("write_jobs", comm.rank)
-            jobs = write_jobs(assignment, local, comm.rank)
-            return run_blocking(
-                write_files(storage, location, assignment.token, jobs, block_size=options.block_size)
-            )
+            return run_blocking(write_assignment(comm.rank, target, assignment, local))
 
         written = run_collectively(comm, "writing shards", write)
         t2 = time.perf_counter()
-
-        def commit(results: list[RankResult]) -> list[Metadata]:
-            fail_point("commit", comm.rank)
-            md = commit_checkpoint(storage, location, assignment.token, results, tree, options)
-            return [md] * comm.world_size
-
-        md: Metadata = coordinate(comm, "commit", RankResult(written, local.values), commit)
-    except BaseException:
-        if comm.rank == 0:
-            storage.abort_save(location, assignment.token)
-        raise
+        md = commit_together(comm, target, RankResult(written, local.values), tree)
     stats = SaveStats(
         stage_s=stage_s,
         plan_s=t1 - t0,
@@ -373,6 +421,3 @@ def with_stats(md: Metadata, stats: SaveStats) -> Metadata:
         stats=stats,
         token=md.token,
     )
-
-
-__all__ += ["with_stats"]

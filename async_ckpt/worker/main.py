@@ -27,8 +27,8 @@ import torch
 from .._gc import gc_paused
 from ..dist import Comm, LocalComm
 from ..staging import Layout
+from ..writer.loop import new_event_loop
 from .comm import StoreComm
-from .loop import new_event_loop
 from .messages import (
     DropLayout,
     DropSlot,

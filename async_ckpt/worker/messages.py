@@ -7,7 +7,7 @@ from typing import Any
 
 from ..format.metadata import Metadata
 from ..planning import SavePlan
-from ..save_flow import SaveOptions
+from ..save_options import SaveOptions
 from ..staging import Layout
 from ..storage.base import Storage
 

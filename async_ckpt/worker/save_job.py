@@ -14,16 +14,17 @@ discards what was written and all ranks plan together, write and commit:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+import traceback
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .._faults import fail_point, kill_point
+from .._faults import kill_point
 from ..dist import Comm, RankFailure, RanksFailedError, run_collectively
 from ..format.metadata import Metadata, SaveStats
 from ..local_plan import LocalPlan
@@ -32,14 +33,17 @@ from ..save_flow import (
     FileAssignment,
     RankAssignment,
     RankResult,
-    commit_checkpoint,
+    SaveTarget,
+    aborting_on_failure,
+    commit_reports,
+    commit_together,
     coordinate,
-    plan_assignments,
+    plan_together,
     with_stats,
-    write_jobs,
+    write_assignment,
 )
+from ..writer.pipeline import WrittenFile
 from .messages import SaveRequest
-from .pipeline import WrittenFile, write_files
 
 __all__ = ["SaveJobRunner"]
 
@@ -66,7 +70,9 @@ class SaveJobRunner:
         comm = self.comm
         if hasattr(comm, "begin"):
             comm.begin(f"save{req.save_id}")
-        token = f"{self.session}{req.save_id:08x}"
+        target = SaveTarget(
+            req.storage, req.location, f"{self.session}{req.save_id:08x}", req.options, req.save_id
+        )
         local = LocalPlan(plan=plan, tensors=views, values=req.values)
         cache_key = (req.layout_key, req.options)
         cached = None if req.options.verify_replicas else self._cache.get(cache_key)
@@ -75,15 +81,15 @@ class SaveJobRunner:
         if cached is not None:
             plan_id, files = cached
             try:
-                req.storage.begin_save(req.location, token)
-                written = await self._write(req, RankAssignment(token, files), local)
+                req.storage.begin_save(req.location, target.token)
+                written = await self._write(target, RankAssignment(target.token, files), local)
                 report = _Report(plan_id, RankResult(written, req.values), None)
             except Exception as exc:  # noqa: BLE001 - reported at the commit barrier
                 report = _Report(plan_id, None, _failure(comm.rank, exc))
         t1 = time.perf_counter()
         if cached is not None:
             kill_point("before_commit", req.save_id, comm.rank)
-        outcome = await asyncio.to_thread(self._commit_or_replan, req, tree, token, report)
+        outcome = await asyncio.to_thread(self._commit_or_replan, target, tree, report)
         if isinstance(outcome, Metadata):
             kill_point("after_commit", req.save_id, comm.rank)
             written_bytes = sum(f.size for f in report.result.files) if report.result else 0
@@ -93,15 +99,17 @@ class SaveJobRunner:
         # Plan together, then write and commit.
         t2 = time.perf_counter()
         kill_point("plan", req.save_id, comm.rank)
-        assignment: RankAssignment = await asyncio.to_thread(self._plan, req, plan, token)
-        self._cache[cache_key] = (token, assignment.files)
+        assignment = await asyncio.to_thread(plan_together, comm, target, plan)
+        # The coordinator's token, as the blocking save does: here every rank's is the same.
+        target = dataclasses.replace(target, token=assignment.token)
+        self._cache[cache_key] = (target.token, assignment.files)
         while len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
         t3 = time.perf_counter()
-        written = await self._write_collectively(req, assignment, local)
+        written = await self._write_collectively(target, assignment, local)
         t4 = time.perf_counter()
         kill_point("before_commit", req.save_id, comm.rank)
-        md = await asyncio.to_thread(self._commit, req, tree, token, RankResult(written, req.values))
+        md = await asyncio.to_thread(self._commit, target, tree, RankResult(written, req.values))
         kill_point("after_commit", req.save_id, comm.rank)
         return with_stats(
             md,
@@ -122,23 +130,20 @@ class SaveJobRunner:
     # ------------------------------------------------------------ the steps
 
     async def _write(
-        self, req: SaveRequest, assignment: RankAssignment, local: LocalPlan
+        self, target: SaveTarget, assignment: RankAssignment, local: LocalPlan
     ) -> list[WrittenFile]:
-        fail_point("write_jobs", self.comm.rank, req.save_id)
-        jobs = write_jobs(assignment, local, self.comm.rank)
-        written = await write_files(
-            req.storage, req.location, assignment.token, jobs, block_size=req.options.block_size
-        )
-        kill_point("write", req.save_id, self.comm.rank)
+        written = await write_assignment(self.comm.rank, target, assignment, local)
+        assert target.save_id is not None
+        kill_point("write", target.save_id, self.comm.rank)
         return written
 
     async def _write_collectively(
-        self, req: SaveRequest, assignment: RankAssignment, local: LocalPlan
+        self, target: SaveTarget, assignment: RankAssignment, local: LocalPlan
     ) -> list[WrittenFile]:
         error: BaseException | None = None
         written: list[WrittenFile] = []
         try:
-            written = await self._write(req, assignment, local)
+            written = await self._write(target, assignment, local)
         except Exception as exc:  # noqa: BLE001 - shared with every rank below
             error = exc
 
@@ -147,58 +152,30 @@ class SaveJobRunner:
                 raise error
             return written
 
-        try:
+        with aborting_on_failure(self.comm, target):
             return await asyncio.to_thread(run_collectively, self.comm, "writing shards", agree)
-        except BaseException:
-            if self.comm.rank == 0:
-                req.storage.abort_save(req.location, assignment.token)
-            raise
 
-    def _commit_or_replan(self, req: SaveRequest, tree: Any, token: str, report: _Report) -> Metadata | str:
+    def _commit_or_replan(self, target: SaveTarget, tree: Any, report: _Report) -> Metadata | str:
         def decide(reports: list[_Report]) -> list[Metadata | str]:
             failed = [r.failure for r in reports if r.failure is not None]
             if failed:
-                req.storage.abort_save(req.location, token)
+                target.storage.abort_save(target.location, target.token)
                 raise RanksFailedError("save", failed)
             plan_ids = {r.plan_id for r in reports}
             if None in plan_ids or len(plan_ids) != 1:
-                req.storage.abort_save(req.location, token)
+                target.storage.abort_save(target.location, target.token)
                 return ["replan"] * len(reports)
             results = [r.result for r in reports]
             assert all(r is not None for r in results)
-            fail_point("commit", self.comm.rank, req.save_id)
-            md = commit_checkpoint(req.storage, req.location, token, results, tree, req.options)  # type: ignore[arg-type]
+            md = commit_reports(self.comm.rank, target, results, tree)  # type: ignore[arg-type]
             return [md] * len(reports)
 
-        return self._coordinate_or_abort(req, token, "commit", report, decide)  # type: ignore[no-any-return]
+        with aborting_on_failure(self.comm, target):
+            return coordinate(self.comm, "commit", report, decide)  # type: ignore[no-any-return]
 
-    def _plan(self, req: SaveRequest, plan: SavePlan, token: str) -> RankAssignment:
-        def make(plans: list[SavePlan]) -> list[RankAssignment]:
-            fail_point("plan", self.comm.rank, req.save_id)
-            out = plan_assignments(plans, req.options, token, req.storage)
-            req.storage.begin_save(req.location, token)
-            return out
-
-        return coordinate(self.comm, "save planning", plan, make)  # type: ignore[no-any-return]
-
-    def _commit(self, req: SaveRequest, tree: Any, token: str, result: RankResult) -> Metadata:
-        def commit(results: list[RankResult]) -> list[Metadata]:
-            fail_point("commit", self.comm.rank, req.save_id)
-            md = commit_checkpoint(req.storage, req.location, token, results, tree, req.options)
-            return [md] * len(results)
-
-        return self._coordinate_or_abort(req, token, "commit", result, commit)  # type: ignore[no-any-return]
-
-    def _coordinate_or_abort(
-        self, req: SaveRequest, token: str, step: str, payload: Any, fn: Callable[[list[Any]], Any]
-    ) -> Any:
-        """``coordinate``, removing the staging area on the coordinator if the step fails anywhere."""
-        try:
-            return coordinate(self.comm, step, payload, fn)
-        except BaseException:
-            if self.comm.rank == 0:
-                req.storage.abort_save(req.location, token)
-            raise
+    def _commit(self, target: SaveTarget, tree: Any, result: RankResult) -> Metadata:
+        with aborting_on_failure(self.comm, target):
+            return commit_together(self.comm, target, result, tree)
 
     def _stats(
         self, req: SaveRequest, plan_s: float, write_s: float, commit_s: float, nbytes: int, cached: bool
@@ -215,6 +192,4 @@ class SaveJobRunner:
 
 
 def _failure(rank: int, exc: BaseException) -> RankFailure:
-    import traceback
-
     return RankFailure(rank, f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc)))
