@@ -22,6 +22,7 @@ from .local_plan import build_local_plan
 from .overlap_guard import GuardArg
 from .pending import PendingCheckpoint
 from .save_flow import SaveOptions, save_collective
+from .save_target import check_save_target
 from .single_rank import ProcessGroupArg, SingleRank, check_whole_on_this_rank
 from .state_dict import flatten
 from .storage import Storage, detect_storage
@@ -65,6 +66,7 @@ def _save(
     def prepare() -> Any:
         # Inside the collective step: a checkpoint id one rank cannot use must fail every rank.
         backend, location = detect_storage(checkpoint_id, storage)
+        check_save_target(backend, location, rank=comm.rank)
         flat = flatten(state_dict, allow_pickle=allow_pickle)
         if isinstance(process_group, SingleRank):
             check_whole_on_this_rank(flat.entries)

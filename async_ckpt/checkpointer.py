@@ -29,6 +29,7 @@ from .layout_cache import LayoutCache, Prepared
 from .overlap_guard import GuardArg, guard_step, optimizers_to_guard
 from .pending import PendingCheckpoint
 from .save_flow import SaveOptions
+from .save_target import check_save_target
 from .single_rank import ProcessGroupArg, SingleRank, check_whole_on_this_rank
 from .staging import StagingPool, StagingSlot
 from .state_dict import flatten
@@ -311,6 +312,7 @@ class AsyncCheckpointer:
         pending.add_done_callback(self._forget)
         try:
             backend, location = detect_storage(checkpoint_id, storage or self._storage)
+            check_save_target(backend, location, rank=self._rank_hint())
             flat = flatten(state_dict, allow_pickle=self._options.allow_pickle)
             if isinstance(self._pg, SingleRank):
                 check_whole_on_this_rank(flat.entries)
@@ -328,6 +330,14 @@ class AsyncCheckpointer:
                 self._submit(self._report_local_failure, save_id, exc)
             raise
         return _Job(pending, backend, location, prepared, t0)
+
+    def _rank_hint(self) -> int | None:
+        """This rank in the saving group, known without a collective; None when it saves alone."""
+        if isinstance(self._pg, SingleRank) or not torch.distributed.is_initialized():
+            return None
+        if self._group is not None:
+            return self._group.rank
+        return torch.distributed.get_rank(self._pg)
 
     def _forget(self, pending: PendingCheckpoint) -> None:
         with self._lock:

@@ -248,8 +248,10 @@ def test_pending_result_timeout_and_failure_like_a_future(ck: ac.AsyncCheckpoint
     assert isinstance(md, ac.Metadata)
 
     # A failed save: exception() returns the error, result() raises it, callbacks still run.
-    afile = tmp_path / "afile"
-    afile.write_bytes(b"not a directory")
+    # (A directory of other data: refused when the worker begins the save, not by the call.)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a checkpoint")
     seen: list[Any] = []
     done = threading.Event()
 
@@ -258,9 +260,9 @@ def test_pending_result_timeout_and_failure_like_a_future(ck: ac.AsyncCheckpoint
         done.set()
 
     try:
-        bad = ck.save(sd, afile / "ckpt")
+        bad = ck.save(sd, other)
     except ac.CheckpointError:
-        pytest.fail("an unwritable path must fail the pending, not save()")
+        pytest.fail("a target refused by the worker must fail the pending, not save()")
     bad.add_done_callback(cb)
     err = bad.exception(timeout=60)
     assert isinstance(err, ac.CheckpointError), repr(err)

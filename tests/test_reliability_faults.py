@@ -27,6 +27,7 @@ from _crash_trainer import DeletingStorage, EnospcStorage, assert_tree_equal, bl
 from harness import run_ranks
 
 import async_ckpt as ac
+from async_ckpt import _faults
 from async_ckpt.storage.local import LocalStorage
 
 KILL_ENV = "ASYNC_CKPT_KILL_AT"
@@ -177,16 +178,28 @@ def test_read_only_file_system(ck: ac.AsyncCheckpointer, small_fs: Path) -> None
 def test_parent_is_a_regular_file(ck: ac.AsyncCheckpointer, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
     target = tmp_path / "file" / "ckpt"
-    err = _assert_failed_cleanly(
-        ck,
-        ck.save(_sd(1), target),
-        ("Not a directory", "not a directory", "cannot create checkpoint directory"),
-    )
-    assert str(tmp_path / "file") in str(err)
+    # Refused by the call itself (a cheap local check), before anything is staged.
+    with pytest.raises(ac.CheckpointError, match="not a directory") as info:
+        ck.save(_sd(1), target)
+    assert str(tmp_path / "file") in str(info.value)
     assert (tmp_path / "file").read_text() == "not a directory"
     # A checkpoint id that is itself a regular file is refused too, and the file survives.
-    err = _assert_failed_cleanly(ck, ck.save(_sd(1), tmp_path / "file"), ("not a directory", "exists"))
+    with pytest.raises(ac.CheckpointError, match="not a directory"):
+        ck.save(_sd(1), tmp_path / "file")
     assert (tmp_path / "file").read_text() == "not a directory"
+    # A file that appears after the call is refused when the worker begins the save.
+    late = tmp_path / "late"
+    _faults.set_hook("stage", lambda: late.write_text("not a directory"))
+    try:
+        pending = ck.save(_sd(1), late / "ckpt", overlap=True)
+        pending.staged.wait(60)
+    finally:
+        _faults.set_hook("stage", None)
+    err = _assert_failed_cleanly(
+        ck, pending, ("Not a directory", "not a directory", "cannot create checkpoint directory")
+    )
+    assert str(late) in str(err)
+    assert late.read_text() == "not a directory"
 
 
 # ------------------------------------------------------ directory deleted mid-save
