@@ -119,8 +119,6 @@ def _find_optimizers(root: Any) -> list[torch.optim.Optimizer]:
     stack: list[tuple[Any, int, bool]] = [(root, 0, True)]
     while stack:
         node, depth, whole = stack.pop()
-        if isinstance(node, (torch.Tensor, nn.Module, str, bytes, int, float)) or node is None:
-            continue
         if id(node) in seen or depth > MAX_DEPTH:
             continue
         seen.add(id(node))
@@ -128,13 +126,20 @@ def _find_optimizers(root: Any) -> list[torch.optim.Optimizer]:
             found.setdefault(id(node), node)
             continue
         if isinstance(node, dict):
-            if whole or len(node) <= _MAX_ATTR_ITEMS:
-                stack.extend((v, depth + 1, whole) for v in node.values())
+            kids: Any = node.values()
         elif isinstance(node, (list, tuple)):
-            if whole or len(node) <= _MAX_ATTR_ITEMS:
-                stack.extend((v, depth + 1, whole) for v in node)
-        elif is_stateful(node) and depth < 8:
+            kids = node
+        elif is_stateful(node) and not isinstance(node, nn.Module) and depth < 8:
             attrs = getattr(node, "__dict__", None)
             if isinstance(attrs, dict):
-                stack.extend((v, depth + 1, False) for v in attrs.values())
+                stack.extend((v, depth + 1, False) for v in attrs.values() if type(v) not in _LEAVES)
+            continue
+        else:
+            continue
+        if whole or len(kids) <= _MAX_ATTR_ITEMS:
+            # Once per tensor of the state dict: the exact-type test is the cheap one.
+            stack.extend((v, depth + 1, whole) for v in kids if type(v) not in _LEAVES)
     return list(found.values())
+
+
+_LEAVES = frozenset({torch.Tensor, nn.Parameter, int, float, bool, str, bytes, type(None)})
