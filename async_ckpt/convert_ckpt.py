@@ -27,7 +27,6 @@ from .format.shard import chunk_name
 from .interop.dcp_storage import DcpSource
 from .local_plan import tensor_bytes
 from .save_flow import RankResult, commit_checkpoint
-from .save_options import SaveOptions
 from .storage.base import Storage
 from .writer.loop import run_blocking
 from .writer.pipeline import FileJob, WriteEntry, write_files
@@ -108,8 +107,7 @@ def to_async_ckpt(
                     out, out_location, token, jobs, block_size=checksum.DEFAULT_BLOCK_SIZE, max_files=1
                 )
             )
-        options = SaveOptions(allow_pickle=True)
-        done = commit_checkpoint(out, out_location, token, [RankResult(written, values)], md.tree, options)
+        done = commit_checkpoint(out, out_location, token, [RankResult(written, values)], md.tree)
     except BaseException:
         out.abort_save(out_location, token)
         raise

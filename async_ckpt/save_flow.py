@@ -25,6 +25,7 @@ import torch
 
 from ._faults import fail_point
 from .dist import Comm, RankFailure, RanksFailedError, run_collectively
+from .format import checksum
 from .format.dtypes import dtype_from_name
 from .format.metadata import (
     ChunkRecord,
@@ -67,6 +68,10 @@ ABSENT = {"$absent": True}
 """Per-rank value slot of a rank that did not hold the key."""
 
 _MIN_FILE_BYTES = 64 << 20
+MAX_FILES_PER_RANK = 4
+"""Shard files one rank writes at most, fewer where the storage asks (``files_per_rank``)."""
+BLOCK_SIZE = checksum.DEFAULT_BLOCK_SIZE
+"""Bytes per checksum block; recorded in the metadata, so a reader never assumes it."""
 
 Key = tuple[str, tuple[int, ...] | None]
 
@@ -102,7 +107,6 @@ class SaveTarget:
     location: str
     token: str
     """Names the save's staging area; only the coordinator's counts (see :func:`plan_together`)."""
-    options: SaveOptions
     save_id: int | None = None
     """A worker's save number, which scopes the test-only fault points; None for the blocking save."""
 
@@ -144,16 +148,14 @@ def coordinate(comm: Comm, step: str, payload: Any, fn: Callable[[list[Any]], Se
 # ------------------------------------------------------------------ planning
 
 
-def plan_assignments(
-    plans: Sequence[SavePlan], options: SaveOptions, token: str, storage: Storage
-) -> list[RankAssignment]:
+def plan_assignments(plans: Sequence[SavePlan], token: str, storage: Storage) -> list[RankAssignment]:
     """The coordinator's part of planning: dedup, validate, spread each rank's items over files.
 
-    A rank writes at most ``options.max_files_per_rank`` files, fewer where the
+    A rank writes at most ``MAX_FILES_PER_RANK`` files, fewer where the
     storage says fewer streams suit it (``files_per_rank``, as LocalStorage has).
     """
-    gp = create_global_plan(plans, dedup=options.dedup)  # type: ignore[arg-type]
-    max_files = options.max_files_per_rank
+    gp = create_global_plan(plans, dedup="balanced")
+    max_files = MAX_FILES_PER_RANK
     max_files = max(1, min(max_files, int(getattr(storage, "files_per_rank", max_files))))
     return [
         RankAssignment(token=token, files=assign_files(p, rank, gp.per_rank_fqns, max_files))
@@ -234,7 +236,7 @@ def _lazy_bytes(tensor: torch.Tensor) -> Callable[[], memoryview]:
 # -------------------------------------------------------------------- commit
 
 
-def assemble_metadata(results: Sequence[RankResult], tree: Any, options: SaveOptions) -> Metadata:
+def assemble_metadata(results: Sequence[RankResult], tree: Any) -> Metadata:
     """The checkpoint's metadata from every rank's report (coordinator only)."""
     world = len(results)
     files: dict[str, FileRecord] = {}
@@ -270,7 +272,7 @@ def assemble_metadata(results: Sequence[RankResult], tree: Any, options: SaveOpt
         files=files,
         tree=tree,
         world_size=world,
-        block_size=options.block_size,
+        block_size=BLOCK_SIZE,
         pickled=pickled,
     )
 
@@ -281,11 +283,10 @@ def commit_checkpoint(
     token: str,
     results: Sequence[RankResult],
     tree: Any,
-    options: SaveOptions,
 ) -> Metadata:
     """Coordinator only: metadata from every rank's report, written last, committing the checkpoint."""
     # The token makes every save's metadata.json unique, how a load proves it read one save.
-    md = dataclasses.replace(assemble_metadata(results, tree, options), token=token)
+    md = dataclasses.replace(assemble_metadata(results, tree), token=token)
     storage.commit(location, token, encode_metadata(md))
     return md
 
@@ -325,7 +326,7 @@ def plan_together(comm: Comm, target: SaveTarget, plan: SavePlan) -> RankAssignm
 
     def make(plans: list[SavePlan]) -> list[RankAssignment]:
         fail_point("plan", comm.rank, target.save_id)
-        out = plan_assignments(plans, target.options, target.token, target.storage)
+        out = plan_assignments(plans, target.token, target.storage)
         target.storage.begin_save(target.location, target.token)
         return out
 
@@ -338,15 +339,13 @@ async def write_assignment(
     """This rank's shard files, written and durable (local: not collective)."""
     fail_point("write_jobs", rank, target.save_id)
     jobs = write_jobs(assignment, local, rank)
-    return await write_files(
-        target.storage, target.location, assignment.token, jobs, block_size=target.options.block_size
-    )
+    return await write_files(target.storage, target.location, assignment.token, jobs, block_size=BLOCK_SIZE)
 
 
 def commit_reports(rank: int, target: SaveTarget, results: Sequence[RankResult], tree: Any) -> Metadata:
     """Coordinator only: commit the checkpoint from every rank's report."""
     fail_point("commit", rank, target.save_id)
-    return commit_checkpoint(target.storage, target.location, target.token, results, tree, target.options)
+    return commit_checkpoint(target.storage, target.location, target.token, results, tree)
 
 
 def commit_together(comm: Comm, target: SaveTarget, result: RankResult, tree: Any) -> Metadata:
@@ -382,9 +381,13 @@ def save_collective(
     *,
     stage_s: float = 0.0,
 ) -> Metadata:
-    """Plan, write and commit, every step collective over ``comm``."""
+    """Plan, write and commit, every step collective over ``comm``.
+
+    ``options`` were applied when ``local`` was built (pickling, replica
+    checks); none of them changes a step from here on.
+    """
     t0 = time.perf_counter()
-    target = SaveTarget(storage, location, uuid.uuid4().hex[:16], options)
+    target = SaveTarget(storage, location, uuid.uuid4().hex[:16])
     assignment = plan_together(comm, target, local.plan)
     # Only the coordinator's token was used: from here on every rank names the save by it.
     target = dataclasses.replace(target, token=assignment.token)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .format import checksum
-
 __all__ = ["SaveOptions"]
 
 
 @dataclass(frozen=True, slots=True)
 class SaveOptions:
+    """The options of ``save``, ``async_save`` and ``AsyncCheckpointer`` of the same names.
+
+    Only settings a public call can set belong here; fixed choices of the
+    save (checksum block size, files per rank, dedup policy) are constants of
+    ``save_flow.py``.
+    """
+
     allow_pickle: bool = False
     verify_replicas: bool = False
-    block_size: int = checksum.DEFAULT_BLOCK_SIZE
-    max_files_per_rank: int = 4
-    dedup: str = "balanced"

@@ -11,7 +11,6 @@ import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -136,8 +135,6 @@ class SavePlan:
     """The items one rank writes. Immutable: derive new plans with ``dataclasses.replace``."""
 
     items: Sequence[WriteItem]
-    storage_data: Any = None
-    planner_data: Any = None
 
 
 def write_item_for_tensor(fqn: str, tensor: torch.Tensor) -> WriteItem:

@@ -179,8 +179,6 @@ class LocalStorage:
     after a 2 GiB buffered write: one file 1.27 s, two or four 1.05 s).
     """
 
-    direct_io: bool = True
-
     def __init__(
         self, *, direct_io: bool = True, read_threads: int | None = None, files_per_rank: int | None = None
     ) -> None:

@@ -70,9 +70,7 @@ class SaveJobRunner:
         comm = self.comm
         if hasattr(comm, "begin"):
             comm.begin(f"save{req.save_id}")
-        target = SaveTarget(
-            req.storage, req.location, f"{self.session}{req.save_id:08x}", req.options, req.save_id
-        )
+        target = SaveTarget(req.storage, req.location, f"{self.session}{req.save_id:08x}", req.save_id)
         local = LocalPlan(plan=plan, tensors=views, values=req.values)
         cache_key = (req.layout_key, req.options)
         cached = None if req.options.verify_replicas else self._cache.get(cache_key)
