@@ -1,5 +1,5 @@
 """Helpers shared by the benchmarks: a synthetic training state dict, page-cache eviction,
-peak-RSS sampling and plain-text tables.
+peak-RSS sampling, plain-text tables, and the progress log / cleanup every script uses.
 
 Nothing here imports ``async_ckpt``, so a benchmark can time the library's import
 separately and compare against other checkpointers on equal terms.
@@ -13,7 +13,9 @@ import math
 import mmap
 import os
 import random
+import shutil
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,14 +37,17 @@ __all__ = [
     "evict_from_page_cache",
     "fmt_bytes",
     "iter_tensors",
+    "log",
     "make_state_dict",
     "map_tensors",
     "median",
     "preallocated_like",
     "print_table",
+    "quiesce",
     "release_free_memory",
     "reported_kib",
     "resident_bytes",
+    "rm",
     "state_dict_bytes",
     "summarize",
 ]
@@ -569,6 +574,32 @@ def release_free_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+# --------------------------------------------------------------------------- run hygiene
+
+
+def log(msg: str, tag: str = "") -> None:
+    """A progress line on stderr, ``[tag HH:MM:SS] msg``: stdout carries the report alone."""
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[{tag} {stamp}] {msg}" if tag else f"[{stamp}] {msg}", file=sys.stderr, flush=True)
+
+
+def quiesce() -> None:
+    """Flush all dirty data (and pending deletes) so a timed step pays only for its own I/O."""
+    os.sync()
+
+
+def rm(path: str | os.PathLike[str]) -> None:
+    """Remove a checkpoint directory or a file, and the hidden leftovers of an interrupted
+    async_ckpt save beside it (``.<name>.*``), which would otherwise fill the disk."""
+    p = Path(path)
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink()
+    for sib in p.parent.glob(f".{p.name}.*"):
+        shutil.rmtree(sib, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- output

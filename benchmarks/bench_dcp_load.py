@@ -38,6 +38,7 @@ from _common import (
     cold_step,
     fmt_bytes,
     iter_tensors,
+    log,
     make_state_dict,
     median,
     preallocated_like,
@@ -48,10 +49,6 @@ from _common import (
 )
 
 TARGET = 1.0
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +77,7 @@ def _run(args: argparse.Namespace, work: str) -> int:
     nbytes = state_dict_bytes(sd)
     tensors = list(iter_tensors(sd))
     ckpt = os.path.join(work, "dcp")
-    _log(f"dcp.save of {len(tensors)} tensors, {fmt_bytes(nbytes)} to {ckpt}")
+    log(f"dcp.save of {len(tensors)} tensors, {fmt_bytes(nbytes)} to {ckpt}")
     dcp.save(sd, checkpoint_id=ckpt)
     target = preallocated_like(sd)
     times: dict[str, list[float]] = {}
@@ -101,7 +98,7 @@ def _run(args: argparse.Namespace, work: str) -> int:
                 times.setdefault(name, []).append(dt)
                 cpu.setdefault(name, []).append(used)
                 peaks[name] = max(peaks.get(name, 0), rss.delta)
-            _log(f"{'warm-up' if rnd < 0 else f'round {rnd}'}: {name:<24} {dt:7.3f}s  (cpu {used:.3f}s)")
+            log(f"{'warm-up' if rnd < 0 else f'round {rnd}'}: {name:<24} {dt:7.3f}s  (cpu {used:.3f}s)")
             return dt
 
         def discard() -> None:

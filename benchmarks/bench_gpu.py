@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,24 +44,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     fmt_bytes,
     iter_tensors,
+    log,
     make_state_dict,
     map_tensors,
     median,
     print_table,
     release_free_memory,
+    rm,
     state_dict_bytes,
     summarize,
 )
+from async_modes import DcpStaged, Mode, ac_modes
 
 __all__ = ["main"]
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _rm(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class D2HLimit:
@@ -103,70 +96,34 @@ class GpuStep:
         return time.perf_counter() - t
 
 
-def _timed(
-    path: str, issue: Callable[[str], Any], staged: Callable[[Any], None], durable: Callable[[Any], Any]
-) -> dict[str, float]:
+def _timed(path: str, mode: Mode) -> dict[str, float]:
     """One save into a fresh ``path`` (removed afterwards): returned, staged, durable."""
-    _rm(path)
+    rm(path)
     os.sync()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    h = issue(path)
+    h = mode.issue(path)
     t_ret = time.perf_counter()
-    staged(h)
+    mode.staged(h)
     t_staged = time.perf_counter()
-    durable(h)
+    mode.wait(h)
     t_end = time.perf_counter()
     del h
-    _rm(path)
+    rm(path)
     return {"stall": t_ret - t0, "staged": t_staged - t0, "durable": t_end - t0}
 
 
-def _dcp_pinned(sd: dict[str, Any]) -> tuple[Callable[[str], Any], str, Any]:
-    """DCP THREAD-mode async_save with a pinned DefaultStager where this torch has one."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
-
-    kwargs: dict[str, Any] = {"async_checkpointer_type": AsyncCheckpointerType.THREAD}
-    stager = None
-    desc = "default stager (no DefaultStager in this torch)"
-    if "async_stager" in inspect.signature(dcp.async_save).parameters:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-        stager = DefaultStager(
-            StagingOptions(
-                use_pinned_memory=True,
-                use_shared_memory=False,
-                use_async_staging=True,
-                use_non_blocking_copy=True,
-            )
-        )
-        kwargs["async_stager"] = stager
-        desc = "DefaultStager(pinned, async staging, non-blocking copies)"
-    return (lambda path: dcp.async_save(sd, checkpoint_id=path, **kwargs)), desc, stager
-
-
-def _dcp_staged(h: Any) -> None:
-    sc = getattr(h, "staging_completion", None)
-    if sc is not None:
-        sc.result()
-
-
-def _dcp_durable(h: Any) -> None:
-    (getattr(h, "upload_completion", None) or h).result()
-
-
-def _overlap_steps(step: GpuStep, issue: Callable[[str], Any], path: str) -> dict[str, Any]:
+def _overlap_steps(step: GpuStep, mode: Mode, path: str) -> dict[str, Any]:
     """GPU steps alone (before and after) and while an overlap-mode save is in flight."""
-    _rm(path)
+    rm(path)
     base = [step.step() for _ in range(20)]
-    h = issue(path)
+    h = mode.issue(path)
     during = []
-    while not h.done():
+    while not mode.done(h):
         during.append(step.step())
-    h.result()
+    mode.wait(h)
     base += [step.step() for _ in range(20)]
-    _rm(path)
+    rm(path)
     return {
         "baseline": median(base),
         "during": median(during) if during else None,
@@ -177,7 +134,7 @@ def _overlap_steps(step: GpuStep, issue: Callable[[str], Any], path: str) -> dic
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import async_ckpt as ac
 
-    _log(f"making a {args.gib:g} GiB state dict of {args.tensors} tensors on {torch.cuda.get_device_name()}")
+    log(f"making a {args.gib:g} GiB state dict of {args.tensors} tensors on {torch.cuda.get_device_name()}")
     sd = map_tensors(make_state_dict(int(args.gib * (1 << 30)), args.tensors, args.seed), lambda t: t.cuda())
     nbytes = state_dict_bytes(sd)
     tensors = list(iter_tensors(sd))
@@ -185,49 +142,37 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     limit = D2HLimit(tensors)
     step = GpuStep()
     ck = ac.AsyncCheckpointer(start=True)  # pins its staging buffers when CUDA is available
-    dcp_issue, dcp_desc, stager = _dcp_pinned(sd)
-
-    def ours(overlap: bool) -> Callable[[str], Any]:
-        return lambda path: ck.save(sd, path, overlap=overlap)
-
-    def ours_staged(h: Any) -> None:
-        h.staged.wait()
-
-    def ours_durable(h: Any) -> None:
-        h.result()
+    # The same methods bench_async.py times, here on CUDA tensors; DCP stages into pinned memory.
+    modes = ac_modes(ac, ck, sd)
+    dcp = DcpStaged("dcp_pinned", sd, process=False)
+    modes["dcp_pinned"] = dcp.mode
 
     def path(name: str) -> str:
         return str(work / name)
 
-    first = {
-        "ac": _timed(path("ac-first"), ours(False), ours_staged, ours_durable),
-        "dcp_pinned": _timed(path("dcp-first"), dcp_issue, _dcp_staged, _dcp_durable),
-    }
+    first = {k: _timed(path(f"{k}-first"), modes[k]) for k in ("ac", "dcp_pinned")}
     rounds: list[dict[str, Any]] = []
     for r in range(args.repeats):
         rd: dict[str, Any] = {"d2h": limit.time()}
-        rd["ac"] = _timed(path(f"ac-{r}"), ours(False), ours_staged, ours_durable)
-        rd["ac_overlap"] = _timed(path(f"aco-{r}"), ours(True), ours_staged, ours_durable)
-        rd["dcp_pinned"] = _timed(path(f"dcp-{r}"), dcp_issue, _dcp_staged, _dcp_durable)
+        for k in ("ac", "ac_overlap", "dcp_pinned"):
+            rd[k] = _timed(path(f"{k}-{r}"), modes[k])
         rd["d2h_after"] = limit.time()
-        rd["overlap_step"] = _overlap_steps(step, ours(True), path(f"acs-{r}"))
+        rd["overlap_step"] = _overlap_steps(step, modes["ac_overlap"], path(f"acs-{r}"))
         rounds.append(rd)
-        _log(
+        log(
             f"round {r + 1}/{args.repeats}: d2h {rd['d2h']:.3f}s ours {rd['ac']['stall']:.3f}/"
             f"{rd['ac']['durable']:.3f}s overlap staged {rd['ac_overlap']['staged']:.3f}s "
             f"DCP pinned {rd['dcp_pinned']['stall']:.3f}/{rd['dcp_pinned']['staged']:.3f}/"
             f"{rd['dcp_pinned']['durable']:.3f}s"
         )
     ck.close()
-    if stager is not None:
-        with contextlib.suppress(Exception):
-            stager.close()
+    dcp.close()
     d2h = [(x["d2h"] + x["d2h_after"]) / 2 for x in rounds]
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "state_bytes": nbytes,
         "n_tensors": len(tensors),
-        "dcp_stager": dcp_desc,
+        "dcp_stager": dcp.description,
         "first": first,
         "rounds": rounds,
         "d2h": summarize(d2h),

@@ -61,14 +61,17 @@ from _common import (
     cold_step,
     fmt_bytes,
     iter_tensors,
+    log,
     make_state_dict,
     median,
     preallocated_like,
     print_table,
+    quiesce,
     raw_write,
     release_free_memory,
     reported_kib,
     resident_bytes,
+    rm,
     state_dict_bytes,
     summarize,
     tensor_views,
@@ -76,10 +79,6 @@ from _common import (
 )
 
 SAVE_TARGET = LOAD_TARGET = 1.3
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def raw_read(path: str, buf: memoryview) -> None:
@@ -102,13 +101,6 @@ def disk_usage(path: str) -> tuple[int, int]:
         apparent += st.st_size
         allocated += st.st_blocks * 512
     return apparent, allocated
-
-
-def _rm(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.unlink(path)
 
 
 class Bench:
@@ -135,7 +127,7 @@ class Bench:
             self.times.setdefault(name, []).append(dt)
             self.cpu.setdefault(name, []).append(cpu)
             self.peaks[name] = max(self.peaks.get(name, 0), rss.delta)
-        _log(f"{'warm-up' if rnd < 0 else f'round {rnd}'}: {name:<26} {dt:7.3f}s  (cpu {cpu:.3f}s)")
+        log(f"{'warm-up' if rnd < 0 else f'round {rnd}'}: {name:<26} {dt:7.3f}s  (cpu {cpu:.3f}s)")
         return dt
 
     def cold(self, name: str, rnd: int, path: str, fn: Callable[[], Any], resident: list[int | None]) -> None:
@@ -146,7 +138,7 @@ class Bench:
             return self.time(name, rnd, fn)
 
         def discard() -> None:
-            _log(f"  {name}: the VM reported free memory to its host during the run; again")
+            log(f"  {name}: the VM reported free memory to its host during the run; again")
             if rnd >= 0:
                 self.times[name].pop()
                 self.cpu[name].pop()
@@ -211,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, ac: Any, import_s: float, work: str) -> int:
     target_bytes = int(args.gib * (1 << 30))
-    _log(f"building state dict: {args.tensors} tensors, {fmt_bytes(target_bytes)}")
+    log(f"building state dict: {args.tensors} tensors, {fmt_bytes(target_bytes)}")
     t0 = time.perf_counter()
     sd = make_state_dict(target_bytes, args.tensors, seed=args.seed)
     build_s = time.perf_counter() - t0
@@ -220,16 +212,16 @@ def _run(args: argparse.Namespace, ac: Any, import_s: float, work: str) -> int:
     by_dtype: dict[str, int] = {}
     for t in tensors:
         by_dtype[str(t.dtype)] = by_dtype.get(str(t.dtype), 0) + t.numel() * t.element_size()
-    _log(f"built in {build_s:.1f}s: {len(tensors)} tensors, {nbytes} bytes; work dir {work}")
+    log(f"built in {build_s:.1f}s: {len(tensors)} tensors, {nbytes} bytes; work dir {work}")
     if 4 * nbytes > psutil.virtual_memory().available:
-        _log(
+        log(
             f"WARNING: the run needs about {fmt_bytes(4 * nbytes)} more memory; "
             f"{fmt_bytes(psutil.virtual_memory().available)} is available"
         )
 
     # Everything the timed steps write into is allocated (and touched) up front and kept
     # for the whole run, so no step pays first-touch page faults another does not.
-    _log("preallocating destinations")
+    log("preallocating destinations")
     dst = [torch.empty_like(t).zero_() for t in tensors]  # memcpy
     batches = write_batches(tensor_views(tensors))  # raw write: no copies, large writev calls
     buf = memoryview(torch.empty(nbytes, dtype=torch.uint8).zero_().numpy()).cast("B")  # raw read
@@ -273,7 +265,7 @@ def _run(args: argparse.Namespace, ac: Any, import_s: float, work: str) -> int:
         if first and not all(torch.equal(d, s) for d, s in zip(dst, tensors, strict=True)):
             raise SystemExit("memcpy baseline copied the wrong bytes")
 
-        _quiesce()
+        quiesce()
         bench.time("write+fsync", rnd, partial(raw_write, raw, batches, write_phases if rnd >= 0 else None))
         sizes["write+fsync"] = _usage(raw)
         for _ in range(3):  # all of it in the page cache (another process may drop caches)
@@ -286,10 +278,10 @@ def _run(args: argparse.Namespace, ac: Any, import_s: float, work: str) -> int:
         if first and bytes(buf[: 1 << 20]) != b"".join(batches[0])[: 1 << 20]:
             raise SystemExit("raw read baseline read back the wrong bytes")
         bench.cold("read cold", rnd, raw, lambda: raw_read(raw, buf), eviction["raw_resident_after_evict"])
-        _rm(raw)
+        rm(raw)
 
         ckpt = os.path.join(work, f"ac-{rnd}")
-        _quiesce()
+        quiesce()
         bench.time("ac.save", rnd, partial(ac.save, sd, ckpt))
         sizes["ac.save"] = _usage(ckpt)
         after_evict = eviction["ckpt_resident_after_evict"]
@@ -298,12 +290,12 @@ def _run(args: argparse.Namespace, ac: Any, import_s: float, work: str) -> int:
             _check_loaded(target, sd, tensors)
         no_verify = partial(ac.load, target, ckpt, verify=False)
         bench.cold("ac.load cold verify=False", rnd, ckpt, no_verify, after_evict)
-        _rm(ckpt)
+        rm(ckpt)
 
         if args.skip_torch:
             continue
         pt = os.path.join(work, f"torch-{rnd}.pt")
-        _quiesce()
+        quiesce()
         bench.time("torch.save+fsync", rnd, partial(torch_save, pt))
         sizes["torch.save+fsync"] = _usage(pt)
         # torch.load outlasts the 2 s before the next report: one run, disturbed or not.
@@ -311,7 +303,7 @@ def _run(args: argparse.Namespace, ac: Any, import_s: float, work: str) -> int:
         eviction["torch_resident_after_evict"].append(resident_bytes(pt))
         bench.time("torch.load cold", rnd, partial(torch_load, pt))
         loaded.clear()
-        _rm(pt)
+        rm(pt)
 
     bench.extra["write+fsync"] = {
         "phases": write_phases,
@@ -333,11 +325,6 @@ def _check_loaded(target: Any, sd: dict[str, Any], tensors: list[torch.Tensor]) 
         raise SystemExit("ac.load returned different tensors than were saved")
     if target["step"] != sd["step"] or target["optim"]["param_groups"] != sd["optim"]["param_groups"]:
         raise SystemExit("ac.load returned different non-tensor values than were saved")
-
-
-def _quiesce() -> None:
-    """Flush all dirty data (and pending deletes) so a timed step pays only for its own I/O."""
-    os.sync()
 
 
 def _report(

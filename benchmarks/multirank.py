@@ -51,13 +51,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from _common import iter_tensors, make_state_dict, print_table  # noqa: E402
+from _common import iter_tensors, log, make_state_dict, print_table  # noqa: E402
+from async_measure import stats_dict  # noqa: E402
+from async_modes import Mode, ac_modes, dcp_modes  # noqa: E402
 
 __all__ = ["build_state_dict", "main", "run_world"]
-
-
-def _log(msg: str) -> None:
-    print(f"[multirank] {msg}", file=sys.stderr, flush=True)
 
 
 def build_state_dict(rank: int, world: int, total_bytes: int, n_tensors: int, replicated: float) -> Any:
@@ -155,45 +153,34 @@ def _rank_body(
         dist.barrier()
         return files
 
-    def timed(name: str, call: Any) -> None:
+    def timed(mode: Mode) -> None:
         runs = []
         for i in range(repeats + 1):  # first one is the warm-up
-            path = os.path.join(work, f"{name}-{i}")
+            path = os.path.join(work, f"{mode.name}-{i}")
             dist.barrier()
             t0 = time.perf_counter()
-            handle = call(path)
+            handle = mode.issue(path)
+            mode.staged(handle)
             t1 = time.perf_counter()
-            written = handle() if handle is not None else None
+            stats = stats_dict(mode.wait(handle))  # async_ckpt's metadata; DCP's has none
             t2 = time.perf_counter()
             files = sync_rm(path)
             if i:
+                written = stats["bytes_written"] if stats else None
                 runs.append({"stall": t1 - t0, "durable": t2 - t0, "bytes_written": written, "files": files})
-        out["runs"][name] = runs
+        out["runs"][mode.name] = runs
 
+    # The same methods bench_async.py times, on every rank.
     ck = ac.AsyncCheckpointer(start=True)
     try:
-
-        def ours(path: str) -> Any:
-            p = ck.save(sd, path)
-            return lambda: p.result().stats.bytes_written
-
-        timed("ac", ours)
+        timed(ac_modes(ac, ck, sd)["ac"])
     finally:
         ck.close()
 
     if not skip_dcp:
-        import torch.distributed.checkpoint as dcp
-
-        def dcp_blocking(path: str) -> Any:
-            dcp.save(sd, checkpoint_id=path)
-            return None
-
-        def dcp_thread(path: str) -> Any:
-            fut = dcp.async_save(sd, checkpoint_id=path)
-            return lambda: (fut.result(), None)[1]
-
-        timed("dcp_save", dcp_blocking)
-        timed("dcp_thread", dcp_thread)
+        dcp = dcp_modes(sd)
+        timed(dcp["dcp_save"])
+        timed(dcp["dcp_thread"])
     return out
 
 
@@ -301,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for world in args.ranks:
-            _log(f"{world} ranks, {args.gib:g} GiB unique, {args.replicated:g} replicated")
+            log(f"{world} ranks, {args.gib:g} GiB unique, {args.replicated:g} replicated", "multirank")
             results.append(run_world(world, args, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -313,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
-        _log(f"wrote {args.json}")
+        log(f"wrote {args.json}", "multirank")
     return 0
 
 

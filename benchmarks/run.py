@@ -49,6 +49,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from _common import log  # noqa: E402
 
 __all__ = ["TARGETS", "build_summary", "machine_info", "main"]
 
@@ -76,10 +79,6 @@ QUICK = {
     "multirank_tensors": 100,
     "sweep_single": True,
 }
-
-
-def _log(msg: str) -> None:
-    print(f"[run {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ machine
@@ -156,13 +155,13 @@ def machine_info(work_dir: str) -> dict[str, Any]:
 
 def run_part(name: str, cmd: list[str], json_path: Path, logs: Path, timeout: float | None) -> dict[str, Any]:
     """Run one benchmark subprocess; return its JSON, or {"error": ...}."""
-    log = logs / f"{name}.log"
-    _log(f"{name}: {' '.join(cmd[1:])}")
+    log_path = logs / f"{name}.log"
+    log(f"{name}: {' '.join(cmd[1:])}", "run")
     t0 = time.perf_counter()
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=pythonpath)
     try:
-        with open(log, "w") as fh:
+        with open(log_path, "w") as fh:
             r = subprocess.run(
                 cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False
             )
@@ -173,11 +172,11 @@ def run_part(name: str, cmd: list[str], json_path: Path, logs: Path, timeout: fl
     if rc == 0 and json_path.exists():
         data = json.loads(json_path.read_text())
         data["_wall_s"] = wall
-        _log(f"{name}: done in {wall:.0f}s")
+        log(f"{name}: done in {wall:.0f}s", "run")
         return data
-    tail = log.read_text()[-3000:] if log.exists() else ""
-    _log(f"{name}: FAILED ({rc}) after {wall:.0f}s; see {log}")
-    return {"error": f"exit {rc}", "log": str(log), "log_tail": tail, "_wall_s": wall}
+    tail = log_path.read_text()[-3000:] if log_path.exists() else ""
+    log(f"{name}: FAILED ({rc}) after {wall:.0f}s; see {log_path}", "run")
+    return {"error": f"exit {rc}", "log": str(log_path), "log_tail": tail, "_wall_s": wall}
 
 
 def _py(script: str, *args: Any) -> list[str]:
