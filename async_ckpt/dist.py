@@ -3,7 +3,10 @@
 ``Comm`` is deliberately tiny: gather to the coordinator (rank 0), broadcast
 from it, scatter from it. ``ProcessGroupComm`` runs them on a torch process
 group (the blocking ``save``/``load``); the background workers use their own
-store-backed implementation (``worker/comm.py``). ``LocalComm`` is the
+store-backed implementation (``worker/comm.py``). Every comm also has a
+``step`` (the name of the collective step under way, for its errors) and
+``begin`` (a new key scope per save, where the comm has keys; a no-op
+elsewhere). ``LocalComm`` is the
 one-process case, with no torch.distributed at all, and the one-rank case
 inside a job (``process_group=SINGLE_RANK``).
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch.distributed as dist
 
@@ -33,9 +36,16 @@ __all__ = [
 T = TypeVar("T")
 
 
+@runtime_checkable
 class Comm(Protocol):
     rank: int
     world_size: int
+    step: str
+    """The collective step under way; a comm's timeout errors name it."""
+
+    def begin(self, scope: str) -> None:
+        """Start the collectives of one save (``scope`` is unique per save)."""
+        ...
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` on the coordinator (in rank order), ``None`` elsewhere."""
@@ -53,6 +63,12 @@ class Comm(Protocol):
 class LocalComm:
     rank = 0
     world_size = 1
+
+    def __init__(self) -> None:
+        self.step = "save"
+
+    def begin(self, scope: str) -> None:
+        pass
 
     def gather(self, obj: Any) -> list[Any] | None:
         return [obj]
@@ -73,6 +89,10 @@ class ProcessGroupComm:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self._root = dist.get_global_rank(group, 0) if group is not None else 0
+        self.step = "save"
+
+    def begin(self, scope: str) -> None:
+        pass  # the process group orders its collectives itself
 
     def gather(self, obj: Any) -> list[Any] | None:
         out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
@@ -140,8 +160,7 @@ def run_collectively(comm: Comm, step: str, fn: Callable[[], T]) -> T:
         if comm.world_size == 1:
             raise
     if comm.world_size > 1:
-        if hasattr(comm, "step"):
-            comm.step = step
+        comm.step = step
         try:
             statuses = comm.gather(failure)
         except Exception as exc:

@@ -40,7 +40,7 @@ from .format.shard import chunk_name
 from .local_plan import LocalPlan, tensor_bytes
 from .planning import SavePlan, WriteItemType, create_global_plan
 from .save_options import SaveOptions
-from .storage.base import Storage
+from .storage.base import FilesPerRankHint, Storage
 from .writer.loop import run_blocking
 from .writer.pipeline import FileJob, WriteEntry, WrittenFile, write_files
 
@@ -117,8 +117,7 @@ def coordinate(comm: Comm, step: str, payload: Any, fn: Callable[[list[Any]], Se
     If the gather itself fails on the coordinator (a rank never arrived), the
     failure is still broadcast, so the ranks that did arrive fail promptly too.
     """
-    if hasattr(comm, "step"):
-        comm.step = step
+    comm.step = step
     outputs: Sequence[Any] | None = None
     error: BaseException | None = None
     failure: RankFailure | None = None
@@ -156,7 +155,8 @@ def plan_assignments(plans: Sequence[SavePlan], token: str, storage: Storage) ->
     """
     gp = create_global_plan(plans, dedup="balanced")
     max_files = MAX_FILES_PER_RANK
-    max_files = max(1, min(max_files, int(getattr(storage, "files_per_rank", max_files))))
+    if isinstance(storage, FilesPerRankHint):
+        max_files = max(1, min(max_files, int(storage.files_per_rank)))
     return [
         RankAssignment(token=token, files=assign_files(p, rank, gp.per_rank_fqns, max_files))
         for rank, p in enumerate(gp.plans)

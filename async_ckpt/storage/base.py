@@ -8,28 +8,53 @@ atomically, so a reader either sees a complete checkpoint or none.
 
 Reading is the same backwards, through one :class:`CheckpointSource` per
 load: the metadata and every shard come from the same committed save, or the
-load fails with CheckpointReplacedError. A backend may offer
-``open_checkpoint(location) -> CheckpointSource`` (LocalStorage does: it
-holds the checkpoint's directory open). One without it, a third-party backend
-for instance, is read by path (``storage/source.py``), which relies on this
-contract: a save that will replace a committed checkpoint changes or removes
-its ``metadata.json`` before it changes any shard the old one names, and every
-save's ``metadata.json`` differs from every other's (it holds the save's token).
+load fails with CheckpointReplacedError. A backend without
+:class:`CheckpointOpener`, a third-party backend for instance, is read by path
+(``storage/source.py``), which relies on this contract: a save that will
+replace a committed checkpoint changes or removes its ``metadata.json`` before
+it changes any shard the old one names, and every save's ``metadata.json``
+differs from every other's (it holds the save's token).
+
+What a backend must implement: :class:`Storage`, whose ``open_shard`` returns
+a :class:`ShardSink` and ``open_reader`` a :class:`ShardReader`. Everything
+else is optional, declared below as a small protocol of its own; the library
+checks for each with ``isinstance`` and does without it where it is missing:
+
+* :class:`CheckpointOpener` (Storage): without it a load reads by path and
+  proves afterwards that it read one save;
+* :class:`ReadThreadsHint` (Storage): without it a load keeps 8 reads in flight;
+* :class:`FilesPerRankHint` (Storage): without it a rank writes up to 4 shard
+  files at once;
+* :class:`ReservingSink` (ShardSink): without it nothing is reserved first;
+* :class:`VectoredSink` (ShardSink): without it small pieces are written one
+  call each;
+* :class:`VectoredReader` (ShardReader): without it adjacent chunks are read
+  one call each.
 """
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-__all__ = ["CheckpointSource", "ShardReader", "ShardSink", "Storage"]
+__all__ = [
+    "CheckpointOpener",
+    "CheckpointSource",
+    "FilesPerRankHint",
+    "ReadThreadsHint",
+    "ReservingSink",
+    "ShardReader",
+    "ShardSink",
+    "Storage",
+    "VectoredReader",
+    "VectoredSink",
+]
 
 
 @runtime_checkable
 class ShardSink(Protocol):
     """An open shard file being written, sequentially.
 
-    A sink may also have ``async reserve(nbytes)``: the writer calls it first
-    with the file's final size (the local O_DIRECT sink allocates it up front).
+    Optional: :class:`ReservingSink`, :class:`VectoredSink`.
     """
 
     async def write(self, data: memoryview) -> None: ...
@@ -43,7 +68,10 @@ class ShardSink(Protocol):
 
 @runtime_checkable
 class ShardReader(Protocol):
-    """Random-access reads of one committed file; safe to call from several threads."""
+    """Random-access reads of one committed file; safe to call from several threads.
+
+    Optional: :class:`VectoredReader`.
+    """
 
     def size(self) -> int: ...
 
@@ -106,7 +134,7 @@ class Storage(Protocol):
         ...
 
     def open_reader(self, location: str, name: str) -> ShardReader:
-        """A committed shard, by path. Loads use ``open_checkpoint`` where the backend has it."""
+        """A committed shard, by path. Loads use :class:`CheckpointOpener` where the backend is one."""
         ...
 
     def list_children(self, root: str) -> list[str]:
@@ -120,3 +148,56 @@ class Storage(Protocol):
     def remove_uncommitted(self, root: str) -> list[str]:
         """Delete leftovers of interrupted saves under ``root``; return what was removed."""
         ...
+
+
+# ------------------------------------------------------- optional capabilities
+
+
+@runtime_checkable
+class CheckpointOpener(Protocol):
+    """A Storage that can hold one committed checkpoint for a load (LocalStorage: its directory, open)."""
+
+    def open_checkpoint(self, location: str) -> CheckpointSource: ...
+
+
+@runtime_checkable
+class ReadThreadsHint(Protocol):
+    """A Storage that says how many reads a load should keep in flight (at least 1)."""
+
+    read_threads: int
+
+
+@runtime_checkable
+class FilesPerRankHint(Protocol):
+    """A Storage that says how many shard files one rank's save should write at once, at most (at least 1).
+
+    The save writes at most 4 whatever the hint says, and fewer for a small state dict.
+    """
+
+    files_per_rank: int
+
+
+@runtime_checkable
+class ReservingSink(Protocol):
+    """A ShardSink that can allocate the file's final size before its first write.
+
+    The writer calls ``reserve`` once, first, with the file's exact size
+    (the local O_DIRECT sink allocates it, so the file stays contiguous and
+    a full disk fails the save before anything is written).
+    """
+
+    async def reserve(self, nbytes: int) -> None: ...
+
+
+@runtime_checkable
+class VectoredSink(Protocol):
+    """A ShardSink that writes many small pieces in one call (``writev``), in order."""
+
+    async def write_many(self, parts: list[memoryview]) -> None: ...
+
+
+@runtime_checkable
+class VectoredReader(Protocol):
+    """A ShardReader that fills several buffers from consecutive bytes at ``offset`` in one call."""
+
+    def readinto_many(self, offset: int, bufs: list[memoryview]) -> None: ...

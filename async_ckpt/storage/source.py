@@ -1,7 +1,7 @@
 """Opening one committed checkpoint for reading, on any backend.
 
-``open_checkpoint`` uses the backend's own ``open_checkpoint`` where it has
-one (LocalStorage holds the directory open, so nothing read can be swapped);
+``open_checkpoint`` uses the backend's own ``open_checkpoint`` where it is a
+``CheckpointOpener`` (LocalStorage holds the directory open, so nothing read can be swapped);
 otherwise it reads by path and proves afterwards that nothing was: a save that
 replaces a checkpoint changes its ``metadata.json`` (first un-committing it on
 object stores, or renaming a new directory over it) before any shard the old
@@ -13,16 +13,14 @@ data is the old save's, whole.
 from __future__ import annotations
 
 from ..errors import CheckpointNotFoundError, CheckpointReplacedError, CorruptCheckpointError
-from .base import CheckpointSource, ShardReader, Storage
+from .base import CheckpointOpener, CheckpointSource, ShardReader, Storage
 
 __all__ = ["PathSource", "open_checkpoint", "replaced_error"]
 
 
 def open_checkpoint(storage: Storage, location: str) -> CheckpointSource:
-    opener = getattr(storage, "open_checkpoint", None)  # optional: see storage/base.py
-    if opener is not None:
-        source: CheckpointSource = opener(location)
-        return source
+    if isinstance(storage, CheckpointOpener):
+        return storage.open_checkpoint(location)
     return PathSource(storage, location)
 
 

@@ -68,8 +68,7 @@ class SaveJobRunner:
         self, req: SaveRequest, plan: SavePlan, tree: Any, views: dict[Any, torch.Tensor]
     ) -> Metadata:
         comm = self.comm
-        if hasattr(comm, "begin"):
-            comm.begin(f"save{req.save_id}")
+        comm.begin(f"save{req.save_id}")
         target = SaveTarget(req.storage, req.location, f"{self.session}{req.save_id:08x}", req.save_id)
         local = LocalPlan(plan=plan, tensors=views, values=req.values)
         cache_key = (req.layout_key, req.options)
@@ -116,8 +115,7 @@ class SaveJobRunner:
 
     async def fail(self, save_id: int, error: str) -> None:
         """Take part in a save this rank could not prepare, reporting the error at the barrier."""
-        if hasattr(self.comm, "begin"):
-            self.comm.begin(f"save{save_id}")
+        self.comm.begin(f"save{save_id}")
         report = _Report(None, None, RankFailure(self.comm.rank, error, ""))
 
         def decide(reports: list[_Report]) -> list[Any]:

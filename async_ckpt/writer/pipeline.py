@@ -18,7 +18,7 @@ import torch
 from ..format import checksum
 from ..format.dtypes import dtype_name
 from ..format.shard import ShardEntry, layout_shard
-from ..storage.base import ShardSink, Storage
+from ..storage.base import ReservingSink, ShardSink, Storage, VectoredSink
 
 __all__ = ["FileJob", "WriteEntry", "WrittenChunk", "WrittenFile", "write_files"]
 
@@ -104,9 +104,8 @@ async def _write_file(
     )
     sink = await storage.open_shard(location, token, job.name)
     try:
-        reserve = getattr(sink, "reserve", None)  # optional: see ShardSink
-        if reserve is not None:
-            await reserve(layout.size)
+        if isinstance(sink, ReservingSink):
+            await sink.reserve(layout.size)
         out = _Batcher(sink)
         await out.add(memoryview(layout.header))
         chunks = []
@@ -149,7 +148,7 @@ class _Batcher:
 
     def __init__(self, sink: ShardSink) -> None:
         self._sink = sink
-        self._write_many = getattr(sink, "write_many", None)
+        self._write_many = sink.write_many if isinstance(sink, VectoredSink) else None
         self._parts: list[memoryview] = []
         self._bytes = 0
 
