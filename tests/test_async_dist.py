@@ -18,10 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from harness import run_ranks
 
 import async_ckpt as ac
+
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
 
 TIMEOUT = 10.0
 KILL_ENV = "ASYNC_CKPT_KILL_AT"
@@ -234,7 +238,8 @@ def test_async_save_two_ranks_with_faults(tmp_path: Path) -> None:
     # fails within about the timeout, with an error naming rank 1.
     assert r1["killed"]["ckpt"], r1["killed"]
     assert r0["killed"]["ckpt"], r0["killed"]
-    assert r0["killed"]["s"] < TIMEOUT + 15, r0["killed"]
+    # Bounded well below the 60 s trainer group timeout, with room for a busy machine.
+    assert r0["killed"]["s"] < TIMEOUT + 40, r0["killed"]
     assert re.search(r"rank(\(s\))?\s*1\b", r0["killed"]["msg"]), r0["killed"]["msg"]
     assert not r0["killed_committed"] and not r1["killed_committed"]
 

@@ -21,6 +21,9 @@ from harness import run_ranks
 import async_ckpt as ac
 from async_ckpt.errors import CheckpointNotFoundError
 
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
+
 TIMEOUT = 60.0
 
 

@@ -29,6 +29,9 @@ from test_dcp_interop_dist import _state as _state4
 import async_ckpt as ac
 from async_ckpt.cli import main
 
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def dcp1(tmp_path_factory: pytest.TempPathFactory) -> Path:

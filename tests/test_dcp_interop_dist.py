@@ -19,6 +19,9 @@ from torch import nn
 
 import async_ckpt as ac
 
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
+
 TIMEOUT = 300.0  # generous: 4 spawned ranks on a shared 2-core machine
 
 # name -> global shape; uneven over 4 and 2 ranks.

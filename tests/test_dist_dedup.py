@@ -24,6 +24,9 @@ from harness import run_ranks
 
 import async_ckpt as ac
 
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
+
 TIMEOUT = 180.0  # generous: the 2-core machine is often shared
 
 # Equal-ish sizes (float32 elements), so a balanced dedup gives each of 4 ranks ~2.

@@ -27,7 +27,12 @@ from harness import run_ranks
 import async_ckpt as ac
 from async_ckpt.storage import LocalStorage
 
-PG_TIMEOUT = 30.0
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
+
+# Errors must reach every rank long before this; half of it is the test's bound (generous:
+# three ranks on a busy 2-core machine).
+PG_TIMEOUT = 60.0
 BAD_RANK = 1
 
 

@@ -24,6 +24,9 @@ from harness import run_ranks
 
 import async_ckpt as ac
 
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
+
 # name -> (global shape, dtype); all uneven over 4 ranks somewhere.
 SPECS: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
     "a": ((10, 7), torch.float32),  # dim 10 over 4: 3,3,3,1 ; dim 7 over 4: 2,2,2,1

@@ -12,10 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from harness import run_ranks
 
 import async_ckpt as ac
+
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
 
 TIMEOUT = 180.0  # generous: the 2-core machine is often shared
 PLAN_KEYS = ("0", "2")

@@ -28,6 +28,9 @@ from async_ckpt.load import read_checkpoint_metadata
 from async_ckpt.storage import LocalStorage
 from async_ckpt.verify import verify_checkpoint
 
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
+
 _W = 1 << 20  # 4 MiB: big enough that a load spends a while between its shard files
 _B = 1 << 16
 

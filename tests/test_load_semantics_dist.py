@@ -16,6 +16,9 @@ from torch import nn
 
 import async_ckpt as ac
 
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
+
 # ---------------------------------------------------------------- item 5: agree, then finish
 
 

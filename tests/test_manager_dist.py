@@ -6,12 +6,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from harness import run_ranks
 
 import async_ckpt as ac
 from async_ckpt import _faults
 from async_ckpt.manager import step_name
+
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
 
 
 def _body(rank: int, world: int, root: str) -> dict[str, Any]:

@@ -62,6 +62,9 @@ from hypothesis.stateful import (
 
 import async_ckpt as ac
 
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
+
 EXAMPLES = int(os.environ.get("ASYNC_CKPT_MODEL_EXAMPLES", "12"))
 STEPS = int(os.environ.get("ASYNC_CKPT_MODEL_STEPS", "20"))
 RESOLVE_S = 60.0

@@ -30,6 +30,9 @@ import async_ckpt as ac
 from async_ckpt import _faults
 from async_ckpt.storage.local import LocalStorage
 
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
+
 KILL_ENV = "ASYNC_CKPT_KILL_AT"
 TESTS_DIR = Path(__file__).resolve().parent
 MB = 1 << 20

@@ -31,10 +31,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from harness import run_ranks
 
 import async_ckpt as ac
+
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
 
 TIMEOUT = 120.0  # generous: the 2-core machine is shared; errors must come long before
 FAIL_ENV = "ASYNC_CKPT_FAIL_AT"

@@ -26,6 +26,9 @@ from harness import run_ranks
 
 import async_ckpt as ac
 
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
+
 TIMEOUT = 60.0
 STEPS = 12
 

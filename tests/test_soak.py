@@ -30,6 +30,9 @@ import torch
 
 import async_ckpt as ac
 
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
+
 N_SAVES = 300
 WARMUP = 30
 N_PATHS = 5
@@ -87,6 +90,7 @@ def _state() -> dict[str, Any]:
     }
 
 
+@pytest.mark.timeout(900)
 def test_soak_300_async_saves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KILL_ENV, raising=False)
     sd = _state()
@@ -157,4 +161,6 @@ def test_soak_300_async_saves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert end["memfds"] == warm["memfds"], summary
     assert new_shm == foreign_shm, summary
     assert not any("async_ckpt" in n or "torch" in n for n in end["shm"]), summary
-    assert elapsed < 120, summary
+    # A bound on pathological slowness (e.g. a worker restart per save), not a speed check:
+    # generous enough for a busy machine.
+    assert elapsed < 600, summary
