@@ -34,9 +34,8 @@ _RELEASE_AFTER_S = 0.5
 
 @pytest.fixture(scope="module")
 def ck() -> Iterator[ac.AsyncCheckpointer]:
-    """The default checkpointer (``ac.async_save`` uses it too), two saves in flight at most."""
+    """The default checkpointer (``ac.async_save`` uses it too); one worker for the module."""
     c = api._default_checkpointer(None)
-    c._pool.max_in_flight = 2
     c.start()
     yield c
     api._close_defaults()
