@@ -21,7 +21,8 @@ from .load_tree import load_tree_collective
 from .local_plan import build_local_plan
 from .overlap_guard import GuardArg
 from .pending import PendingCheckpoint
-from .save_flow import SaveOptions, save_collective
+from .save_flow import save_collective
+from .save_options import SaveOptions
 from .save_target import check_save_target
 from .single_rank import ProcessGroupArg, SingleRank, check_whole_on_this_rank
 from .state_dict import flatten

@@ -28,7 +28,7 @@ from .inflight import InFlight, InFlightSaves, RemoteError
 from .layout_cache import LayoutCache, Prepared
 from .overlap_guard import GuardArg, guard_step, optimizers_to_guard
 from .pending import PendingCheckpoint
-from .save_flow import SaveOptions
+from .save_options import SaveOptions
 from .save_target import check_save_target
 from .single_rank import ProcessGroupArg, SingleRank, check_whole_on_this_rank
 from .staging import StagingPool, StagingSlot
