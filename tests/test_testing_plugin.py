@@ -264,3 +264,14 @@ def test_plugin_works_in_a_fresh_project_from_its_entry_point(tmp_path: Path) ->
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "1 passed" in out.stdout
+
+
+@pytest.mark.slow
+def test_docs_fsdp2_example_passes(tmp_path: Path) -> None:
+    text = (REPO / "docs" / "testing.md").read_text()
+    section = text[text.index("## Example: FSDP2") :]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start : section.index("\n```", start)]
+    out = _inner_pytest(tmp_path, code)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 passed" in out.stdout, out.stdout

@@ -34,6 +34,9 @@ DEFAULT_PG_TIMEOUT = 60.0
 _FAIL_GRACE_S = 3.0
 # Pools kept alive at once: each rank process holds a torch import (~200 MB).
 MAX_POOLS = 2
+# Set by the plugin's --ranks-fresh: every call spawns its own processes (to
+# compare against, or to rule the pool out when a test misbehaves).
+always_fresh = False
 
 
 class RankFailed(AssertionError):
@@ -242,7 +245,7 @@ def run_call(world: int, call: Call, timeout: float, fresh: bool = False) -> lis
     if world < 1:
         raise ValueError(f"world size must be >= 1, got {world}")
     call = Call(**{**_fields(call), "sys_path": tuple(sys.path)})
-    if fresh:
+    if fresh or always_fresh:
         pool = RankPool(world)
         try:
             return pool.run(call, timeout)

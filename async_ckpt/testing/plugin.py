@@ -35,9 +35,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "seconds a @pytest.mark.ranks test may run on its ranks before they are named and stopped",
         default=str(DEFAULT_TIMEOUT),
     )
+    parser.addoption(
+        "--ranks-fresh",
+        action="store_true",
+        help="spawn new rank processes for every ranks test and run_ranks call instead of reusing a pool",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("ranks_fresh"):
+        from . import _pool
+
+        _pool.always_fresh = True
     config.addinivalue_line(
         "markers",
         "ranks(n, *, timeout=None, fresh=False, pg_timeout=60): run the test body on n pooled gloo ranks "
