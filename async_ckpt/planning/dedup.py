@@ -8,25 +8,24 @@ keeps each such item in exactly one plan.  Three policies live here:
 * :func:`dedup_save_plans`: a faithful port of DCP's ``dedup_save_plans``.
 * :func:`balanced_dedup`: our default, a deterministic largest-first balance.
 
-At 1024 ranks the coordinator sees millions of items, so all three share one
-indexing pass (:func:`collect_holdings`) whose per-item work runs inside C
-loops (``map`` over ``attrgetter`` and ``dict.setdefault``) and numpy; the
-Python-level loops that follow run once per distinct key, not per item.
+At 4,096 ranks the coordinator sees millions of items, so all three share one
+indexing pass (:func:`~.holdings.collect_holdings`) and one way of cutting
+plans down (:func:`~.holdings.apply_owners`); the Python-level loops here run
+once per distinct key, not per item.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 import math
 import operator
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from .holdings import KEEP_ALL, Holdings, apply_owners, collect_holdings
 from .types import SavePlan, WriteItem
 
 __all__ = [
@@ -44,159 +43,9 @@ __all__ = [
 # or a pinned-memory copy moves in the time that per-item overhead takes.
 DEFAULT_ITEM_COST_BYTES = 64 * 1024
 
-# Owner value meaning "every holder keeps its own copy".
-KEEP_ALL = -1
-
-Key = tuple[str, tuple[int, ...] | None]
-Variant = tuple[str, tuple[int, ...] | None, str | None]
 IntArray = npt.NDArray[np.int64]
 
-_variant_of = operator.attrgetter("index.fqn", "index.offset", "value_hash")
-_fqn_of_variant = operator.itemgetter(0)
-_hash_of_variant = operator.itemgetter(2)
 _tensor_data_of = operator.attrgetter("tensor_data")
-
-
-@dataclass(frozen=True, slots=True)
-class Holdings:
-    """Who holds what, with keys numbered densely in first-appearance order.
-
-    ``items`` is every plan's items back to back, plan ``p`` owning
-    ``items[plan_start[p]:plan_start[p + 1]]``, and ``item_key`` gives each
-    one's key id.  Items are first told apart by ``(fqn, offset, value_hash)``
-    ("variants"); key ``k`` is the ``(fqn, offset)`` of variant
-    ``key_variant[k]``.  The plan positions holding key ``k`` are
-    ``holder_ranks[holder_start[k]:holder_start[k + 1]]``, ascending and
-    without repeats.  ``first``/``last`` index into ``items`` the key's first
-    and last occurrence in plan order.  ``mixed_hash`` holds the keys whose
-    ``value_hash`` is not the same on every holder.
-    """
-
-    variants: list[Variant]
-    key_variant: IntArray
-    items: list[WriteItem]
-    plan_start: IntArray
-    item_key: IntArray
-    holder_ranks: IntArray
-    holder_start: IntArray
-    first: IntArray
-    last: IntArray
-    mixed_hash: frozenset[int]
-
-    @property
-    def n_plans(self) -> int:
-        return len(self.plan_start) - 1
-
-    @property
-    def n_keys(self) -> int:
-        return len(self.key_variant)
-
-    def key(self, key_id: int) -> Key:
-        fqn, offset, _ = self.variants[int(self.key_variant[key_id])]
-        return fqn, offset
-
-    def key_fqns(self) -> list[str]:
-        """The fqn of every key, by key id."""
-        return list(map(_fqn_of_variant, map(self.variants.__getitem__, self.key_variant.tolist())))
-
-    def n_holders(self) -> IntArray:
-        return np.diff(self.holder_start)
-
-    def first_items(self) -> list[WriteItem]:
-        return list(map(self.items.__getitem__, self.first.tolist()))
-
-
-def collect_holdings(plans: Sequence[SavePlan]) -> Holdings:
-    """Index every item of every plan by its ``(fqn, offset)`` key."""
-    items = list(itertools.chain.from_iterable(plan.items for plan in plans))
-    lengths = np.fromiter((len(plan.items) for plan in plans), np.int64, len(plans))
-    plan_start = np.zeros(len(plans) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=plan_start[1:])
-    n = len(items)
-
-    # One C-level pass over the items, telling them apart by value_hash too,
-    # so that replicas that differ show up without a second pass.  setdefault
-    # hands back where each variant was first seen, and the dict keeps them
-    # in first-appearance order, which numbers them.
-    seen: dict[Variant, int] = {}
-    seen_at = np.fromiter(map(seen.setdefault, map(_variant_of, items), itertools.count()), np.int64, n)
-    variants = list(seen)
-    variant_first = np.fromiter(seen.values(), np.int64, len(variants))
-    item_variant = np.searchsorted(variant_first, seen_at)
-    representative = _merge_variants(seen, variants, variant_first)
-    del seen
-    is_key = representative == np.arange(len(variants))
-    key_variant = np.flatnonzero(is_key)
-    variant_key = (np.cumsum(is_key) - 1)[representative]
-    item_key = variant_key[item_variant]
-    first = variant_first[key_variant]
-    n_keys = len(key_variant)
-    mixed = np.flatnonzero(np.bincount(variant_key, minlength=n_keys) > 1)
-
-    # Grouping by key (stably, so positions stay ascending) yields holders.
-    item_plan = np.repeat(np.arange(len(plans), dtype=np.int64), lengths)
-    order = np.argsort(item_key, kind="stable")
-    sorted_key = item_key[order]
-    sorted_plan = item_plan[order]
-    new_pair = np.ones(n, dtype=bool)
-    new_pair[1:] = (sorted_key[1:] != sorted_key[:-1]) | (sorted_plan[1:] != sorted_plan[:-1])
-    holder_ranks = sorted_plan[new_pair]
-    holder_start = np.zeros(n_keys + 1, dtype=np.int64)
-    np.cumsum(np.bincount(sorted_key[new_pair], minlength=n_keys), out=holder_start[1:])
-    occurrences_end = np.cumsum(np.bincount(item_key, minlength=n_keys))
-    last = order[occurrences_end - 1]
-    return Holdings(
-        variants,
-        key_variant,
-        items,
-        plan_start,
-        item_key,
-        holder_ranks,
-        holder_start,
-        first,
-        last,
-        frozenset(mixed.tolist()),
-    )
-
-
-def _merge_variants(seen: dict[Variant, int], variants: list[Variant], variant_first: IntArray) -> IntArray:
-    """For each variant, the first variant with the same ``(fqn, offset)``.
-
-    Two variants of one key differ in hash, so at least one has a hash; only
-    those (the few non-tensor values, usually) need looking at.  ``seen``
-    maps a variant to the item where it first appears, ``variant_first``
-    lists those items by variant.
-    """
-    representative = np.arange(len(variants), dtype=np.int64)
-    hashes = map(_hash_of_variant, variants)
-    hashed = np.fromiter(map(operator.is_not, hashes, itertools.repeat(None)), bool, len(variants))
-    first_of_key: dict[Key, int] = {}
-    for v in np.flatnonzero(hashed).tolist():
-        fqn, offset, _ = variants[v]
-        unhashed_at = seen.get((fqn, offset, None))
-        unhashed = None if unhashed_at is None else int(np.searchsorted(variant_first, unhashed_at))
-        first = first_of_key.setdefault((fqn, offset), v if unhashed is None else min(v, unhashed))
-        representative[v] = first
-        if unhashed is not None:
-            representative[unhashed] = first
-    return representative
-
-
-def apply_owners(plans: Sequence[SavePlan], holdings: Holdings, owner: IntArray) -> list[SavePlan]:
-    """New plans keeping each item only where ``owner`` says (``KEEP_ALL``: everywhere)."""
-    item_owner = owner[holdings.item_key]
-    item_plan = np.repeat(np.arange(len(plans), dtype=np.int64), np.diff(holdings.plan_start))
-    keep = (item_owner == item_plan) | (item_owner == KEEP_ALL)
-    result: list[SavePlan] = []
-    for pos, plan in enumerate(plans):
-        begin, end = int(holdings.plan_start[pos]), int(holdings.plan_start[pos + 1])
-        mask = keep[begin:end]
-        if mask.all():
-            items = list(plan.items)
-        else:
-            items = list(itertools.compress(plan.items, mask.tolist()))
-        result.append(dataclasses.replace(plan, items=items))
-    return result
 
 
 def dedup_tensors(plans: Sequence[SavePlan]) -> list[SavePlan]:
@@ -244,7 +93,7 @@ def dedup_save_plans(plans: Sequence[SavePlan], save_to_lowest_rank: bool = Fals
         return apply_owners(plans, holdings, owner)
     planned = [0] * len(plans)
     owner = np.empty(holdings.n_keys, dtype=np.int64)
-    sizes = map(_dcp_storage_size, map(holdings.items.__getitem__, holdings.last.tolist()))
+    sizes = map(_dcp_storage_size, holdings.items_at(holdings.last))
     starts = holdings.holder_start.tolist()
     ranks = holdings.holder_ranks.tolist()
     for key_id, size in enumerate(sizes):

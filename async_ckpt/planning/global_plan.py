@@ -9,14 +9,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from .dedup import (
-    DEFAULT_ITEM_COST_BYTES,
-    KEEP_ALL,
-    Holdings,
-    apply_owners,
-    balanced_owners,
-    collect_holdings,
-)
+from .dedup import DEFAULT_ITEM_COST_BYTES, balanced_owners
+from .holdings import KEEP_ALL, Holdings, apply_owners, collect_holdings
 from .types import SavePlan
 from .validate import validate_coverage
 
