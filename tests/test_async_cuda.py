@@ -13,15 +13,9 @@ import pytest
 import torch
 
 import async_ckpt as ac
+from async_ckpt.testing import same_bits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    a, b = a.cpu(), b.cpu()
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def _state(seed: int) -> dict[str, Any]:
@@ -50,7 +44,7 @@ def _check(path: Path, want: dict[str, Any], device: str) -> None:
     ac.load(target, path)
     for k, v in want["model"].items():
         assert target["model"][k].device.type == device, k
-        assert _same_bits(target["model"][k], v), k
+        assert same_bits(target["model"][k], v), k
     assert target["step"] == want["step"]
 
 

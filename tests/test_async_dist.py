@@ -23,18 +23,13 @@ import torch
 from harness import run_ranks
 
 import async_ckpt as ac
+from async_ckpt.testing import same_bits
 
 # Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 10.0
 KILL_ENV = "ASYNC_CKPT_KILL_AT"
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def _full(world: int, version: int) -> dict[str, torch.Tensor]:
@@ -94,10 +89,10 @@ def _check_loaded(got: dict[str, Any], want: dict[str, Any]) -> None:
         g = got["model"][k]
         if isinstance(w, DTensor):
             assert isinstance(g, DTensor), k
-            assert _same_bits(g.to_local(), w.to_local()), k
-            assert _same_bits(g.full_tensor(), w.full_tensor()), k
+            assert same_bits(g.to_local(), w.to_local()), k
+            assert same_bits(g.full_tensor(), w.full_tensor()), k
         else:
-            assert _same_bits(g, w), k
+            assert same_bits(g, w), k
     for k in ("step", "rank_name", "rank_data"):
         assert got[k] == want[k], (k, got[k], want[k])
 
@@ -201,7 +196,7 @@ def _check_parent_load(root: Path, name: str, world: int, version: int) -> None:
     target = {"model": {k: torch.zeros_like(v) for k, v in f.items()}}
     ac.load(target, root / name)
     for k, v in f.items():
-        assert _same_bits(target["model"][k], v), (name, k)
+        assert same_bits(target["model"][k], v), (name, k)
     md = ac.read_metadata(root / name)
     assert md.tensors["model.sharded"].shape == tuple(f["sharded"].shape)
     assert md.tensors["model.sharded"].dtype == torch.float32

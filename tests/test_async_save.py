@@ -37,18 +37,13 @@ import torch
 
 import async_ckpt as ac
 from async_ckpt import api
+from async_ckpt.testing import same_bits
 
 KILL_ENV = "ASYNC_CKPT_KILL_AT"
 MB = 1 << 20
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def _clone_tree(x: Any) -> Any:
@@ -74,7 +69,7 @@ def _blank_like(x: Any) -> Any:
 def _assert_tree_equal(got: Any, want: Any, where: str = "") -> None:
     if isinstance(want, torch.Tensor):
         assert isinstance(got, torch.Tensor), where
-        assert _same_bits(got, want), f"{where}: saved values differ from the expected ones"
+        assert same_bits(got, want), f"{where}: saved values differ from the expected ones"
     elif isinstance(want, dict):
         assert isinstance(got, dict) and set(got) == set(want), (where, got)
         for k in want:
@@ -401,6 +396,7 @@ def _shmem_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Shmem:"))
 
 
+@pytest.mark.slow
 def test_layout_changes_free_the_old_buffers_in_the_worker_too(tmp_path: Path) -> None:
     """A slot evicted for a new layout is unmapped by the worker as well, so its memory is freed."""
     others = _staging_maps(os.getpid())  # the module's shared checkpointer, if it has run
@@ -546,6 +542,7 @@ def test_read_metadata_under_a_regular_file_raises_checkpoint_error(tmp_path: Pa
 # ------------------------------------------------------------- worker death
 
 
+@pytest.mark.slow
 def test_worker_death(kill_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """One checkpointer through three worker deaths. A worker inherits the
     environment when it starts, so a kill point set now applies to the next

@@ -23,14 +23,7 @@ from safetensors.torch import load_file
 import async_ckpt as ac
 from async_ckpt import convert
 from async_ckpt.cli import main
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-    )
+from async_ckpt.testing import same_bits
 
 
 def _single_state() -> dict[Any, Any]:
@@ -227,10 +220,10 @@ def test_convert_safetensors(tmp_path: Path, single: Path, capsys: pytest.Captur
     flat = {f"model.{k}": v for k, v in want["model"].items()} | {"optim.0.mask": want["optim"][0]["mask"]}
     assert loaded.keys() == flat.keys()
     for key, tensor in flat.items():
-        assert _same_bits(loaded[key], tensor), key
+        assert same_bits(loaded[key], tensor), key
     with safe_open(str(out_file), framework="pt") as f:  # the Hugging Face loading path
         assert f.metadata() == {"format": "pt"}
-        assert _same_bits(f.get_tensor("model.w"), want["model"]["w"])
+        assert same_bits(f.get_tensor("model.w"), want["model"]["w"])
     assert not list(tmp_path.glob(".*tmp*")), "the temporary file was left behind"
 
 
@@ -257,13 +250,13 @@ def test_convert_safetensors_two_ranks_in_slabs(
     loaded = load_file(out_file)
     assert loaded.keys() == {"model.emb", "model.proj", "model.bias"}
     for name, tensor in full.items():
-        assert _same_bits(loaded[f"model.{name}"], tensor), name
+        assert same_bits(loaded[f"model.{name}"], tensor), name
     assert sum(1 for fqn, _ in boxes if fqn == "model.emb") >= 3
     assert max(n for _, n in boxes) <= 48
 
     monkeypatch.setattr(convert, "read_region", real)
     assert main(["convert", str(two_ranks), "--to", "safetensors", str(out_file), "--rank", "1"]) == 0
-    assert _same_bits(load_file(out_file)["local"], torch.full((2,), 1.0))
+    assert same_bits(load_file(out_file)["local"], torch.full((2,), 1.0))
 
 
 def test_slabs_tile_in_row_major_order() -> None:
@@ -294,15 +287,15 @@ def test_convert_torch(
     want = _single_state()
     assert set(got) == set(want)
     for key, tensor in want["model"].items():
-        assert _same_bits(got["model"][key], tensor), key
+        assert same_bits(got["model"][key], tensor), key
     assert isinstance(got["optim"], list) and got["optim"][1] == (1, 2.5)
-    assert _same_bits(got["optim"][0]["mask"], want["optim"][0]["mask"])
+    assert same_bits(got["optim"][0]["mask"], want["optim"][0]["mask"])
     assert (got["step"], got["name"], got["blob"], got[3]) == (7, "run[1]", b"\x00\x01", "int key")
 
     assert main(["convert", str(two_ranks), "--to", "torch", str(out_file), "--rank", "0"]) == 0
     got = torch.load(out_file, weights_only=True)
-    assert _same_bits(got["model"]["proj"], _full_two_ranks()["proj"])
-    assert _same_bits(got["local"], torch.zeros(2)) and got["step"] == 5 and got["rank"] == 0
+    assert same_bits(got["model"]["proj"], _full_two_ranks()["proj"])
+    assert same_bits(got["local"], torch.zeros(2)) and got["step"] == 5 and got["rank"] == 0
     capsys.readouterr()
 
 

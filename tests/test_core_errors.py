@@ -19,18 +19,7 @@ import torch
 from torch import nn
 
 import async_ckpt as ac
-
-
-def raw_bytes(t: torch.Tensor) -> torch.Tensor:
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    return flat.view(torch.uint8)
-
-
-def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    assert actual.dtype == expected.dtype and tuple(actual.shape) == tuple(expected.shape), what
-    assert torch.equal(raw_bytes(actual), raw_bytes(expected)), what
+from async_ckpt.testing import assert_bits_equal
 
 
 def _siblings(path: Path) -> list[str]:

@@ -18,6 +18,7 @@ from torch import nn
 
 import async_ckpt as ac
 from async_ckpt.storage import LocalStorage
+from async_ckpt.testing import assert_bits_equal
 
 MiB = 1 << 20
 
@@ -26,19 +27,6 @@ _DTYPE_NAMES = [
     "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
 ]  # fmt: skip
 DTYPES = [getattr(torch, n) for n in _DTYPE_NAMES if hasattr(torch, n)]
-
-
-def raw_bytes(t: torch.Tensor) -> torch.Tensor:
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    return flat.view(torch.uint8)
-
-
-def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    assert actual.dtype == expected.dtype, f"{what}: {actual.dtype} != {expected.dtype}"
-    assert tuple(actual.shape) == tuple(expected.shape), f"{what}: {actual.shape} != {expected.shape}"
-    assert torch.equal(raw_bytes(actual), raw_bytes(expected)), what
 
 
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import async_ckpt as ac
+from async_ckpt.testing import assert_bits_equal, raw_bytes
 
 MiB = 1 << 20
 BLOCK = 4 * MiB  # the default checksum block size
@@ -48,22 +49,6 @@ DTYPES = [getattr(torch, n) for n in _DTYPE_NAMES if hasattr(torch, n)]
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def raw_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's values as row-major bytes (works for 0-dim and empty tensors)."""
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    return flat.view(torch.uint8)
-
-
-def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    assert isinstance(actual, torch.Tensor), f"{what}: got {type(actual).__qualname__}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {actual.shape} != {expected.shape}"
-    assert actual.device.type == "cpu", f"{what}: on {actual.device}"
-    assert torch.equal(raw_bytes(actual), raw_bytes(expected)), f"{what}: bytes differ"
 
 
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from harness import run_ranks
 
 import async_ckpt as ac
+from async_ckpt.testing import assert_bits_equal
 
 # Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
 pytestmark = pytest.mark.slow
@@ -53,16 +54,6 @@ def full(name: str) -> torch.Tensor:
 
 def garbage_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full(t.shape, 99, dtype=t.dtype)
-
-
-def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert tuple(actual.shape) == tuple(expected.shape), (
-        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    )
-    a = actual.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    b = expected.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    assert torch.equal(a, b), f"{what}: values differ\nactual={actual}\nexpected={expected}"
 
 
 # ----------------------------------------------------------------- in ranks

@@ -20,6 +20,7 @@ import torch
 
 import async_ckpt as ac
 from async_ckpt.manager import parse_step, step_name
+from async_ckpt.testing import same_bits
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,10 +50,6 @@ def _blank() -> dict[str, Any]:
         "nested": {"flags": torch.zeros(4, dtype=torch.bool), "lr": 0.0},
         "step": -1,
     }
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def _dirs(root: Path) -> list[str]:
@@ -190,13 +187,13 @@ def test_latest_steps_restore_bit_exact(tmp_path: Path, ckpt: ac.AsyncCheckpoint
         assert target["w"] is w, "tensors are loaded in place"
         want = _state(30)
         for key in ("w", "h", "ids"):
-            assert _same_bits(target[key], want[key])
-        assert _same_bits(target["nested"]["flags"], want["nested"]["flags"])
+            assert same_bits(target[key], want[key])
+        assert same_bits(target["nested"]["flags"], want["nested"]["flags"])
         assert target["nested"]["lr"] == want["nested"]["lr"] and target["step"] == 30
 
         older = _blank()
         assert m.restore(older, step=20) == 20
-        assert _same_bits(older["w"], _state(20)["w"]) and older["step"] == 20
+        assert same_bits(older["w"], _state(20)["w"]) and older["step"] == 20
         with pytest.raises(ac.CheckpointError, match="missing from checkpoint"):
             m.restore({**_blank(), "extra": torch.zeros(1)})
         assert m.restore({**_blank(), "extra": torch.zeros(1)}, strict=False) == 30
@@ -213,7 +210,7 @@ async def test_async_save_through_the_manager(tmp_path: Path, ckpt: ac.AsyncChec
         await (await m.async_save(2, _state(2)))
     assert m.steps() == [2]  # leaving the block waited for retention
     target = _blank()
-    assert m.restore(target) == 2 and _same_bits(target["w"], _state(2)["w"])
+    assert m.restore(target) == 2 and same_bits(target["w"], _state(2)["w"])
 
 
 # ---------------------------------------------------------------- example

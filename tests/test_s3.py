@@ -31,6 +31,7 @@ from torch import nn
 
 import async_ckpt as ac
 from async_ckpt.storage import FsspecStorage, detect_storage
+from async_ckpt.testing import same_bits
 
 BUCKET = "ckpt"
 KILL_ENV = "ASYNC_CKPT_KILL_AT"
@@ -65,14 +66,6 @@ def _key(url: str) -> str:
     return url.removeprefix(f"s3://{BUCKET}/")
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(
-        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
-    )
-
-
 def _state(seed: int, mb: float = 1.0) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     n = int(mb * MB) // 4
@@ -101,7 +94,7 @@ def _blank(x: Any) -> Any:
 def _assert_loaded(got: dict[str, Any], want: dict[str, Any]) -> None:
     for k, v in want.items():
         if isinstance(v, torch.Tensor):
-            assert _same_bits(got[k], v), k
+            assert same_bits(got[k], v), k
         else:
             assert got[k] == v, k
 
@@ -162,14 +155,14 @@ def test_module_and_optimizer_round_trip(root: str) -> None:
     ac.load(target, f"{root}/c")
     assert target["epoch"] == 3 and target["model"] is fresh
     for k, v in saved_model.items():
-        assert _same_bits(fresh.state_dict()[k], v), k
+        assert same_bits(fresh.state_dict()[k], v), k
     for pid, state in saved_opt["state"].items():
         for name, t in state.items():
-            assert _same_bits(fresh_opt.state_dict()["state"][pid][name], t), (pid, name)
+            assert same_bits(fresh_opt.state_dict()["state"][pid][name], t), (pid, name)
     _train(model, opt, 9)
     _train(fresh, fresh_opt, 9)
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
-        assert _same_bits(a, b), k
+        assert same_bits(a, b), k
 
 
 def test_detected_storage_pickles_and_works_after_unpickling(root: str) -> None:
@@ -392,7 +385,7 @@ def test_large_shard_uploads_in_concurrent_parts(
     assert head["ContentLength"] == size and head["ETag"].strip('"').endswith("-9")  # one object, 9 parts
     got = {"big": torch.empty(10 * MB)}
     ac.load(got, url)  # read back in concurrent ranged GETs
-    assert _same_bits(got["big"], sd["big"])
+    assert same_bits(got["big"], sd["big"])
     assert s3.client().list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
 
 

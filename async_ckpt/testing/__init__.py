@@ -36,6 +36,7 @@ __all__ = [
     "pytest_sessionfinish",
     "rank",
     "run_ranks",
+    "raw_bytes",
     "same_bits",
 ]
 
@@ -45,6 +46,7 @@ _LAZY = {
     "assert_bits_equal": ".asserts",
     "assert_state_dicts_equal": ".asserts",
     "same_bits": ".asserts",
+    "raw_bytes": ".asserts",
     "run_ranks": "._run",
 }
 

@@ -36,11 +36,17 @@ def assert_bits_equal(actual: Any, expected: torch.Tensor, what: str = "tensor")
     if not torch.equal(a, b):
         itemsize = max(1, actual.element_size())
         first = int((a != b).nonzero()[0]) // itemsize
-        flat_a, flat_b = actual.detach().cpu().reshape(-1), expected.detach().cpu().reshape(-1)
         raise AssertionError(
-            f"{what}: bytes differ, first at flat index {first} "
-            f"({flat_a[first].item()!r} != {flat_b[first].item()!r})"
+            f"{what}: bytes differ, first at flat index {first}{_values_at(actual, expected, first)}"
         )
+
+
+def _values_at(a: torch.Tensor, b: torch.Tensor, i: int) -> str:
+    try:
+        x, y = a.detach().cpu().reshape(-1)[i].item(), b.detach().cpu().reshape(-1)[i].item()
+    except (RuntimeError, TypeError):  # dtypes without a Python scalar (some float8 kinds)
+        return ""
+    return f" ({x!r} != {y!r})"
 
 
 def assert_state_dicts_equal(
