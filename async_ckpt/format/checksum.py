@@ -14,7 +14,7 @@ ALGORITHM = "xxh3_64"
 DEFAULT_BLOCK_SIZE = 4 << 20
 
 
-def digest(data: bytes | memoryview) -> str:
+def digest(data: bytes | bytearray | memoryview) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
