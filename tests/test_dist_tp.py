@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 import torch
-from harness import run_ranks
 
 import async_ckpt as ac
+from async_ckpt.testing import RankContext
 
 # Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
 pytestmark = pytest.mark.slow
@@ -135,8 +135,11 @@ def _tp_body(rank: int, world: int, path: str, model_path: str) -> None:
     _assert_same(meta_model2.state_dict(), saved_params, rank, "meta Stateful model")
 
 
-def test_tensor_parallel_round_trip_and_meta_load(tmp_path: Path) -> None:
-    run_ranks(2, _tp_body, str(tmp_path / "ckpt"), str(tmp_path / "model_only"), timeout=TIMEOUT)
+@pytest.mark.ranks(2, timeout=TIMEOUT)
+def test_tensor_parallel_round_trip_and_meta_load(rank: RankContext, tmp_path: Path) -> None:
+    _tp_body(rank.rank, rank.world_size, str(tmp_path / "ckpt"), str(tmp_path / "model_only"))
+    if not rank.is_main:
+        return
     md = ac.read_metadata(tmp_path / "ckpt")
     # Colwise shards rows, rowwise shards columns, the rowwise bias is replicated (one chunk).
     assert len(md.tensors["model.0.weight"].chunks) == 2

@@ -275,3 +275,27 @@ def test_docs_fsdp2_example_passes(tmp_path: Path) -> None:
     out = _inner_pytest(tmp_path, code)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 passed" in out.stdout, out.stdout
+
+
+@pytest.mark.slow
+def test_pytest_timeout_interrupting_a_ranks_test_does_not_leak_into_the_next(tmp_path: Path) -> None:
+    out = _inner_pytest(
+        tmp_path,
+        """
+        import time
+        import pytest
+        import torch.distributed as dist
+
+        @pytest.mark.timeout(20, method="signal")
+        @pytest.mark.ranks(2, timeout=600)
+        def test_interrupted(rank):
+            if rank.rank == 1:
+                time.sleep(3600)
+
+        @pytest.mark.ranks(2, timeout=60)
+        def test_after(rank):
+            dist.barrier()
+        """,
+    )
+    assert "1 failed, 1 passed" in out.stdout, out.stdout + out.stderr
+    assert "Timeout" in out.stdout

@@ -102,6 +102,16 @@ class RankPool:
         if call.pg_timeout != self._pg_timeout:
             self.generation += 1
             self._pg_timeout = call.pg_timeout
+        try:
+            return self._run(call, timeout)
+        except BaseException:
+            # Interrupted (pytest-timeout, Ctrl-C) or failed: ranks may still be in the
+            # call, so their answers would reach the next one. End the pool.
+            if not self.broken:
+                self.close(kill=True)
+            raise
+
+    def _run(self, call: Call, timeout: float) -> list[Any]:
         for conn in self._conns:
             conn.send((self.generation, call))
         results: dict[int, Any] = {}
