@@ -32,6 +32,7 @@ TARGET_KEYS = {
     "save_over_write_fsync",
     "load_over_cold_read",
     "planning_1024_s",
+    "planning_4096_s",
     "dcp_ckpt_load_over_dcp_load",
 }
 
