@@ -149,6 +149,7 @@ class GateStorage(LocalStorage):
     """
 
     def __init__(self, gate: str, where: str) -> None:
+        super().__init__()
         self.gate = gate
         self.where = where
 
@@ -171,6 +172,7 @@ class DeletingStorage(LocalStorage):
     """Deletes the save's staging directory just before ``when`` (open_shard or commit)."""
 
     def __init__(self, when: str) -> None:
+        super().__init__()
         self.when = when
 
     async def open_shard(self, location: str, token: str, name: str) -> Any:
@@ -207,6 +209,7 @@ class EnospcStorage(LocalStorage):
     """A file system that is full after ``budget`` bytes per shard (where no small mount is possible)."""
 
     def __init__(self, budget: int) -> None:
+        super().__init__()
         self.budget = budget
 
     async def open_shard(self, location: str, token: str, name: str) -> Any:

@@ -54,6 +54,7 @@ class _FailingStorage(LocalStorage):
     """The local file system, except that opening a shard fails on the chosen rank."""
 
     def __init__(self, fail: bool) -> None:
+        super().__init__()
         self.fail = fail
 
     async def open_shard(self, location: str, token: str, name: str) -> Any:
