@@ -56,6 +56,10 @@ class AsyncCheckpointer:
     on another rank's worker. ``worker_nice`` is added to the worker's niceness:
     the default yields the cores to training, so a save slows training steps
     little; lower it if checkpoints must become durable sooner on busy cores.
+    ``worker_idle`` (default True) also puts the worker under ``SCHED_IDLE`` and
+    the idle I/O class where the OS allows: it then runs only on CPU time and
+    disk time nothing else wants. Turn it off when other work keeps every core
+    busy, or saves may wait for a long time.
 
     Threads and who owns what. The caller's thread (or, for ``overlap`` and
     ``async_save``, the single staging thread) prepares, stages and sends a
@@ -80,6 +84,7 @@ class AsyncCheckpointer:
         close_timeout: float = 600.0,
         worker_start_timeout: float = 120.0,
         worker_nice: int = 15,
+        worker_idle: bool = True,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -90,6 +95,7 @@ class AsyncCheckpointer:
         self._close_timeout = close_timeout
         self._start_timeout = worker_start_timeout
         self._worker_nice = worker_nice
+        self._worker_idle = worker_idle
         self._options = SaveOptions(allow_pickle=allow_pickle, verify_replicas=verify_replicas)
         self._pool = StagingPool(max_in_flight, pin=pin_memory)
         self._lock = threading.RLock()
@@ -176,6 +182,7 @@ class AsyncCheckpointer:
             timeout=self._timeout,
             log_level=logging.getLogger("async_ckpt").getEffectiveLevel(),
             nice=self._worker_nice,
+            idle=self._worker_idle,
         )
         worker = WorkerClient(config, self._inflight.on_message, self._inflight.on_exit)
         worker.start(self._start_timeout)

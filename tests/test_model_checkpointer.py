@@ -163,9 +163,9 @@ class CheckpointerModel(RuleBasedStateMachine):
         self.candidates[path] = [cands[found]]
 
     def _open(self) -> None:
-        # worker_nice=0: on a saturated CI machine a niced worker makes every await slow.
+        # Neither niced nor idle: on a saturated CI machine such a worker makes every await slow.
         self.ck = ac.AsyncCheckpointer(
-            max_in_flight=self.max_in_flight, start=True, timeout=RESOLVE_S, worker_nice=0
+            max_in_flight=self.max_in_flight, start=True, timeout=RESOLVE_S, worker_nice=0, worker_idle=False
         )
 
     @property

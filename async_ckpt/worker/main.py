@@ -42,6 +42,7 @@ from .messages import (
     Shutdown,
     WorkerConfig,
 )
+from .priority import lower_priority
 from .save_job import SaveJobRunner
 
 __all__ = ["entry", "worker_main"]
@@ -101,8 +102,8 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s async_ckpt.worker[%(process)d] %(message)s"
     )
-    with contextlib.suppress(OSError):
-        os.nice(config.nice)
+    # First, before this process starts threads of its own: they inherit it.
+    lower_priority(config.nice, config.idle)
     torch.set_num_threads(1)
     comm = _connect(config)
     try:

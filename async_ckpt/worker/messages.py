@@ -37,6 +37,8 @@ class WorkerConfig:
     timeout: float
     log_level: int
     nice: int = 15
+    idle: bool = True
+    """SCHED_IDLE and the idle I/O class, where the OS allows (``worker/priority.py``)."""
 
 
 @dataclass(frozen=True, slots=True)
