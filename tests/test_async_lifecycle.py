@@ -38,6 +38,9 @@ from async_ckpt.pending import PendingCheckpoint
 from async_ckpt.worker.client import WorkerDiedError
 from async_ckpt.worker.messages import SaveRequest
 
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
+
 MB = 1 << 20
 
 

@@ -275,6 +275,7 @@ def test_pending_result_timeout_and_failure_like_a_future(ck: ac.AsyncCheckpoint
 # ------------------------------------------------------ lifetime, overlap
 
 
+@pytest.mark.slow
 def test_context_manager_max_in_flight_two_and_exit_waits(tmp_path: Path) -> None:
     small = _state(3)
     want_small = _clone_tree(small)
@@ -308,6 +309,7 @@ def test_context_manager_max_in_flight_two_and_exit_waits(tmp_path: Path) -> Non
         c.save(small, tmp_path / "after_close")
 
 
+@pytest.mark.slow
 def test_start_with_a_template_prepares_buffers_and_plan(tmp_path: Path) -> None:
     sd = _state(21)
     want = _clone_tree(sd)
@@ -419,6 +421,7 @@ def test_layout_changes_free_the_old_buffers_in_the_worker_too(tmp_path: Path) -
 # ------------------------------------------------------------- backpressure
 
 
+@pytest.mark.slow
 def test_staging_allocations_counts_buffers_and_a_steady_state_adds_none(tmp_path: Path) -> None:
     sd = _state(3)
     with ac.AsyncCheckpointer(max_in_flight=1) as c:

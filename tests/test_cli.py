@@ -178,6 +178,7 @@ def test_inspect(tmp_path: Path, single: Path, capsys: pytest.CaptureFixture[str
     assert "<pickled>" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_inspect_two_ranks(two_ranks: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", str(two_ranks)]) == 0
     out = capsys.readouterr().out
@@ -227,6 +228,7 @@ def test_convert_safetensors(tmp_path: Path, single: Path, capsys: pytest.Captur
     assert not list(tmp_path.glob(".*tmp*")), "the temporary file was left behind"
 
 
+@pytest.mark.slow
 def test_convert_safetensors_two_ranks_in_slabs(
     tmp_path: Path, two_ranks: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -337,6 +339,7 @@ def test_errors_one_line_or_traceback(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "--slab-mb must be positive" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script(single: Path) -> None:
     exe = shutil.which("async-ckpt")
     assert exe is not None, "pip install -e . installs the async-ckpt console script"

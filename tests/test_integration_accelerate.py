@@ -23,6 +23,7 @@ from async_ckpt.integrations.accelerate import accelerator_state, load_accelerat
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.slow,  # heavy frameworks' training loops: outside the fast set
 ]
 
 STEPS = 8

@@ -30,6 +30,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning:lightning.*"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning:lightning.*"),
     pytest.mark.filterwarnings("ignore::FutureWarning:lightning.*"),
+    pytest.mark.slow,  # heavy frameworks' training loops: outside the fast set
 ]
 
 HERE = pathlib.Path(__file__).parent

@@ -30,6 +30,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
     pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.slow,  # heavy frameworks' training loops: outside the fast set
 ]
 
 MAX_STEPS = 6

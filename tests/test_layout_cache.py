@@ -47,6 +47,7 @@ def test_a_different_tree_with_the_same_leaves_is_a_miss(a: Any, b: Any) -> None
     assert pb.tree == flatten({"x": b}).tree and pb.layout_id != pa.layout_id
 
 
+@pytest.mark.slow
 def test_changed_key_type_round_trips_through_the_async_checkpointer(tmp_path: Path) -> None:
     with ac.AsyncCheckpointer() as ck:
         ck.save({"x": {1: torch.arange(3.0)}}, tmp_path / "a").result(60)

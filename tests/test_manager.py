@@ -224,6 +224,7 @@ def _load_example() -> Any:
     return module
 
 
+@pytest.mark.slow
 def test_resume_example_crash_then_resume(tmp_path: Path) -> None:
     root = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "examples" / "resume.py"), "--root", str(root), "--steps", "12"]

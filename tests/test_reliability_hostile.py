@@ -822,6 +822,7 @@ def _byte_mutations(draw: st.DrawFn) -> bytes:
     return bytes(body)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(_byte_mutations())
 def test_fuzz_decode_metadata_mutated_valid_body(body: bytes) -> None:
@@ -862,6 +863,7 @@ def fuzz_dir(pristine: dict[str, Any]) -> Iterator[Path]:
         yield Path(d)
 
 
+@pytest.mark.slow
 def test_fuzz_structural_mutations_through_load(pristine: dict[str, Any], fuzz_dir: Path) -> None:
     """Random JSON in random schema fields; whatever parses is also loaded and verified."""
     ck = fuzz_dir / "ck"
@@ -919,6 +921,7 @@ def _header_mutations(draw: st.DrawFn) -> tuple[bytes, int]:
     return struct.pack("<Q", n) + body, size
 
 
+@pytest.mark.slow
 @FUZZ
 @given(_header_mutations())
 def test_fuzz_parse_header_mutated_valid_header(case: tuple[bytes, int]) -> None:

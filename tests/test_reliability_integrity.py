@@ -155,6 +155,7 @@ def scratch() -> Any:
 _examples = iter(range(10**9))
 
 
+@pytest.mark.slow
 def test_any_single_bit_flip_is_detected(saved: dict[str, Any], scratch: Path) -> None:
     @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(_bit_positions(saved["files"], saved["regions"]))
@@ -201,6 +202,7 @@ def test_every_bit_of_metadata_is_covered(saved: dict[str, Any]) -> None:
     _count("bit flips detected (every bit of metadata.json)", n)
 
 
+@pytest.mark.slow
 def test_every_byte_of_shard_headers_is_covered(saved: dict[str, Any], scratch: Path) -> None:
     """A flipped bit in every other byte of each shard header (the bit rotates with the offset)."""
     n = 0
@@ -253,6 +255,7 @@ def test_verify_false_is_the_explicit_opt_out(saved: dict[str, Any], scratch: Pa
 # ------------------------------------------------------ property: truncation
 
 
+@pytest.mark.slow
 def test_any_truncation_is_detected(saved: dict[str, Any], scratch: Path) -> None:
     @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(st.sampled_from(saved["files"]), st.data())

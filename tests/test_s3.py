@@ -184,6 +184,7 @@ def ck(s3: S3Server) -> Iterator[ac.AsyncCheckpointer]:
         yield c
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_async_save_through_the_worker(ck: ac.AsyncCheckpointer, root: str) -> None:
     sd0, sd1 = _state(10, mb=6), _state(11, mb=6)
@@ -200,6 +201,7 @@ async def test_async_save_through_the_worker(ck: ac.AsyncCheckpointer, root: str
     _load_back(f"{root}/a", want1)
 
 
+@pytest.mark.slow
 def test_explicit_endpoint_reaches_the_worker_and_a_killed_save_leaves_no_checkpoint(
     s3: S3Server, root: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -246,6 +248,7 @@ def _save_dtensor_rank(rank: int, world: int, url: str) -> int:
     return rank
 
 
+@pytest.mark.slow
 def test_two_ranks_save_dtensors_loaded_in_parent(s3: S3Server, root: str) -> None:
     url = f"{root}/dist"
     assert run_ranks(2, _save_dtensor_rank, url, timeout=120) == [0, 1]

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Multi-process or otherwise heavy: outside the fast set (`pytest -m 'not slow'`).
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ("pytester",)
 
 HERE = Path(__file__).resolve().parent
