@@ -166,17 +166,19 @@ def _print_hardware(res: dict[str, Any], sm: dict[str, Any]) -> None:
     )
 
 
-def _print_saves(res: dict[str, Any], sm: dict[str, Any], args: argparse.Namespace) -> None:
-    """Per method: stall, durable and slowdown; then CPU, faults and peak memory per save."""
-    nbytes, memr = res["state_bytes"], res["memory"]
-    rows, rrows = [], []
+def _label(k: str, s: dict[str, Any], args: argparse.Namespace) -> str:
+    return LABELS[k] + (f" (x{s['n']})" if s["n"] != args.repeats else "")
+
+
+def _print_saves(sm: dict[str, Any], args: argparse.Namespace) -> None:
+    """Per method: stall, durable, and the training-step slowdown while it is in flight."""
+    rows = []
     for k, s in sm["saves"].items():
         slow = sm["slowdown"].get(k)
         blocking = k in ("ac_blocking", "dcp_save")
-        label = LABELS[k] + (f" (x{s['n']})" if s["n"] != args.repeats else "")
         rows.append(
             [
-                label,
+                _label(k, s, args),
                 _mmm(s["stall"]),
                 _mmm(s["durable"]),
                 _mmm(slow["durable_training"]) if slow else "-",
@@ -184,20 +186,6 @@ def _print_saves(res: dict[str, Any], sm: dict[str, Any], args: argparse.Namespa
                 _mmm(s["durable"])
                 if blocking
                 else (_mmm(slow["lost_s"]) if slow and slow["lost_s"] else "-"),
-            ]
-        )
-        m = memr.get(k)
-        rrows.append(
-            [
-                label,
-                _f2(_med(s["stall_cpu"])),
-                _f2(_med(s["total_cpu"])),
-                _f2(_med(s["helpers_cpu"])),
-                _f2(_med(s["helpers_runq"])),
-                f"{_kilo(_med(s['trainer_minflt']))}/{_kilo(_med(s['helpers_minflt']))}",
-                fmt_bytes(m["rss_peak"]) if m else "-",
-                fmt_bytes(m["pss_peak"]) if m else "-",
-                f"{m['pss_peak'] / nbytes:.2f}" if m else "-",
             ]
         )
     print()
@@ -209,6 +197,27 @@ def _print_saves(res: dict[str, Any], sm: dict[str, Any], args: argparse.Namespa
             "while training = the slowdown runs; training lost = stall + extra step time during the save)"
         ),
     )
+
+
+def _print_resources(res: dict[str, Any], sm: dict[str, Any], args: argparse.Namespace) -> None:
+    """Per method: CPU, run-queue wait and page faults per save, and the tree's peak memory."""
+    nbytes, memr = res["state_bytes"], res["memory"]
+    rows = []
+    for k, s in sm["saves"].items():
+        m = memr.get(k)
+        rows.append(
+            [
+                _label(k, s, args),
+                _f2(_med(s["stall_cpu"])),
+                _f2(_med(s["total_cpu"])),
+                _f2(_med(s["helpers_cpu"])),
+                _f2(_med(s["helpers_runq"])),
+                f"{_kilo(_med(s['trainer_minflt']))}/{_kilo(_med(s['helpers_minflt']))}",
+                fmt_bytes(m["rss_peak"]) if m else "-",
+                fmt_bytes(m["pss_peak"]) if m else "-",
+                f"{m['pss_peak'] / nbytes:.2f}" if m else "-",
+            ]
+        )
     print()
     print_table(
         [
@@ -222,7 +231,7 @@ def _print_saves(res: dict[str, Any], sm: dict[str, Any], args: argparse.Namespa
             "peak PSS sum",
             "PSS/state",
         ],
-        rrows,
+        rows,
         title=(
             "Resources per save (medians; CPU of trainer + helper processes; runq = time runnable but waiting"
             " for a CPU);\npeak memory of the process tree during one extra save with nothing else alive "
@@ -444,7 +453,8 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     sm = summarize_run(res)
     _print_machine(res, sm)
     _print_hardware(res, sm)
-    _print_saves(res, sm, args)
+    _print_saves(sm, args)
+    _print_resources(res, sm, args)
     _print_first_saves(res["setup"], sm)
     _print_steady_stats(res)
     _print_loads(res)
