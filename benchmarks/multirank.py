@@ -204,6 +204,7 @@ def run_world(world: int, args: argparse.Namespace, work: str) -> dict[str, Any]
         args.skip_dcp,
         timeout=args.timeout,
         pg_timeout=args.timeout,
+        fresh=True,  # each world measured in its own processes, as before the pool
     )
     res: dict[str, Any] = {
         "world": world,
