@@ -413,14 +413,4 @@ def save_collective(
 
 
 def with_stats(md: Metadata, stats: SaveStats) -> Metadata:
-    return Metadata(
-        tensors=md.tensors,
-        values=md.values,
-        files=md.files,
-        tree=md.tree,
-        world_size=md.world_size,
-        block_size=md.block_size,
-        pickled=md.pickled,
-        stats=stats,
-        token=md.token,
-    )
+    return dataclasses.replace(md, stats=stats)
