@@ -354,6 +354,7 @@ async def test_overlap_mode_async(ck: ac.AsyncCheckpointer, tmp_path: Path) -> N
 # ------------------------------------------------------------ steady state
 
 
+@pytest.mark.slow
 def test_steady_state_reuses_worker_buffers_and_plan(ck: ac.AsyncCheckpointer, tmp_path: Path) -> None:
     shm_before = set(os.listdir("/dev/shm"))
     sd = _state(6, mb=8)

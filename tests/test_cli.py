@@ -280,6 +280,7 @@ def test_slabs_tile_in_row_major_order() -> None:
     assert list(convert._slabs((0, 3), 4, 16)) == []
 
 
+@pytest.mark.slow
 def test_convert_torch(
     tmp_path: Path, single: Path, two_ranks: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
