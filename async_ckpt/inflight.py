@@ -16,13 +16,22 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointError
+from .dist import RanksFailedError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointReplacedError,
+    CorruptCheckpointError,
+)
+from .format.values import PickleRefusedError
 from .pending import PendingCheckpoint
 from .staging import StagingPool, StagingSlot
+from .storage.detect import StorageDetectionError
 from .worker.client import WorkerClient, WorkerDiedError
+from .worker.comm import RankTimeoutError, StoreLostError
 from .worker.messages import Finished, Released
 
-__all__ = ["InFlight", "InFlightSaves", "RemoteError"]
+__all__ = ["InFlight", "InFlightSaves", "RemoteError", "remote_error"]
 
 log = logging.getLogger("async_ckpt")
 
@@ -45,6 +54,37 @@ class RemoteError(Exception):
 
     def __str__(self) -> str:
         return "\n" + str(self.args[0]) if self.args else ""
+
+
+_REMOTE_TYPES: dict[str, type[CheckpointError]] = {
+    cls.__name__: cls
+    for cls in (
+        CheckpointNotFoundError,
+        CheckpointReplacedError,
+        CorruptCheckpointError,
+        PickleRefusedError,
+        RanksFailedError,
+        RankTimeoutError,
+        StorageDetectionError,
+        StoreLostError,
+        WorkerDiedError,
+    )
+}
+"""The public errors a worker may raise, rebuilt as themselves so ``except ac.RankTimeoutError`` works."""
+
+
+def remote_error(checkpoint_id: Any, msg: Finished) -> CheckpointError:
+    """The caller's error for a save the worker failed: its public type where it has one."""
+    text = f"saving {checkpoint_id} failed in the background worker: {msg.error_type}: {msg.error}"
+    cls = _REMOTE_TYPES.get(msg.error_type, CheckpointError)
+    # Their constructors take what the worker had (step, ranks, timeout ...); the worker's
+    # message already says all of it, so build the instance around that message instead.
+    err = cls.__new__(cls)
+    CheckpointError.__init__(err, text)
+    for name, value in msg.error_fields:
+        setattr(err, name, value)
+    err.__cause__ = RemoteError(msg.traceback)
+    return err
 
 
 class InFlightSaves:
@@ -97,12 +137,7 @@ class InFlightSaves:
     @staticmethod
     def _finish(f: InFlight, msg: Finished) -> None:
         if msg.metadata is None:
-            err = CheckpointError(
-                f"saving {f.pending.checkpoint_id} failed in the background worker: "
-                f"{msg.error_type}: {msg.error}"
-            )
-            err.__cause__ = RemoteError(msg.traceback)
-            f.pending._fail(err)
+            f.pending._fail(remote_error(f.pending.checkpoint_id, msg))
             return
         s = msg.metadata.stats
         if s is not None:  # logged first: whoever waits on the pending sees the line

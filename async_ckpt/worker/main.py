@@ -204,7 +204,16 @@ async def _one_save(
             req.save_id,
             error=str(exc),
             error_type=type(exc).__name__,
+            error_fields=_public_fields(exc),
             traceback="".join(traceback.format_exception(exc)),
         )
     _reply(conn, Released(req.save_id))
     _reply(conn, reply)
+
+
+def _public_fields(exc: BaseException) -> tuple[tuple[str, Any], ...]:
+    """The attributes a caller may read on the error (``RankTimeoutError.ranks`` ...), to rebuild it there."""
+    return tuple((k, v) for k, v in vars(exc).items() if not k.startswith("_") and k in _CARRIED_FIELDS)
+
+
+_CARRIED_FIELDS = frozenset({"ranks", "failures"})

@@ -115,4 +115,6 @@ class Finished:
     metadata: Metadata | None = None
     error: str | None = None
     error_type: str = ""
+    error_fields: tuple[tuple[str, Any], ...] = ()
+    """Public attributes of the error (``ranks``, ``failures``), so the trainer can rebuild its type."""
     traceback: str = ""
