@@ -35,6 +35,7 @@ _index_of = operator.attrgetter("index")
 _fqn_of = operator.attrgetter("fqn")
 _offset_of = operator.attrgetter("offset")
 _hash_of = operator.attrgetter("value_hash")
+_first_of_pair = operator.itemgetter(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +74,17 @@ class Holdings:
 
     def key_fqns(self) -> list[str]:
         """The fqn of every key, by key id."""
-        return [fqn for fqn, _ in self.keys]
+        return list(map(_first_of_pair, self.keys))
 
     def n_holders(self) -> IntArray:
         return np.diff(self.holder_start)
 
     def items_at(self, flat: IntArray) -> list[WriteItem]:
         """The items with these flat numbers."""
+        if len(flat) * 16 > self.plan_start[-1]:
+            # Many items (keys mostly unshared): one flat list is cheaper than a lookup each.
+            everything = list(itertools.chain.from_iterable(plan.items for plan in self.plans))
+            return list(map(everything.__getitem__, flat.tolist()))
         plan = np.searchsorted(self.plan_start, flat, side="right") - 1
         local = flat - self.plan_start[plan]
         return [self.plans[p].items[i] for p, i in zip(plan.tolist(), local.tolist(), strict=True)]
@@ -136,9 +141,12 @@ def collect_holdings(plans: Sequence[SavePlan]) -> Holdings:
             hashes.extend(map(values.__getitem__, at))
     keys = list(index.first_at)
     # First-item numbers grow with first appearance, so their rank is the key
-    # id; each distinct key sequence is converted once, then shared.
+    # id; a table from first-item number to key id converts each distinct key
+    # sequence once (np.zeros leaves the untouched pages unallocated).
     first_sorted = np.fromiter(index.first_at.values(), np.int64, len(keys))
-    key_ids = {id(seq): np.searchsorted(first_sorted, seq) for seq in index.sequences.values()}
+    key_of_first = np.zeros(max(n, 1), dtype=np.int64)
+    key_of_first[first_sorted] = np.arange(len(keys), dtype=np.int64)
+    key_ids = {id(seq): key_of_first[seq] for seq in index.sequences.values()}
     item_key = np.concatenate([key_ids[id(seq)] for seq in per_plan]) if n else np.zeros(0, np.int64)
     n_keys = len(keys)
 
