@@ -241,6 +241,7 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_dtensors_saved_on_2_ranks_come_back_as_whole_plain_tensors(sharded: Path) -> None:
     got = ac.load_state_dict(sharded)
     assert type(got["rows"]) is torch.Tensor and _bits(got["rows"]) == _bits(_full())
@@ -250,6 +251,7 @@ def test_dtensors_saved_on_2_ranks_come_back_as_whole_plain_tensors(sharded: Pat
     assert len(md.tensors["rows"].chunks) == 2
 
 
+@pytest.mark.slow
 def test_every_rank_of_a_group_gets_the_whole_tree(sharded: Path) -> None:
     results = run_ranks(2, _load_tree_on_ranks, str(sharded), timeout=TIMEOUT)
     expected = [_bits(_full()), _bits(_full() * 2), 11, True]
@@ -307,6 +309,7 @@ def _save_and_load_per_rank(rank: int, world: int, path: str) -> Any:
     return [got["rank"], _bits(got["w"])]
 
 
+@pytest.mark.slow
 def test_per_rank_values_come_back_as_each_rank_s_own_and_need_the_saved_world(tmp_path: Path) -> None:
     path = str(tmp_path / "c")
     results = run_ranks(2, _save_and_load_per_rank, path, timeout=TIMEOUT)
