@@ -103,11 +103,17 @@ def _verify_file(
             return
         header = bytearray(rec.header_length)
         reader.readinto(0, memoryview(header))
-        if checksum.digest(bytes(header)) != rec.header_checksum:
+        if checksum.digest(header) != rec.header_checksum:
             report.problems.append(VerifyProblem(name, None, "safetensors header checksum mismatch"))
         _tick(report, progress, rec.header_length)
+        step = max(md.block_size, _READ_BYTES // md.block_size * md.block_size)
+        # One buffer for the whole file: a fresh one per chunk would be zero-filled
+        # and page-faulted in again for every chunk, as much CPU as the hashing.
+        buf = memoryview(bytearray(min(step, max((c.byte_length for _, c in chunks), default=0))))
         for fqn, chunk in chunks:
-            bad = _verify_chunk(reader, chunk.byte_offset, chunk.byte_length, chunk.checksums, md.block_size)
+            bad = _verify_chunk(
+                reader, chunk.byte_offset, chunk.byte_length, chunk.checksums, md.block_size, buf
+            )
             _tick(report, progress, chunk.byte_length)
             if bad is not None:
                 report.problems.append(
@@ -124,15 +130,16 @@ def _verify_file(
         reader.close()
 
 
-def _verify_chunk(reader: Any, start: int, length: int, sums: tuple[str, ...], block: int) -> int | None:
-    """Offset (within the chunk) of the first bad block, or None."""
+def _verify_chunk(
+    reader: Any, start: int, length: int, sums: tuple[str, ...], block: int, buf: memoryview
+) -> int | None:
+    """Offset (within the chunk) of the first bad block, or None; reads through ``buf``."""
     if length == 0:
         return None if checksum.digest(b"") == sums[0] else 0
-    step = max(block, _READ_BYTES // block * block)
-    buf = bytearray(min(step, length))
+    step = len(buf)
     for pos in range(0, length, step):
         n = min(step, length - pos)
-        view = memoryview(buf)[:n]
+        view = buf[:n]
         reader.readinto(start + pos, view)
         for i, bpos in enumerate(range(0, n, block)):
             if checksum.digest(view[bpos : bpos + block]) != sums[(pos // block) + i]:
