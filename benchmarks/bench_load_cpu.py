@@ -1,11 +1,16 @@
 """Where a cold load's time and CPU go: ``ac.load`` against a plain read of the same files.
 
-Each round, in turn and each from a cold page cache (``_common.cache_then_evict``):
+Each round, in an order that turns from round to round, each step from a cold page
+cache (``_common.cache_then_evict``):
 
 - read:      the checkpoint's own files read with 64 MiB ``readinto`` calls into one
              preallocated buffer (same bytes, same file layout: the load's limit);
 - load:      ``async_ckpt.load(target, dir)`` into a preallocated, touched target;
 - load nv:   the same with ``verify=False`` (what checksum verification costs).
+
+A cold step during which the VM reported free memory to its host is redone
+(``_common.cold_step``): the host's re-faults of that memory land in whichever
+step reads next, as system time, and would swamp the differences measured here.
 
 Reported per step: the median wall time, process CPU (user and system, all threads),
 minor page faults, and the median over rounds of each round's load / read ratio.
@@ -37,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import cache_then_evict, make_state_dict, median, preallocated_like
+from _common import cache_then_evict, cold_step, make_state_dict, median, preallocated_like
 
 _READ = 64 << 20
 
@@ -83,17 +88,30 @@ def main(argv: list[str] | None = None) -> int:
             "load nv": lambda: ac.load(target, ckpt, verify=False),
         }
         rows: dict[str, list[tuple[float, float, float, int]]] = {k: [] for k in steps}
+        names = list(steps)
         for rnd in range(args.rounds + 1):  # round 0 warms up, untimed
-            for name, fn in steps.items():
+            # The order turns each round, so no step always follows the same neighbour.
+            for name in names[rnd % 3 :] + names[: rnd % 3]:
+                got: list[tuple[float, float, float, int]] = []
+
+                def run(fn: Callable[[], Any] = steps[name], got: list[Any] = got) -> float:
+                    got.clear()  # a redone run replaces the disturbed one
+                    u0, s0, f0 = _usage()
+                    t0 = time.perf_counter()
+                    fn()
+                    wall = time.perf_counter() - t0
+                    u1, s1, f1 = _usage()
+                    got.append((wall, u1 - u0, s1 - s0, f1 - f0))
+                    return wall
+
                 if cold:
-                    cache_then_evict(ckpt)
-                u0, s0, f0 = _usage()
-                t0 = time.perf_counter()
-                fn()
-                wall = time.perf_counter() - t0
-                u1, s1, f1 = _usage()
+                    # Redone when the VM handed freed memory back to its host meanwhile:
+                    # re-faulting it costs the read (as system time) whoever reads.
+                    cold_step(ckpt, run)
+                else:
+                    run()
                 if rnd:
-                    rows[name].append((wall, u1 - u0, s1 - s0, f1 - f0))
+                    rows[name].append(got[0])
         if not all(torch.equal(a, b) for a, b in zip(_tensors(target), _tensors(sd), strict=True)):
             raise SystemExit("the load returned the wrong bytes")
         report = _report(rows, nbytes, cold)
