@@ -219,7 +219,7 @@ class _Run:
     def start_checkpointer(self, ac: Any) -> tuple[Any, float]:
         """A checkpointer started eagerly (re-niced if asked) and the seconds its start took."""
         t = time.perf_counter()
-        ck = ac.AsyncCheckpointer(start=True)
+        ck = ac.AsyncCheckpointer(start=True, worker_idle=not self.args.no_worker_idle)
         started = time.perf_counter() - t
         if self.args.worker_nice is not None and ck.worker_pid is not None:
             renice_tree(ck.worker_pid, self.args.worker_nice)
@@ -427,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="re-nice the async_ckpt worker to this value after it starts",
+    )
+    ap.add_argument(
+        "--no-worker-idle",
+        action="store_true",
+        help="AsyncCheckpointer(worker_idle=False): the worker at its nice only, not SCHED_IDLE + idle I/O",
     )
     args = ap.parse_args(argv)
     if args.repeats < 1:

@@ -159,11 +159,11 @@ def init_one_rank_group() -> None:
 
 
 def make_modes(
-    sd: dict[str, Any], opt: torch.optim.Optimizer, names: list[str]
+    sd: dict[str, Any], opt: torch.optim.Optimizer, names: list[str], worker_idle: bool = True
 ) -> tuple[dict[str, Mode], Any]:
     import async_ckpt as ac
 
-    ck = ac.AsyncCheckpointer(start=True)
+    ck = ac.AsyncCheckpointer(start=True, worker_idle=worker_idle)
     ck.start(sd)
     modes: dict[str, Mode] = {}
 
@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         names.append("dcp_process")
     if "dcp_process" in names:
         init_one_rank_group()
-    modes, ck = make_modes(sd, trainer.opt, names)
+    modes, ck = make_modes(sd, trainer.opt, names, worker_idle=not args.no_worker_idle)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-overhead-"))
     work.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {
@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dcp-process", action="store_true", help="also DCP's process mode (1-rank gloo group)")
     p.add_argument("--work", help="directory for the checkpoints (default: a temporary one)")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--no-worker-idle", action="store_true", help="AsyncCheckpointer(worker_idle=False)")
     args = p.parse_args(argv)
     if not 0 <= args.save_at < args.steps - 1:
         p.error("--save-at must leave at least one step after the save")
