@@ -16,7 +16,7 @@ from .dist import comm_for, run_collectively
 from .errors import CheckpointError, CorruptCheckpointError
 from .format.metadata import Metadata
 from .interop import is_dcp_checkpoint, load_dcp, read_dcp_metadata
-from .load import load_collective, read_checkpoint_metadata
+from .load_flow import load_collective, read_checkpoint_metadata
 from .load_tree import load_tree_collective
 from .local_plan import build_local_plan
 from .overlap_guard import GuardArg

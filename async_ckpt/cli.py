@@ -37,7 +37,7 @@ from .format.dtypes import dtype_name
 from .format.metadata import Metadata
 from .format.values import PickleRefusedError, decode_value
 from .interop import dcp_unsupported, is_dcp_checkpoint, read_dcp_metadata
-from .load import read_checkpoint_metadata
+from .load_flow import read_checkpoint_metadata
 from .storage import detect_storage
 from .verify import verify_checkpoint
 

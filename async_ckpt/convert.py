@@ -29,7 +29,7 @@ from .format.values import PickleRefusedError, decode_value
 from .interop import is_dcp_checkpoint
 from .interop.dcp_metadata import read_dcp
 from .interop.dcp_storage import DcpSource
-from .load import read_checkpoint_metadata, read_region, unchanged_while
+from .load_flow import read_checkpoint_metadata, read_region, unchanged_while
 from .storage import Storage
 
 __all__ = ["open_input", "to_safetensors", "to_torch"]

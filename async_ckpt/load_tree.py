@@ -30,7 +30,7 @@ from .format.values import PickleRefusedError, decode_value
 from .interop import is_dcp_checkpoint
 from .interop.dcp_metadata import read_dcp
 from .interop.dcp_storage import DcpSource
-from .load import _plan_reads
+from .load_flow import _plan_reads
 from .load_metadata import check_same_save, decode_checked
 from .planning import ChunkStorageMetadata
 from .read_ops import Read, execute_reads, open_source, replaced_as_such

@@ -13,7 +13,7 @@ from typing import Any
 from .errors import CheckpointError
 from .format import checksum
 from .format.metadata import METADATA_FILE, ChunkRecord, Metadata
-from .load import read_checkpoint_metadata, same_checkpoint
+from .load_flow import read_checkpoint_metadata, same_checkpoint
 from .storage import Storage, detect_storage
 
 __all__ = ["VerifyProblem", "VerifyReport", "verify_checkpoint"]

@@ -24,7 +24,7 @@ import async_ckpt as ac
 from async_ckpt._faults import set_hook
 from async_ckpt.convert import to_safetensors, to_torch
 from async_ckpt.errors import CheckpointNotFoundError, CheckpointReplacedError, CorruptCheckpointError
-from async_ckpt.load import read_checkpoint_metadata
+from async_ckpt.load_flow import read_checkpoint_metadata
 from async_ckpt.storage import LocalStorage
 from async_ckpt.verify import verify_checkpoint
 

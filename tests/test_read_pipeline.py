@@ -22,7 +22,7 @@ import torch
 import async_ckpt as ac
 from async_ckpt import read_units
 from async_ckpt.format.metadata import Metadata
-from async_ckpt.load import read_region
+from async_ckpt.load_flow import read_region
 from async_ckpt.storage.local import LocalStorage
 
 BLOCK = 4 << 20

@@ -44,7 +44,7 @@ import async_ckpt as ac
 from async_ckpt.format import checksum
 from async_ckpt.format.metadata import decode_metadata
 from async_ckpt.format.shard import parse_header
-from async_ckpt.load import read_checkpoint_metadata
+from async_ckpt.load_flow import read_checkpoint_metadata
 from async_ckpt.verify import verify_checkpoint
 
 MB = 1 << 20

@@ -15,7 +15,6 @@ import torch
 from async_ckpt.testing import assert_state_dicts_equal, same_bits
 
 REPO = Path(__file__).resolve().parents[1]
-PLUGIN_FILE = REPO / "async_ckpt" / "testing" / "plugin.py"
 
 
 def _inner_pytest(
@@ -178,13 +177,13 @@ def test_fixture_that_cannot_pickle_is_refused_by_name(tmp_path: Path) -> None:
     assert "fixture 'rank' exists only in tests marked @pytest.mark.ranks(n)" in out.stdout, out.stdout
 
 
-def test_plugin_module_loads_without_torch() -> None:
+def test_plugin_loads_without_torch() -> None:
     # pytest loads the plugin in every session of an environment that installs it:
-    # its module must not need torch (the pool and asserts import it when used).
-    # (The parent package async_ckpt still imports torch; this holds the plugin's own share.)
+    # neither the package nor the plugin may need torch to load (the pool and the
+    # asserts import it when a test uses them).
     code = textwrap.dedent(
-        f"""
-        import importlib.abc, importlib.util, sys
+        """
+        import importlib.abc, sys
 
         class NoTorch(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
@@ -192,15 +191,22 @@ def test_plugin_module_loads_without_torch() -> None:
                     raise ImportError("torch import refused: " + name)
 
         sys.meta_path.insert(0, NoTorch())
-        spec = importlib.util.spec_from_file_location("plugin_alone", {str(PLUGIN_FILE)!r})
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        import async_ckpt
+        import async_ckpt.testing as mod
         print(sorted(n for n in ("rank", "mesh", "ckpt_dir", "pytest_pyfunc_call") if hasattr(mod, n)))
+        print(async_ckpt.__version__)
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['ckpt_dir', 'mesh', 'pytest_pyfunc_call', 'rank']"
+    assert out.stdout.splitlines()[0] == "['ckpt_dir', 'mesh', 'pytest_pyfunc_call', 'rank']"
+
+
+def test_the_package_imports_its_public_names_on_first_use() -> None:
+    code = "import async_ckpt, sys; print('torch' in sys.modules); print(async_ckpt.save.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "async_ckpt.api"]
 
 
 def test_state_dict_assert_names_the_differing_key() -> None:

@@ -8,7 +8,7 @@ from ..dist import Comm, run_collectively
 from ..errors import CheckpointError
 from ..format.metadata import Metadata
 from ..format.values import PickleRefusedError
-from ..load import _load_into
+from ..load_flow import _load_into
 from ..state_dict import LoadView
 from ..storage.base import Storage
 from .dcp_metadata import read_dcp
