@@ -56,10 +56,11 @@ class AsyncCheckpointer:
     on another rank's worker. ``worker_nice`` is added to the worker's niceness:
     the default yields the cores to training, so a save slows training steps
     little; lower it if checkpoints must become durable sooner on busy cores.
-    ``worker_idle`` (default True) also puts the worker under ``SCHED_IDLE`` and
-    the idle I/O class where the OS allows: it then runs only on CPU time and
-    disk time nothing else wants. Turn it off when other work keeps every core
-    busy, or saves may wait for a long time.
+    ``worker_idle=True`` also puts the worker under ``SCHED_IDLE`` and the idle
+    I/O class where the OS allows: it then runs only on CPU and disk time
+    nothing else wants, which slows training steps less during a save, but a
+    trainer that keeps every core busy can starve it for minutes (and the
+    other ranks' workers may time out waiting for it); hence off by default.
 
     Threads and who owns what. The caller's thread (or, for ``overlap`` and
     ``async_save``, the single staging thread) prepares, stages and sends a
@@ -84,7 +85,7 @@ class AsyncCheckpointer:
         close_timeout: float = 600.0,
         worker_start_timeout: float = 120.0,
         worker_nice: int = 15,
-        worker_idle: bool = True,
+        worker_idle: bool = False,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")

@@ -37,7 +37,7 @@ class WorkerConfig:
     timeout: float
     log_level: int
     nice: int = 15
-    idle: bool = True
+    idle: bool = False
     """SCHED_IDLE and the idle I/O class, where the OS allows (``worker/priority.py``)."""
 
 
