@@ -1,4 +1,4 @@
-"""The worker's priority: nice by default; with ``worker_idle=True`` only the CPU and disk time training leaves.
+"""The worker's priority: nice by default; with ``worker_idle=True`` only the time training leaves.
 
 SCHED_IDLE is opt-in: a trainer that keeps every core busy can starve an
 idle-class worker for minutes (measured: one save took 196 s to become
