@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from typing import Any
 import aiofiles
 import aiofiles.os
 
+from .._libc import libc as _libc
 from ..errors import CheckpointError
 from ..format.metadata import METADATA_FILE
 from .direct_io import DirectSink, open_direct
@@ -116,14 +116,6 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # e.g. NFS, or an old kernel
         return False
     raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
 
 
 class _FileSink:

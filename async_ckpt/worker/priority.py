@@ -18,10 +18,10 @@ Each is skipped silently where refused: a slower save is better than none.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import os
 import platform
+
+from .._libc import libc as _libc
 
 __all__ = ["IOPRIO_CLASS_IDLE", "ioprio_class", "lower_priority"]
 
@@ -91,11 +91,3 @@ def _syscall_numbers() -> tuple[int, int] | None:
     if platform.system() != "Linux":
         return None
     return _SYSCALLS.get(platform.machine())
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
