@@ -155,5 +155,10 @@ class WorkerClient:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, 9)
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            try:
                 self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                # A killed worker still needs CPU time to exit, which a starved one
+                # (SCHED_IDLE on busy cores) may not get for a while: reap it later
+                # rather than leave a zombie and a still-running Popen behind.
+                threading.Thread(target=self.proc.wait, name="async_ckpt-reaper", daemon=True).start()
