@@ -305,3 +305,32 @@ def test_pytest_timeout_interrupting_a_ranks_test_does_not_leak_into_the_next(tm
     )
     assert "1 failed, 1 passed" in out.stdout, out.stdout + out.stderr
     assert "Timeout" in out.stdout
+
+
+@pytest.mark.slow
+def test_ranks_see_the_environment_of_the_pytest_process_at_call_time(tmp_path: Path) -> None:
+    # A session fixture (an S3 server, say) may set variables after the pool's ranks were
+    # spawned; a ranks test must see them, as it would in processes spawned for it.
+    out = _inner_pytest(
+        tmp_path,
+        """
+        import os
+        import pytest
+
+        @pytest.mark.ranks(2)
+        def test_first(rank):
+            assert "INNER_LATE_VAR" not in os.environ
+
+        def test_set_late():
+            os.environ["INNER_LATE_VAR"] = "set after the pool started"
+            os.environ.pop("INNER_EARLY_VAR")
+
+        @pytest.mark.ranks(2)
+        def test_second(rank):
+            assert os.environ.get("INNER_LATE_VAR") == "set after the pool started", rank.rank
+            assert "INNER_EARLY_VAR" not in os.environ, rank.rank
+        """,
+        env={"INNER_EARLY_VAR": "1"},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "3 passed" in out.stdout, out.stdout

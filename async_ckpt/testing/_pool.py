@@ -62,6 +62,8 @@ class Call:
     pass_rank: bool = False
     pg_timeout: float = DEFAULT_PG_TIMEOUT
     sys_path: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
+    """The calling process's environment when the call was made (set by ``run_call``)."""
     label: str = ""
 
 
@@ -254,7 +256,9 @@ def run_call(world: int, call: Call, timeout: float, fresh: bool = False) -> lis
     """Run ``call`` on ``world`` ranks: the shared pool, or a pool of its own when ``fresh``."""
     if world < 1:
         raise ValueError(f"world size must be >= 1, got {world}")
-    call = Call(**{**_fields(call), "sys_path": tuple(sys.path)})
+    # The ranks were spawned with the environment of an earlier moment; a session
+    # fixture may have set variables since (an S3 endpoint and its keys, say).
+    call = Call(**{**_fields(call), "sys_path": tuple(sys.path), "env": dict(os.environ)})
     if fresh or always_fresh:
         pool = RankPool(world)
         try:

@@ -88,6 +88,7 @@ def main(rank: int, world: int, port: int, conn: Connection, dump_path: str) -> 
     if hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True)
     group = _Group(rank, world, port)
+    inherited = dict(os.environ)  # from the parent at spawn time
     while True:
         try:
             msg = conn.recv()
@@ -98,6 +99,8 @@ def main(rank: int, world: int, port: int, conn: Connection, dump_path: str) -> 
         generation, call = msg
         env, cwd = dict(os.environ), os.getcwd()
         try:
+            if call.env is not None:
+                _take_env(call.env, inherited)
             group.ensure(generation, call.pg_timeout)
             result = _run(call, rank, world)
             reply: tuple[str, Any, bool] = ("ok", result, group.intact())
@@ -158,6 +161,13 @@ def _find(call: Call) -> Any:
     if isinstance(owner, type):
         owner = owner()
     return getattr(owner, parts[-1])
+
+
+def _take_env(parent: dict[str, str], inherited: dict[str, str]) -> None:
+    """The parent's environment now; what the rank set for itself (not inherited) stays."""
+    for key in [k for k in os.environ if k in inherited and k not in parent]:
+        del os.environ[key]
+    os.environ.update(parent)
 
 
 def _reset(env: dict[str, str], cwd: str | None) -> None:
