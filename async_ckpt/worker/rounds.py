@@ -14,8 +14,8 @@ agreement and the commit. A rank whose round fails (or whose trainer sends
 ``RoundsAbort``, or stops the worker) writes no more and goes straight to the
 commit barrier with its failure; the others fail there once they have written
 their rounds, and the coordinator removes the staging area. Each round's files
-are named after the plan's files with ``-round<k>`` added, so the files a
-rank writes are distinct across rounds; fault points ``write_round<k>``
+are named ``shard-r<rank>-round<k>-<i>``, so the files a rank writes are
+distinct across rounds; fault points ``write_round<k>``
 (``_faults``: fail before writing round k, kill after) test it.
 """
 
@@ -53,12 +53,15 @@ from ..staging import BufferSpec
 from ..writer.pipeline import WrittenFile
 from .messages import Released, Round, RoundsAbort, RoundWritten, SaveRequest
 
-__all__ = ["RoundsStopped", "run_rounds"]
+__all__ = ["run_rounds"]
+
+_FILE_BYTES = 64 << 20
+"""A round is written to one file per this many bytes, up to as many files as the plan gives the rank."""
 
 PlanCache = OrderedDict[tuple[str, Any], tuple[str, tuple[FileAssignment, ...]]]
 
 
-class RoundsStopped(RuntimeError):
+class _RoundsStopped(RuntimeError):
     """The trainer sent no more rounds: it aborted the save, or stopped the worker."""
 
 
@@ -95,13 +98,14 @@ async def run_rounds(
         while last is None or not last.last:
             msg = await next_round()
             if msg is None:
-                raise RoundsStopped("the worker was stopped before the save's last round")
+                raise _RoundsStopped("the worker was stopped before the save's last round")
             if isinstance(msg, RoundsAbort):
-                raise RoundsStopped(f"the trainer could not stage the save: {msg.error}")
+                raise _RoundsStopped(f"the trainer could not stage the save: {msg.error}")
             last = msg
             fail_point(f"write_round{msg.index}", comm.rank, req.save_id)
             local = LocalPlan(plan=plan, tensors=_views(bases, msg.specs), values=req.values)
-            written += await write_assignment(comm.rank, target, _round_files(assignment, msg), local)
+            files = _round_files(comm.rank, assignment, msg)
+            written += await write_assignment(comm.rank, target, files, local)
             kill_point(f"write_round{msg.index}", req.save_id, comm.rank)
             reply(RoundWritten(req.save_id, msg.index))
     except Exception as exc:  # noqa: BLE001 - reported at the commit barrier, to every rank
@@ -148,16 +152,29 @@ def _agree(
     return plan_together(comm, target, plan), False
 
 
-def _round_files(assignment: RankAssignment, rnd: Round) -> RankAssignment:
-    """The plan's files cut down to this round's tensors, each under a name of its own."""
-    keys = {s.key for s in rnd.specs}
-    files = []
-    for fa in assignment.files:
-        items = tuple(it for it in fa.items if (it[0], it[1]) in keys)
-        if items:
-            stem = fa.name.removesuffix(".safetensors")
-            files.append(FileAssignment(f"{stem}-round{rnd.index:04d}.safetensors", items))
-    return RankAssignment(assignment.token, tuple(files))
+def _round_files(rank: int, assignment: RankAssignment, rnd: Round) -> RankAssignment:
+    """The round's tensors that the plan gives this rank, in a few files of their own, in staging order.
+
+    Cutting each of the plan's files down to the round instead would write up
+    to that many small files per round, each paying its own fsync.
+    """
+    planned = {(it[0], it[1]): it for fa in assignment.files for it in fa.items}
+    items = [(planned[s.key], s.nbytes) for s in rnd.specs if s.key in planned]
+    total = sum(n for _, n in items)
+    count = max(1, min(len(assignment.files), len(items), -(-total // _FILE_BYTES)))
+    groups: list[list[tuple[str, tuple[int, ...], bool]]] = [[]]
+    done = 0
+    for item, nbytes in items:
+        if groups[-1] and len(groups) < count and done >= total * len(groups) / count:
+            groups.append([])
+        groups[-1].append(item)
+        done += nbytes
+    files = tuple(
+        FileAssignment(f"shard-r{rank:05d}-round{rnd.index:04d}-{k:02d}.safetensors", tuple(g))
+        for k, g in enumerate(groups)
+        if g
+    )
+    return RankAssignment(assignment.token, files)
 
 
 def _views(bases: list[torch.Tensor], specs: tuple[BufferSpec, ...]) -> dict[Any, torch.Tensor]:
