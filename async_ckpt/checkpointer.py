@@ -31,7 +31,7 @@ from .pending import PendingCheckpoint
 from .save_options import SaveOptions
 from .save_target import check_save_target
 from .single_rank import ProcessGroupArg, SingleRank, check_whole_on_this_rank
-from .staged_rounds import RoundStager, buffer_layout, needs_rounds
+from .staged_rounds import RoundStager, buffer_layout
 from .staging import StagingPool, StagingSlot
 from .state_dict import flatten
 from .storage import Storage, detect_storage
@@ -62,9 +62,10 @@ class AsyncCheckpointer:
     nothing else wants, which slows training steps less during a save, but a
     trainer that keeps every core busy can starve it for minutes (and the
     other ranks' workers may time out waiting for it); hence off by default.
-    ``staging_budget`` (bytes) bounds the staging memory per save in flight: a
-    state that needs more is staged round by round (``staged_rounds.py``),
-    each round written before the next is copied, so the call stalls longer.
+    ``staging_budget`` (bytes; the same on every rank) bounds the staging
+    memory per save in flight: a state that needs more is staged round by
+    round (``staged_rounds.py``), each round written before its memory is
+    reused, so the call stalls longer.
 
     Threads and who owns what. The caller's thread (or, for ``overlap`` and
     ``async_save``, the single staging thread) prepares, stages and sends a
@@ -148,8 +149,7 @@ class AsyncCheckpointer:
                 flat, allow_pickle=self._options.allow_pickle, verify_replicas=self._options.verify_replicas
             )
             layout = prepared.layout
-            if needs_rounds(layout, self._budget):
-                assert self._budget is not None
+            if self._budget is not None:
                 layout = buffer_layout(prepared.local.tensors, self._budget)
             slot, _ = self._pool.acquire(layout, timeout=self._timeout)
             try:
@@ -379,7 +379,7 @@ class AsyncCheckpointer:
             log.debug("async_ckpt: could not report a local failure", exc_info=True)
 
     def _stage_and_send(self, job: _Job) -> None:
-        if needs_rounds(job.prepared.layout, self._budget):
+        if self._budget is not None:
             self._stage_in_rounds(job)
             return
         pending = job.pending

@@ -16,8 +16,12 @@ A round is a run of whole tensors, in state-dict order, that fits one
 segment. With two segments (when every tensor fits half the budget) the copy
 of round i+1 overlaps the write of round i. A tensor larger than that forms a
 round of its own and the buffer grows to hold it: the buffer is
-max(budget, largest tensor). Rounds are the trainer's business alone: the
-plan and its cache are the same as for an unbudgeted save of that state.
+max(budget, largest tensor). A state within the budget is one round, in a
+buffer of its own size, and the call waits for no write. Every save of a
+budgeted checkpointer takes this path, so that all ranks speak the same
+protocol to their workers whatever their state's size (hence every rank must
+pass the same ``staging_budget``). Rounds are the trainer's business alone:
+the plan and its cache are the same as for an unbudgeted save of that state.
 """
 
 from __future__ import annotations
@@ -38,22 +42,21 @@ from .staging import _ALIGN, BufferSpec, Key, Layout, StagingPool, StagingSlot
 from .worker.client import WorkerClient, WorkerDiedError
 from .worker.messages import Round, RoundsAbort, RoundsBegin, SaveRequest
 
-__all__ = ["RoundStager", "buffer_layout", "needs_rounds", "split_rounds"]
+__all__ = ["RoundStager", "buffer_layout", "split_rounds"]
 
 _WAKE_S = 1.0
 """How often a wait for a round re-checks its save (a wake-up also comes when the save settles)."""
 
 
-def needs_rounds(layout: Layout, budget: int | None) -> bool:
-    """Whether a save of ``layout`` must be staged in rounds to stay within ``budget``."""
-    return budget is not None and sum(layout.segment_sizes) > budget
-
-
 def buffer_layout(tensors: Mapping[Key, torch.Tensor], budget: int) -> Layout:
-    """The round buffer for ``tensors``: two halves of the budget, or one segment if a tensor needs it."""
+    """The round buffer for ``tensors``: the state if it fits the budget (one round), else two
+    halves of the budget, or one piece when a tensor needs more than half."""
+    total = sum(_aligned(_nbytes(t)) for t in tensors.values())
     largest = max((_aligned(_nbytes(t)) for t in tensors.values()), default=0)
     half = budget // 2 // _ALIGN * _ALIGN
-    if 0 < largest <= half:
+    if total <= budget:
+        count, size = 1, max(total, _ALIGN)
+    elif largest <= half:
         count, size = 2, half
     else:
         count, size = 1, max(budget, largest, _ALIGN)

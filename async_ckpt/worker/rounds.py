@@ -138,7 +138,12 @@ def _agree(
 ) -> tuple[RankAssignment, bool]:
     """Collective: the cached plan where every rank holds the same one, else a new plan; the save begun."""
 
-    def decide(plan_ids: list[str | None]) -> list[bool]:
+    def decide(plan_ids: list[Any]) -> list[bool]:
+        # A rank that could not prepare this save reports its failure here
+        # instead (``SaveJobRunner.fail``, whose first collective lines up with this one).
+        failed = [f for f in (getattr(p, "failure", None) for p in plan_ids) if f is not None]
+        if failed:
+            raise RanksFailedError("preparing the state dict", failed)
         same = None not in plan_ids and len(set(plan_ids)) == 1
         if same:
             target.storage.begin_save(target.location, target.token)
