@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import async_ckpt as ac
 from async_ckpt import _faults
@@ -76,6 +77,17 @@ def _nbytes(sd: dict[str, Any]) -> int:
 
 def _leftovers(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+
+
+def _pause_mid_rounds() -> tuple[threading.Event, threading.Event]:
+    reached, go_on = threading.Event(), threading.Event()
+
+    def hook() -> None:
+        reached.set()
+        assert go_on.wait(120), "staging was never let go on"
+
+    _faults.set_hook("stage", hook)
+    return reached, go_on
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +168,21 @@ def test_overlap_save_then_optimizer_step_saves_the_pre_step_state(
         opt.step()
     want = copy.deepcopy({"model": model.state_dict(), "optim": opt.state_dict()})
     assert sum(p.numel() * 4 for p in model.parameters()) * 3 > 2 * BUDGET  # several rounds
-    pending = ck.save({"model": model, "optim": opt}, tmp_path / "ov", overlap=True)
-    opt.zero_grad()
-    model(torch.randn(8, 256)).square().mean().backward()
-    opt.step()  # the guard holds it until the last round is copied
-    assert pending.staged.done()
+    reached, go_on = _pause_mid_rounds()
+    # A guarded step waits for staging: let staging go on a little after the step was called.
+    handle = register_optimizer_step_pre_hook(lambda *_: threading.Timer(0.5, go_on.set).start())
+    try:
+        pending = ck.save({"model": model, "optim": opt}, tmp_path / "ov", overlap=True)
+        opt.zero_grad()
+        model(torch.randn(8, 256)).square().mean().backward()
+        assert reached.wait(60), "staging never reached its middle round"
+        assert not pending.staged.done()
+        opt.step()  # the guard holds it until the last round is copied
+        assert pending.staged.done()
+    finally:
+        handle.remove()
+        go_on.set()
+        _faults.set_hook("stage", None)
     for k, v in model.state_dict().items():
         assert not torch.equal(v, want["model"][k]), k
     pending.result(120)
@@ -208,17 +230,6 @@ def test_worker_killed_mid_rounds_fails_the_save_and_the_next_works(
         {k: v for k, v in got.items() if isinstance(v, torch.Tensor)},
         {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)},
     )
-
-
-def _pause_mid_rounds() -> tuple[threading.Event, threading.Event]:
-    reached, go_on = threading.Event(), threading.Event()
-
-    def hook() -> None:
-        reached.set()
-        assert go_on.wait(120), "staging was never let go on"
-
-    _faults.set_hook("stage", hook)
-    return reached, go_on
 
 
 @pytest.mark.parametrize("wait", [True, False], ids=["waits", "gives-up"])
