@@ -7,7 +7,7 @@ it copies over that round's bytes. One save, on the staging thread:
     acquire the round buffer (a pool slot of ``budget`` bytes, in one or two segments)
     send RoundsBegin              (the workers agree on the plan before anything is written)
     for each round i:
-        wait for RoundWritten(i - segments)   (the worker is done with that segment)
+        wait for RoundWritten(i - segments)   (the worker is done with that piece)
         copy round i's tensors into segment i % segments, send Round(i)
     staged                        (the call returns; the worker writes the last round,
                                    releases the buffer and commits with the other ranks)
@@ -89,27 +89,30 @@ def _aligned(n: int) -> int:
 
 
 class _Progress:
-    """How many rounds of one save the worker has written; a waiter also wakes when the save settles."""
+    """Which rounds of one save the worker has written (in any order).
+
+    A waiter also wakes when the save settles.
+    """
 
     def __init__(self, pending: PendingCheckpoint) -> None:
         self._cond = threading.Condition()
-        self._written = 0
+        self._written: set[int] = set()
         self._pending = pending
         pending.add_done_callback(lambda _: self._wake())
 
     def written(self, index: int) -> None:
         with self._cond:
-            self._written = max(self._written, index + 1)
+            self._written.add(index)
             self._cond.notify_all()
 
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
 
-    def wait(self, count: int) -> None:
-        """Until ``count`` rounds are written; raises once the save has settled (the worker failed it)."""
+    def wait(self, index: int) -> None:
+        """Until round ``index`` (if any) is written; raises once the save has settled (it failed)."""
         with self._cond:
-            while self._pending.done() or self._written < count:
+            while self._pending.done() or (index >= 0 and index not in self._written):
                 if self._pending.done():
                     raise CheckpointError(
                         f"saving {self._pending.checkpoint_id} ended while its rounds were being staged"
@@ -185,7 +188,7 @@ class RoundStager:
         segments = len(slot.layout.segment_sizes)
         stage_s = 0.0
         for i, members in enumerate(rounds):
-            progress.wait(i - segments + 1)  # the round that last used this segment is written
+            progress.wait(i - segments)  # the round that last used this piece is written
             if i == len(rounds) // 2:
                 on_half()
             seg = i % segments

@@ -55,8 +55,9 @@ from .messages import Released, Round, RoundsAbort, RoundWritten, SaveRequest
 
 __all__ = ["run_rounds"]
 
-_FILE_BYTES = 64 << 20
-"""A round is written to one file per this many bytes, up to as many files as the plan gives the rank."""
+_MIN_FILE_BYTES = 4 << 20
+"""A round goes to as many files as the plan gives the rank (written at once: one stream is slower),
+but none smaller than this unless the round is."""
 
 PlanCache = OrderedDict[tuple[str, Any], tuple[str, tuple[FileAssignment, ...]]]
 
@@ -94,23 +95,32 @@ async def run_rounds(
     failure: RankFailure | None = None
     last: Round | None = None
     bases = [torch.frombuffer(m, dtype=torch.uint8) for m in maps]
+
+    async def write_round(msg: Round) -> None:
+        fail_point(f"write_round{msg.index}", comm.rank, req.save_id)
+        local = LocalPlan(plan=plan, tensors=_views(bases, msg.specs), values=req.values)
+        files = _round_files(comm.rank, assignment, msg)
+        written.extend(await write_assignment(comm.rank, target, files, local))
+        kill_point(f"write_round{msg.index}", req.save_id, comm.rank)
+        reply(RoundWritten(req.save_id, msg.index))
+
     try:
-        while last is None or not last.last:
-            msg = await next_round()
-            if msg is None:
-                raise _RoundsStopped("the worker was stopped before the save's last round")
-            if isinstance(msg, RoundsAbort):
-                raise _RoundsStopped(f"the trainer could not stage the save: {msg.error}")
-            last = msg
-            fail_point(f"write_round{msg.index}", comm.rank, req.save_id)
-            local = LocalPlan(plan=plan, tensors=_views(bases, msg.specs), values=req.values)
-            files = _round_files(comm.rank, assignment, msg)
-            written += await write_assignment(comm.rank, target, files, local)
-            kill_point(f"write_round{msg.index}", req.save_id, comm.rank)
-            reply(RoundWritten(req.save_id, msg.index))
+        # Rounds in different pieces of the buffer are written at once: one
+        # round alone often has too few tensors to keep several streams busy.
+        # The trainer bounds how many: it stages into a piece once its round is written.
+        async with asyncio.TaskGroup() as group:
+            while last is None or not last.last:
+                msg = await next_round()
+                if msg is None:
+                    raise _RoundsStopped("the worker was stopped before the save's last round")
+                if isinstance(msg, RoundsAbort):
+                    raise _RoundsStopped(f"the trainer could not stage the save: {msg.error}")
+                last = msg
+                group.create_task(write_round(msg))
     except Exception as exc:  # noqa: BLE001 - reported at the commit barrier, to every rank
+        first = _first_cause(exc)
         failure = RankFailure(
-            comm.rank, f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc))
+            comm.rank, f"{type(first).__name__}: {first}", "".join(traceback.format_exception(first))
         )
     finally:
         bases.clear()
@@ -131,6 +141,12 @@ async def run_rounds(
         stall_s=last.stall_s if last is not None else 0.0,
     )
     return with_stats(md, stats)
+
+
+def _first_cause(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def _agree(
@@ -158,15 +174,16 @@ def _agree(
 
 
 def _round_files(rank: int, assignment: RankAssignment, rnd: Round) -> RankAssignment:
-    """The round's tensors that the plan gives this rank, in a few files of their own, in staging order.
+    """The round's tensors that the plan gives this rank, in files of their own, in staging order.
 
-    Cutting each of the plan's files down to the round instead would write up
-    to that many small files per round, each paying its own fsync.
+    As many files as the plan's, of about equal size, so that as many streams
+    write at once (one is slower: 32 MiB took 0.06-0.14 s alone here, four
+    of them 0.19-0.25 s together).
     """
     planned = {(it[0], it[1]): it for fa in assignment.files for it in fa.items}
     items = [(planned[s.key], s.nbytes) for s in rnd.specs if s.key in planned]
     total = sum(n for _, n in items)
-    count = max(1, min(len(assignment.files), len(items), -(-total // _FILE_BYTES)))
+    count = max(1, min(len(assignment.files), len(items), -(-total // _MIN_FILE_BYTES)))
     groups: list[list[tuple[str, tuple[int, ...], bool]]] = [[]]
     done = 0
     for item, nbytes in items:
