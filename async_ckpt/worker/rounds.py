@@ -6,8 +6,10 @@ save with a cached plan may be (``save_job.py``). Hence the order:
 
     RoundsBegin --> agree: every rank has the same cached plan? --yes--> begin the save
                            |                                     no --> plan together
-    Round 0 --> write its shard files (durable) --> RoundWritten(0) --> ... --> last Round
-    Released --> commit barrier: any rank's failure aborts the save on every rank, else commit
+    each Round k --> write its shard files (durable) --> RoundWritten(k)   (up to as many
+                     rounds at once as the buffer has pieces: the trainer's waits bound it)
+    after the last round is written: Released --> commit barrier: any rank's failure
+    aborts the save on every rank, else commit
 
 Ranks may have different numbers of rounds: the only collectives are the
 agreement and the commit. A rank whose round fails (or whose trainer sends
