@@ -439,7 +439,7 @@ class AsyncCheckpointer:
                 raise
 
     def _stage_in_rounds(self, job: _Job) -> None:
-        """``_stage_and_send`` for a state over the staging budget (``staged_rounds.py``)."""
+        """``_stage_and_send`` for a budgeted checkpointer: the state in rounds (``staged_rounds.py``)."""
         pending = job.pending
         stager: RoundStager | None = None
         try:
