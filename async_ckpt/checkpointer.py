@@ -31,6 +31,7 @@ from .pending import PendingCheckpoint
 from .save_options import SaveOptions
 from .save_target import check_save_target
 from .single_rank import ProcessGroupArg, SingleRank, check_whole_on_this_rank
+from .staged_rounds import RoundStager, buffer_layout
 from .staging import StagingPool, StagingSlot
 from .state_dict import flatten
 from .storage import Storage, detect_storage
@@ -61,6 +62,10 @@ class AsyncCheckpointer:
     nothing else wants, which slows training steps less during a save, but a
     trainer that keeps every core busy can starve it for minutes (and the
     other ranks' workers may time out waiting for it); hence off by default.
+    ``staging_budget`` (bytes; the same on every rank) bounds the staging
+    memory per save in flight: a state that needs more is staged round by
+    round (``staged_rounds.py``), each round written before its memory is
+    reused, so the call stalls longer.
 
     Threads and who owns what. The caller's thread (or, for ``overlap`` and
     ``async_save``, the single staging thread) prepares, stages and sends a
@@ -86,9 +91,11 @@ class AsyncCheckpointer:
         worker_start_timeout: float = 120.0,
         worker_nice: int = 15,
         worker_idle: bool = False,
+        staging_budget: int | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        self._budget = _check_budget(staging_budget)
         self._owner_pid = os.getpid()
         self._pg = process_group
         self._storage = storage
@@ -141,7 +148,10 @@ class AsyncCheckpointer:
             prepared = self._layouts.prepare(
                 flat, allow_pickle=self._options.allow_pickle, verify_replicas=self._options.verify_replicas
             )
-            slot, _ = self._pool.acquire(prepared.layout, timeout=self._timeout)
+            layout = prepared.layout
+            if self._budget is not None:
+                layout = buffer_layout(prepared.local.tensors, self._budget)
+            slot, _ = self._pool.acquire(layout, timeout=self._timeout)
             try:
                 self._hand_over(worker, slot, prepared)
             finally:
@@ -156,6 +166,11 @@ class AsyncCheckpointer:
     def staging_allocations(self) -> int:
         """How many staging buffers this checkpointer has allocated: a steady state adds none."""
         return self._pool.allocations
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of staging memory held now: at most ``max_in_flight`` buffers, each within the budget."""
+        return self._pool.staging_bytes
 
     def _check_process(self) -> None:
         if os.getpid() != self._owner_pid:
@@ -364,6 +379,9 @@ class AsyncCheckpointer:
             log.debug("async_ckpt: could not report a local failure", exc_info=True)
 
     def _stage_and_send(self, job: _Job) -> None:
+        if self._budget is not None:
+            self._stage_in_rounds(job)
+            return
         pending = job.pending
         sent = False
         try:
@@ -420,6 +438,50 @@ class AsyncCheckpointer:
             if not isinstance(exc, Exception):
                 raise
 
+    def _stage_in_rounds(self, job: _Job) -> None:
+        """``_stage_and_send`` for a budgeted checkpointer: the state in rounds (``staged_rounds.py``)."""
+        pending = job.pending
+        stager: RoundStager | None = None
+        try:
+            with self._lock:
+                worker = self._ensure_worker()
+            assert self._budget is not None
+            stager = RoundStager(self._pool, self._inflight, worker, self._budget)
+            rank = self._group.rank if self._group is not None else 0
+            request = SaveRequest(
+                save_id=pending.save_id,
+                slot_id=-1,
+                layout_key=job.prepared.layout.key,
+                layout_id=job.prepared.layout_id,
+                storage=job.storage,
+                location=job.location,
+                values=job.prepared.local.values,
+                options=self._options,
+                stage_s=0.0,
+                stall_s=0.0,
+            )
+            stage_s = stager.run(
+                request,
+                pending,
+                job.prepared.local.tensors,
+                hand_over=lambda slot: self._hand_over(worker, slot, job.prepared),
+                stream=self._cuda_stream(job.prepared.on_cuda),
+                on_half=lambda: _half_staged(pending.save_id, rank),
+                timeout=self._timeout,
+                t0=job.t0,
+            )
+            kill_point("staged", pending.save_id, rank)
+            pending._set_staged(stage_s)
+        except BaseException as exc:
+            err = exc if isinstance(exc, CheckpointError) else CheckpointError(f"staging failed: {exc}")
+            if err is not exc:
+                err.__cause__ = exc
+            pending._fail(err)
+            if stager is None or not stager.begun:
+                self._report_local_failure(pending.save_id, err)
+            if not isinstance(exc, Exception):
+                raise
+
     def _hand_over(self, worker: WorkerClient, slot: StagingSlot, prepared: Prepared) -> None:
         """Make sure the worker maps ``slot`` and knows the plan; drop what it no longer needs."""
         # A slot evicted for another layout is free here, but its memory lives on
@@ -445,6 +507,18 @@ class _Job:
     location: str
     prepared: Prepared
     t0: float
+
+
+def _check_budget(budget: int | None) -> int | None:
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise TypeError(
+            f"staging_budget must be a number of bytes (int) or None, got {type(budget).__qualname__}"
+        )
+    if budget <= 0:
+        raise ValueError(f"staging_budget must be positive, got {budget}")
+    return budget
 
 
 def _check_guard(guard: GuardArg) -> list[Any]:

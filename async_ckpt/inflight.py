@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ from .staging import StagingPool, StagingSlot
 from .storage.detect import StorageDetectionError
 from .worker.client import WorkerClient, WorkerDiedError
 from .worker.comm import RankTimeoutError, StoreLostError
-from .worker.messages import Finished, Released
+from .worker.messages import Finished, Released, RoundWritten
 
 __all__ = ["InFlight", "InFlightSaves", "RemoteError", "remote_error"]
 
@@ -47,6 +48,8 @@ class InFlight:
     waited: float
     """Seconds the save waited for another save to free a staging buffer."""
     released: bool = False
+    on_round: Callable[[int], None] | None = None
+    """A budgeted save's staging thread hears here that the worker wrote a round (``staged_rounds.py``)."""
 
 
 class RemoteError(Exception):
@@ -133,6 +136,11 @@ class InFlightSaves:
                     self._release(f)
             if f is not None:
                 self._finish(f, msg)
+        elif isinstance(msg, RoundWritten):
+            with self._lock:
+                f = self._records.get(msg.save_id)
+            if f is not None and f.on_round is not None:
+                f.on_round(msg.index)
 
     @staticmethod
     def _finish(f: InFlight, msg: Finished) -> None:

@@ -209,6 +209,15 @@ class StagingSlot:
             for dst, src in zip(dsts[half:], srcs[half:], strict=True):
                 dst.copy_(src)
 
+    def carve(self, specs: tuple[BufferSpec, ...]) -> StagingSlot:
+        """This slot's memory laid out as ``specs`` (one round of a budgeted save).
+
+        The view shares the segments and must never be closed: the pool owns them.
+        """
+        return StagingSlot(
+            self.slot_id, Layout(specs, self.layout.segment_sizes, self.layout.key), self.segments
+        )
+
     def close(self) -> None:
         self._dsts.clear()
         self.views.clear()
@@ -313,6 +322,12 @@ class StagingPool:
     def slots(self) -> list[StagingSlot]:
         with self._cond:
             return list(self._slots)
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of shared memory the pool holds now, busy or free."""
+        with self._cond:
+            return sum(sum(s.layout.segment_sizes) for s in self._slots)
 
     def interrupt(self) -> None:
         """Make every current and later ``acquire`` fail, freeing nothing (a copy may still run)."""

@@ -38,6 +38,9 @@ from .messages import (
     RegisterLayout,
     RegisterSlot,
     Released,
+    Round,
+    RoundsAbort,
+    RoundsBegin,
     SaveRequest,
     Shutdown,
     WorkerConfig,
@@ -161,26 +164,85 @@ async def _serve(conn: Connection, comm: Comm, config: WorkerConfig) -> None:
         msg = await queue.get()
         if isinstance(msg, Shutdown):
             break
-        if isinstance(msg, tuple):
-            reg, fds = msg
-            if reg.slot_id in slots:
-                slots.pop(reg.slot_id).close()
-            slots[reg.slot_id] = _MappedSlot(reg.layout, fds)
-        elif isinstance(msg, DropSlot):
-            if msg.slot_id in slots:
-                slots.pop(msg.slot_id).close()
-        elif isinstance(msg, RegisterLayout):
-            layouts[msg.layout_id] = msg
-        elif isinstance(msg, DropLayout):
-            layouts.pop(msg.layout_id, None)
+        if _admin(msg, slots, layouts):
+            pass
         elif isinstance(msg, SaveRequest):
             await _one_save(conn, runner, msg, slots, layouts.get(msg.layout_id))
         elif isinstance(msg, LocalFailure):
             # No reply: the trainer already raised. This only fails the other ranks promptly.
             with contextlib.suppress(Exception):
                 await runner.fail(msg.save_id, msg.error)
+        elif isinstance(msg, RoundsBegin):
+            if not await _rounds_save(conn, runner, msg.request, slots, layouts, queue):
+                break
+        elif isinstance(msg, (Round, RoundsAbort)):
+            pass  # sent for a budgeted save that had already failed here: nothing reads it
     for slot in slots.values():
         slot.close()
+
+
+def _admin(msg: Any, slots: dict[int, _MappedSlot], layouts: dict[str, RegisterLayout]) -> bool:
+    """Handle a message that maps or forgets slots and layouts; False for any other message."""
+    if isinstance(msg, tuple):
+        reg, fds = msg
+        if reg.slot_id in slots:
+            slots.pop(reg.slot_id).close()
+        slots[reg.slot_id] = _MappedSlot(reg.layout, fds)
+    elif isinstance(msg, DropSlot):
+        if msg.slot_id in slots:
+            slots.pop(msg.slot_id).close()
+    elif isinstance(msg, RegisterLayout):
+        layouts[msg.layout_id] = msg
+    elif isinstance(msg, DropLayout):
+        layouts.pop(msg.layout_id, None)
+    else:
+        return False
+    return True
+
+
+async def _rounds_save(
+    conn: Connection,
+    runner: SaveJobRunner,
+    req: SaveRequest,
+    slots: dict[int, _MappedSlot],
+    layouts: dict[str, RegisterLayout],
+    queue: asyncio.Queue[Any],
+) -> bool:
+    """A budgeted save (``rounds.py``); False when the trainer stopped the worker during it."""
+    stopped = False
+
+    async def next_round() -> Round | RoundsAbort | None:
+        nonlocal stopped
+        while True:
+            msg = await queue.get()
+            if isinstance(msg, Shutdown):
+                stopped = True
+                return None
+            if isinstance(msg, (Round, RoundsAbort)):
+                if msg.save_id == req.save_id:
+                    return msg
+            elif not _admin(msg, slots, layouts):  # the trainer sends the next save after the last round
+                raise RuntimeError(
+                    f"{type(msg).__name__} arrived in the middle of save {req.save_id}'s rounds"
+                )
+
+    slot = slots.get(req.slot_id)
+    layout = layouts.get(req.layout_id)
+    try:
+        if slot is None:
+            raise RuntimeError(f"staging slot {req.slot_id} was never registered with this worker")
+        if layout is None:
+            raise RuntimeError(f"layout {req.layout_id} was never registered with this worker")
+        with gc_paused():
+            md = await runner.run_rounds(
+                req, layout.plan, layout.tree, slot.maps, next_round, lambda m: _reply(conn, m)
+            )
+        reply = Finished(req.save_id, metadata=md)
+    except Exception as exc:  # noqa: BLE001 - every failure goes back to the trainer
+        reply = _failed(req.save_id, exc)
+    _reply(conn, Released(req.save_id))
+    _reply(conn, reply)
+    return not stopped
 
 
 async def _one_save(
@@ -200,15 +262,19 @@ async def _one_save(
             md = await runner.run(req, layout.plan, layout.tree, slot.views)
         reply = Finished(req.save_id, metadata=md)
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the trainer
-        reply = Finished(
-            req.save_id,
-            error=str(exc),
-            error_type=type(exc).__name__,
-            error_fields=_public_fields(exc),
-            traceback="".join(traceback.format_exception(exc)),
-        )
+        reply = _failed(req.save_id, exc)
     _reply(conn, Released(req.save_id))
     _reply(conn, reply)
+
+
+def _failed(save_id: int, exc: BaseException) -> Finished:
+    return Finished(
+        save_id,
+        error=str(exc),
+        error_type=type(exc).__name__,
+        error_fields=_public_fields(exc),
+        traceback="".join(traceback.format_exception(exc)),
+    )
 
 
 def _public_fields(exc: BaseException) -> tuple[tuple[str, Any], ...]:

@@ -8,7 +8,7 @@ from typing import Any
 from ..format.metadata import Metadata
 from ..planning import SavePlan
 from ..save_options import SaveOptions
-from ..staging import Layout
+from ..staging import BufferSpec, Layout
 from ..storage.base import Storage
 
 __all__ = [
@@ -20,6 +20,10 @@ __all__ = [
     "RegisterLayout",
     "RegisterSlot",
     "Released",
+    "Round",
+    "RoundWritten",
+    "RoundsAbort",
+    "RoundsBegin",
     "SaveRequest",
     "Shutdown",
     "WorkerConfig",
@@ -118,3 +122,45 @@ class Finished:
     error_fields: tuple[tuple[str, Any], ...] = ()
     """Public attributes of the error (``ranks``, ``failures``), so the trainer can rebuild its type."""
     traceback: str = ""
+
+
+# ------------------------------------------------- budgeted saves (worker/rounds.py)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundsBegin:
+    """A save staged round by round: the workers agree on its plan now; its tensors follow in rounds.
+
+    ``request.slot_id`` names the round buffer; ``request.stage_s`` and
+    ``stall_s`` are 0 here (the last ``Round`` carries them).
+    """
+
+    request: SaveRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One round of a budgeted save is staged: ``specs`` say where each of its tensors lies in the buffer."""
+
+    save_id: int
+    index: int
+    specs: tuple[BufferSpec, ...]
+    last: bool
+    stage_s: float = 0.0
+    stall_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RoundsAbort:
+    """The trainer could not stage the rest of a budgeted save: its worker fails it on every rank."""
+
+    save_id: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoundWritten:
+    """The worker wrote round ``index`` (durable): the trainer may copy the next one over its bytes."""
+
+    save_id: int
+    index: int

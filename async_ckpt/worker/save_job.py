@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import mmap
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +45,8 @@ from ..save_flow import (
     write_assignment,
 )
 from ..writer.pipeline import WrittenFile
-from .messages import SaveRequest
+from .messages import Round, RoundsAbort, SaveRequest
+from .rounds import run_rounds
 
 __all__ = ["SaveJobRunner"]
 
@@ -111,6 +114,20 @@ class SaveJobRunner:
         return with_stats(
             md,
             self._stats(req, t3 - t2, t4 - t3, time.perf_counter() - t4, sum(f.size for f in written), False),
+        )
+
+    async def run_rounds(
+        self,
+        req: SaveRequest,
+        plan: SavePlan,
+        tree: Any,
+        maps: Sequence[mmap.mmap],
+        next_round: Callable[[], Awaitable[Round | RoundsAbort | None]],
+        reply: Callable[[Any], None],
+    ) -> Metadata:
+        """A budgeted save, its plan agreed before the first round is written (``rounds.py``)."""
+        return await run_rounds(
+            self.comm, self.session, self._cache, _CACHE_SIZE, req, plan, tree, maps, next_round, reply
         )
 
     async def fail(self, save_id: int, error: str) -> None:
