@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -151,6 +152,15 @@ class AsyncCheckpointer:
     def worker_pid(self) -> int | None:
         w = self._worker
         return w.pid if w is not None and w.alive else None
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of staging memory this rank's pool holds now (shared with its worker).
+
+        With replica-sharded staging (the default; ``docs/api.md``) about this
+        rank's share of the state dict per slot, after the first save of a layout.
+        """
+        return self._pool.held_bytes()
 
     @property
     def staging_allocations(self) -> int:
@@ -384,7 +394,10 @@ class AsyncCheckpointer:
                 if event is not None:
                     event.synchronize()
                 stage_s = time.perf_counter() - t_stage
-                record = InFlight(pending, slot, worker, waited)
+                layout_id = job.prepared.layout_id
+                record = InFlight(
+                    pending, slot, worker, waited, stage_only=partial(self._layouts.subsets.record, layout_id)
+                )
                 self._inflight.publish(record)
                 worker.send(
                     SaveRequest(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ from .staging import StagingPool, StagingSlot
 from .storage.detect import StorageDetectionError
 from .worker.client import WorkerClient, WorkerDiedError
 from .worker.comm import RankTimeoutError, StoreLostError
-from .worker.messages import Finished, Released
+from .worker.messages import Finished, Released, StageOnly
 
 __all__ = ["InFlight", "InFlightSaves", "RemoteError", "remote_error"]
 
@@ -47,6 +48,8 @@ class InFlight:
     waited: float
     """Seconds the save waited for another save to free a staging buffer."""
     released: bool = False
+    stage_only: Callable[[Any], None] | None = None
+    """Told which items to stage for this save's layout from now on (None: all; replica_staging.py)."""
 
 
 class RemoteError(Exception):
@@ -121,7 +124,12 @@ class InFlightSaves:
             self._pool.release(record.slot)
 
     def on_message(self, msg: Any) -> None:
-        if isinstance(msg, Released):
+        if isinstance(msg, StageOnly):
+            with self._lock:
+                f = self._records.get(msg.save_id)
+            if f is not None and f.stage_only is not None:
+                f.stage_only(msg.keys)
+        elif isinstance(msg, Released):
             with self._lock:
                 f = self._records.get(msg.save_id)
                 if f is not None:
@@ -137,6 +145,10 @@ class InFlightSaves:
     @staticmethod
     def _finish(f: InFlight, msg: Finished) -> None:
         if msg.metadata is None:
+            if f.stage_only is not None:
+                # The next save of this layout stages everything: it may have failed because
+                # some item was staged by no rank (the ranks' state dicts changed differently).
+                f.stage_only(None)
             f.pending._fail(remote_error(f.pending.checkpoint_id, msg))
             return
         s = msg.metadata.stats

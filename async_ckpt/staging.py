@@ -310,6 +310,11 @@ class StagingPool:
             slot.busy = False
             self._cond.notify_all()
 
+    def held_bytes(self) -> int:
+        """Shared memory the slots hold now (segments as allocated, alignment included)."""
+        with self._cond:
+            return sum(seg.size for slot in self._slots for seg in slot.segments)
+
     def slots(self) -> list[StagingSlot]:
         with self._cond:
             return list(self._slots)

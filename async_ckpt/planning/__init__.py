@@ -18,6 +18,7 @@ from .reshard import (
     contiguous_byte_range,
     find_overlaps,
 )
+from .staged import UnstagedItemError
 from .types import (
     ChunkStorageMetadata,
     MetadataIndex,
@@ -42,6 +43,7 @@ __all__ = [
     "SavePlan",
     "TensorProperties",
     "TensorWriteData",
+    "UnstagedItemError",
     "WriteItem",
     "WriteItemType",
     "balanced_dedup",
