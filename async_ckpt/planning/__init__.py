@@ -18,7 +18,6 @@ from .reshard import (
     contiguous_byte_range,
     find_overlaps,
 )
-from .staged import UnstagedItemError
 from .types import (
     ChunkStorageMetadata,
     MetadataIndex,
@@ -43,7 +42,6 @@ __all__ = [
     "SavePlan",
     "TensorProperties",
     "TensorWriteData",
-    "UnstagedItemError",
     "WriteItem",
     "WriteItemType",
     "balanced_dedup",

@@ -62,7 +62,7 @@ def create_global_plan(
     ``staged`` (one mask per plan, over its items, None for all) says which
     items each rank can write: an item stays with its owner above where that
     owner staged it, else goes to the least loaded holder that did, and
-    :class:`~.staged.UnstagedItemError` names an item no holder staged.
+    a :class:`CheckpointError` names an item no holder staged.
     """
     if dedup not in _DEDUP_MODES:
         raise ValueError(f"dedup must be one of {_DEDUP_MODES}, got {dedup!r}")

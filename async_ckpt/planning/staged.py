@@ -21,17 +21,13 @@ from ..errors import CheckpointError
 from .holdings import KEEP_ALL, Holdings
 from .types import WriteItemType
 
-__all__ = ["StagedMask", "UnstagedItemError", "constrain_owners", "staged_flags"]
+__all__ = ["StagedMask", "constrain_owners", "staged_flags"]
 
 StagedMask = Sequence[bool] | npt.NDArray[np.bool_] | None
 """Per plan: whether each of its items is staged (None: all of them)."""
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
-
-
-class UnstagedItemError(CheckpointError):
-    """A rank would have to write an item that no rank holding it copied into staging."""
 
 
 def staged_flags(holdings: Holdings, staged: Sequence[StagedMask]) -> BoolArray:
@@ -97,7 +93,7 @@ def _raise_unstaged(holdings: Holdings, key_id: int, why: str) -> None:
     fqn, offset = holdings.key(key_id)
     ranks = holdings.holder_ranks[holdings.holder_start[key_id] : holdings.holder_start[key_id + 1]]
     where = f"{fqn!r}" if not offset or not any(offset) else f"{fqn!r} at offsets {offset}"
-    raise UnstagedItemError(
+    raise CheckpointError(
         f"tensor {where} cannot be saved: {why} (held by ranks {ranks.tolist()}). Replica-sharded "
         "staging copies only the items each rank wrote last time; the ranks' state dicts changed "
         "differently since. The next save stages everything again"
