@@ -39,7 +39,8 @@ class StagedSubsets:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subsets: OrderedDict[str, tuple[Key, ...]] = OrderedDict()
-        self._layouts: dict[str, tuple[tuple[Key, ...], Layout]] = {}
+        self._layouts: dict[str, tuple[tuple[Key, ...], list[Key], Layout]] = {}
+        """Per layout id: its subset as recorded, in the full layout's order, and its staging layout."""
 
     def record(self, layout_id: str, keys: tuple[Key, ...] | None) -> None:
         """Stage only ``keys`` of this layout from now on; None: everything again."""
@@ -63,15 +64,16 @@ class StagedSubsets:
             if keys is None:
                 return None
             known = self._layouts.get(layout_id)
+        if known is not None and known[0] is keys:
+            # The layout id fixes the tensor keys: checked when this entry was made.
+            return {k: tensors[k] for k in known[1]}, known[2]
         if len(keys) == len(tensors) or not all(k in tensors for k in keys):
             return None  # everything, or a subset of another layout: stage everything
         wanted = set(keys)
         # In the full layout's order, so the copy loop takes its fast path and the layout key is stable.
         subset = {k: t for k, t in tensors.items() if k in wanted}
-        if known is not None and known[0] is keys:
-            return subset, known[1]
         layout = make_layout(subset)
         with self._lock:
             if self._subsets.get(layout_id) is keys:
-                self._layouts[layout_id] = (keys, layout)
+                self._layouts[layout_id] = (keys, list(subset), layout)
         return subset, layout
