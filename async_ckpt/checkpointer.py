@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -122,6 +123,8 @@ class AsyncCheckpointer:
         self._tail: concurrent.futures.Future[None] | None = None
         """The last job handed to the staging thread (the worker must hear of saves in order)."""
         self._layouts = LayoutCache()
+        # Rounds stage every item of the rank (worker/rounds.py plans without a staged mask).
+        self._layouts.replica_staging = self._budget is None
         self.worker_starts = 0
         if start:
             self.start()
@@ -163,14 +166,20 @@ class AsyncCheckpointer:
         return w.pid if w is not None and w.alive else None
 
     @property
+    def staging_bytes(self) -> int:
+        """Bytes of staging memory this rank's pool holds now (shared with its worker).
+
+        At most ``max_in_flight`` buffers. With replica-sharded staging (the
+        default; ``docs/api.md``) each is about this rank's share of the state
+        dict, after the first save of a layout; with ``staging_budget``, each is
+        within the budget (or the largest tensor, if that is larger).
+        """
+        return self._pool.held_bytes()
+
+    @property
     def staging_allocations(self) -> int:
         """How many staging buffers this checkpointer has allocated: a steady state adds none."""
         return self._pool.allocations
-
-    @property
-    def staging_bytes(self) -> int:
-        """Bytes of staging memory held now: at most ``max_in_flight`` buffers, each within the budget."""
-        return self._pool.staging_bytes
 
     def _check_process(self) -> None:
         if os.getpid() != self._owner_pid:
@@ -402,7 +411,10 @@ class AsyncCheckpointer:
                 if event is not None:
                     event.synchronize()
                 stage_s = time.perf_counter() - t_stage
-                record = InFlight(pending, slot, worker, waited)
+                layout_id = job.prepared.layout_id
+                record = InFlight(
+                    pending, slot, worker, waited, stage_only=partial(self._layouts.subsets.record, layout_id)
+                )
                 self._inflight.publish(record)
                 worker.send(
                     SaveRequest(

@@ -30,7 +30,7 @@ from .staging import StagingPool, StagingSlot
 from .storage.detect import StorageDetectionError
 from .worker.client import WorkerClient, WorkerDiedError
 from .worker.comm import RankTimeoutError, StoreLostError
-from .worker.messages import Finished, Released, RoundWritten
+from .worker.messages import Finished, Released, RoundWritten, StageOnly
 
 __all__ = ["InFlight", "InFlightSaves", "RemoteError", "remote_error"]
 
@@ -50,6 +50,8 @@ class InFlight:
     released: bool = False
     on_round: Callable[[int], None] | None = None
     """A budgeted save's staging thread hears here that the worker wrote a round (``staged_rounds.py``)."""
+    stage_only: Callable[[Any], None] | None = None
+    """Told which items to stage for this save's layout from now on (None: all; replica_staging.py)."""
 
 
 class RemoteError(Exception):
@@ -124,7 +126,12 @@ class InFlightSaves:
             self._pool.release(record.slot)
 
     def on_message(self, msg: Any) -> None:
-        if isinstance(msg, Released):
+        if isinstance(msg, StageOnly):
+            with self._lock:
+                f = self._records.get(msg.save_id)
+            if f is not None and f.stage_only is not None:
+                f.stage_only(msg.keys)
+        elif isinstance(msg, Released):
             with self._lock:
                 f = self._records.get(msg.save_id)
                 if f is not None:
@@ -145,6 +152,10 @@ class InFlightSaves:
     @staticmethod
     def _finish(f: InFlight, msg: Finished) -> None:
         if msg.metadata is None:
+            if f.stage_only is not None:
+                # The next save of this layout stages everything: it may have failed because
+                # some item was staged by no rank (the ranks' state dicts changed differently).
+                f.stage_only(None)
             f.pending._fail(remote_error(f.pending.checkpoint_id, msg))
             return
         s = msg.metadata.stats

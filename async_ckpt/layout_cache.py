@@ -22,6 +22,7 @@ from ._dtensor import dtensor_class
 from .format.values import encode_value
 from .local_plan import LocalPlan, build_local_plan, check_tensor
 from .planning import WriteItemType
+from .replica_staging import StagedSubsets
 from .staging import Layout, make_layout
 from .state_dict import Flat
 
@@ -55,8 +56,24 @@ class LayoutCache:
         self._size = size
         self._entries: OrderedDict[tuple[Any, ...], _Entry] = OrderedDict()
         self.hits = 0
+        self.subsets = StagedSubsets()
+        """What the worker said this rank writes, per layout (``replica_staging.py``)."""
+        self.replica_staging = True
+        """Private switch (benchmarks, tests): False stages every tensor, as before."""
 
     def prepare(self, flat: Flat, *, allow_pickle: bool, verify_replicas: bool) -> Prepared:
+        prepared = self._prepare_full(flat, allow_pickle=allow_pickle, verify_replicas=verify_replicas)
+        if verify_replicas or not self.replica_staging:
+            return prepared  # replicas are hashed and compared: every one is staged
+        reduced = self.subsets.reduce(prepared.layout_id, prepared.local.tensors)
+        if reduced is None:
+            return prepared
+        tensors, layout = reduced
+        local = LocalPlan(plan=prepared.local.plan, tensors=tensors, values=prepared.local.values)
+        # Same layout id: the worker keeps the full local plan, which planning needs.
+        return Prepared(local, layout, prepared.layout_id, prepared.tree, prepared.on_cuda)
+
+    def _prepare_full(self, flat: Flat, *, allow_pickle: bool, verify_replicas: bool) -> Prepared:
         # Keyed by the leaves' signature, then the tree compared as Python objects:
         # 0.1 ms against 1.3 ms to serialise it on every save (2,872 tensors).
         # Plain equality cannot tell dict keys 1, 1.0 and True apart, but their

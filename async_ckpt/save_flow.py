@@ -39,6 +39,7 @@ from .format.metadata import (
 from .format.shard import chunk_name
 from .local_plan import LocalPlan, tensor_bytes
 from .planning import SavePlan, WriteItemType, create_global_plan
+from .planning.staged import StagedMask
 from .save_options import SaveOptions
 from .storage.base import FilesPerRankHint, Storage
 from .writer.loop import run_blocking
@@ -89,6 +90,9 @@ class RankAssignment:
 
     token: str
     files: tuple[FileAssignment, ...]
+    preferred: tuple[Key, ...] | None = None
+    """The tensor items this rank would write had every rank staged everything, where that
+    differs from ``files`` (replica-sharded staging: what to stage next time)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,20 +151,32 @@ def coordinate(comm: Comm, step: str, payload: Any, fn: Callable[[list[Any]], Se
 # ------------------------------------------------------------------ planning
 
 
-def plan_assignments(plans: Sequence[SavePlan], token: str, storage: Storage) -> list[RankAssignment]:
+def plan_assignments(
+    plans: Sequence[SavePlan], token: str, storage: Storage, staged: Sequence[StagedMask] | None = None
+) -> list[RankAssignment]:
     """The coordinator's part of planning: dedup, validate, spread each rank's items over files.
 
     A rank writes at most ``MAX_FILES_PER_RANK`` files, fewer where the
     storage says fewer streams suit it (``files_per_rank``, as LocalStorage has).
+    ``staged`` (per rank, a mask over its plan's items) limits each rank to what it staged.
     """
-    gp = create_global_plan(plans, dedup="balanced")
+    gp = create_global_plan(plans, dedup="balanced", staged=staged)
     max_files = MAX_FILES_PER_RANK
     if isinstance(storage, FilesPerRankHint):
         max_files = max(1, min(max_files, int(storage.files_per_rank)))
+    preferred: Sequence[SavePlan | None] = gp.preferred or [None] * len(gp.plans)
     return [
-        RankAssignment(token=token, files=assign_files(p, rank, gp.per_rank_fqns, max_files))
-        for rank, p in enumerate(gp.plans)
+        RankAssignment(
+            token=token,
+            files=assign_files(p, rank, gp.per_rank_fqns, max_files),
+            preferred=None if pref is None else _tensor_keys(pref),
+        )
+        for rank, (p, pref) in enumerate(zip(gp.plans, preferred, strict=True))
     ]
+
+
+def _tensor_keys(plan: SavePlan) -> tuple[Key, ...]:
+    return tuple((it.index.fqn, it.index.offset) for it in plan.items if it.type is not WriteItemType.BYTE_IO)
 
 
 def assign_files(
@@ -317,20 +333,27 @@ def _is_pickled(v: ValueRecord) -> bool:
 # ------------------------------------------------ the steps both paths run
 
 
-def plan_together(comm: Comm, target: SaveTarget, plan: SavePlan) -> RankAssignment:
+def plan_together(
+    comm: Comm, target: SaveTarget, plan: SavePlan, staged: StagedMask = None
+) -> RankAssignment:
     """Collective: the coordinator plans from every rank's local plan and begins the save.
 
     The assignment carries the coordinator's token: it names the save from
-    then on, on every rank.
+    then on, on every rank. ``staged`` masks the items of ``plan`` this rank
+    staged (None: all), which alone it may be given to write.
     """
 
-    def make(plans: list[SavePlan]) -> list[RankAssignment]:
+    def make(gathered: list[tuple[SavePlan, StagedMask]]) -> list[RankAssignment]:
         fail_point("plan", comm.rank, target.save_id)
-        out = plan_assignments(plans, target.token, target.storage)
+        plans = [p for p, _ in gathered]
+        masks = [m for _, m in gathered]
+        out = plan_assignments(
+            plans, target.token, target.storage, None if all(m is None for m in masks) else masks
+        )
         target.storage.begin_save(target.location, target.token)
         return out
 
-    return coordinate(comm, "save planning", plan, make)  # type: ignore[no-any-return]
+    return coordinate(comm, "save planning", (plan, staged), make)  # type: ignore[no-any-return]
 
 
 async def write_assignment(

@@ -319,15 +319,14 @@ class StagingPool:
             slot.busy = False
             self._cond.notify_all()
 
+    def held_bytes(self) -> int:
+        """Shared memory the slots hold now (segments as allocated, alignment included)."""
+        with self._cond:
+            return sum(seg.size for slot in self._slots for seg in slot.segments)
+
     def slots(self) -> list[StagingSlot]:
         with self._cond:
             return list(self._slots)
-
-    @property
-    def staging_bytes(self) -> int:
-        """Bytes of shared memory the pool holds now, busy or free."""
-        with self._cond:
-            return sum(sum(s.layout.segment_sizes) for s in self._slots)
 
     def interrupt(self) -> None:
         """Make every current and later ``acquire`` fail, freeing nothing (a copy may still run)."""

@@ -10,10 +10,15 @@ holds ``1/world`` of it)::
 
     {"replicated": {...plain tensors...}, "sharded": {...DTensors...}}
 
-For each method, one untimed warm-up save, then ``--repeats`` timed ones:
+For each method, one untimed warm-up save (two for ours: a layout's first save
+stages everything, the second allocates the smaller staging slot), then
+``--repeats`` timed ones:
 
 - ``ac``: one ``AsyncCheckpointer(start=True)`` per rank, steady-state saves;
   *stall* is how long ``ck.save`` blocks, *durable* is until ``p.result()``;
+  replica-sharded staging (the default): each rank stages only what it writes;
+- ``ac_all``: the same with every tensor staged on every rank (a private
+  switch, for comparison: the behaviour before replica-sharded staging);
 - ``dcp_save``: blocking ``dcp.save`` (stall = durable);
 - ``dcp_thread``: ``dcp.async_save`` in THREAD mode (DCP's default);
   *stall* until it returns, *durable* until its future is done.
@@ -24,6 +29,14 @@ the median over the timed saves. Bytes written per rank: ours from
 ``md.stats.bytes_written``, DCP's from the sizes of its ``__{rank}_*.distcp``
 files; balance is max / mean over ranks. Total bytes on disk (every file of the
 checkpoint directory) are compared with the unique bytes of the state dict.
+
+Issue 14.1's targets, for ``ac``: *memcpy* is one rank's ``copy_`` of its whole
+local state into held, touched buffers, timed on every rank at once after a
+barrier (as the saves are), max over ranks, median over ``--repeats``; the
+stall target is ``(1/N + 0.15) x memcpy``. *Staged* is ``ck.staging_bytes``
+after the timed saves (what the rank's pool holds, shared with its worker),
+max over ranks; its target is ``1.05 x unique/N + 64 MiB`` (for a fully
+replicated state, ``state/N``).
 
     python benchmarks/multirank.py --gib 1.0 --ranks 2 4 --replicated 0.5 --json out.json
 """
@@ -153,9 +166,9 @@ def _rank_body(
         dist.barrier()
         return files
 
-    def timed(mode: Mode) -> None:
+    def timed(mode: Mode, warmup: int = 1) -> None:
         runs = []
-        for i in range(repeats + 1):  # first one is the warm-up
+        for i in range(repeats + warmup):  # the first ones are the warm-up
             path = os.path.join(work, f"{mode.name}-{i}")
             dist.barrier()
             t0 = time.perf_counter()
@@ -165,22 +178,56 @@ def _rank_body(
             stats = stats_dict(mode.wait(handle))  # async_ckpt's metadata; DCP's has none
             t2 = time.perf_counter()
             files = sync_rm(path)
-            if i:
+            if i >= warmup:
                 written = stats["bytes_written"] if stats else None
-                runs.append({"stall": t1 - t0, "durable": t2 - t0, "bytes_written": written, "files": files})
+                copy = stats.get("stage_s") if stats else None  # the staging copy alone
+                runs.append(
+                    {
+                        "stall": t1 - t0,
+                        "durable": t2 - t0,
+                        "bytes_written": written,
+                        "files": files,
+                        "copy": copy,
+                    }
+                )
         out["runs"][mode.name] = runs
 
+    out["memcpy"] = _time_memcpy(sd, repeats, dist.barrier)
     # The same methods bench_async.py times, on every rank.
-    ck = ac.AsyncCheckpointer(start=True)
-    try:
-        timed(ac_modes(ac, ck, sd)["ac"])
-    finally:
-        ck.close()
+    out["staging_bytes"] = {}
+    for name, sharded in (("ac", True), ("ac_all", False)):
+        ck = ac.AsyncCheckpointer(start=True)
+        try:
+            ck._layouts.replica_staging = sharded  # private switch: stage every tensor when False
+            mode = ac_modes(ac, ck, sd)["ac"]
+            timed(Mode(name, mode.issue, mode.staged, mode.done, mode.wait), warmup=2)
+            out["staging_bytes"][name] = ck.staging_bytes
+        finally:
+            ck.close()
 
     if not skip_dcp:
         dcp = dcp_modes(sd)
         timed(dcp["dcp_save"])
         timed(dcp["dcp_thread"])
+    return out
+
+
+def _time_memcpy(sd: Any, repeats: int, barrier: Any) -> list[float]:
+    """One ``copy_`` of every local tensor into held, touched buffers, per repeat (after a warm-up)."""
+    from torch.distributed.tensor import DTensor
+
+    src = [t.to_local() if isinstance(t, DTensor) else t for t in iter_tensors(sd)]
+    dst = [torch.empty_like(t).zero_() for t in src]
+    out = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            barrier()
+            t0 = time.perf_counter()
+            for d, s in zip(dst, src, strict=True):
+                d.copy_(s)
+            if i:
+                out.append(time.perf_counter() - t0)
+    dst.clear()
     return out
 
 
@@ -214,13 +261,16 @@ def run_world(world: int, args: argparse.Namespace, work: str) -> dict[str, Any]
         "methods": {},
         "wall_s": time.perf_counter() - t,
     }
+    n_mc = len(per_rank[0]["memcpy"])
+    memcpy = _med([max(r["memcpy"][i] for r in per_rank) for i in range(n_mc)])
+    res["memcpy_s"] = memcpy
     for name in per_rank[0]["runs"]:
         runs = [r["runs"][name] for r in per_rank]  # [rank][repeat]
         n = len(runs[0])
         stall = [max(runs[k][i]["stall"] for k in range(world)) for i in range(n)]
         durable = [max(runs[k][i]["durable"] for k in range(world)) for i in range(n)]
         files = runs[0][-1]["files"] or {}
-        if name == "ac":
+        if name.startswith("ac"):
             per = [runs[k][-1]["bytes_written"] or 0 for k in range(world)]
         else:
             per = _dcp_rank_bytes(files, world)
@@ -228,6 +278,9 @@ def run_world(world: int, args: argparse.Namespace, work: str) -> dict[str, Any]
         on_disk = sum(files.values())
         res["methods"][name] = {
             "stall": {"median": _med(stall), "values": stall},
+            "copy": {
+                "median": _med([max(runs[k][i]["copy"] or 0.0 for k in range(world)) for i in range(n)])
+            },
             "durable": {"median": _med(durable), "values": durable},
             "bytes_per_rank": per,
             "balance_max_over_mean": (max(per) / mean) if mean else None,
@@ -235,7 +288,27 @@ def run_world(world: int, args: argparse.Namespace, work: str) -> dict[str, Any]
             "on_disk_over_unique": on_disk / total if total else None,
             "n_files": len(files),
         }
+        staged = [r["staging_bytes"].get(name) for r in per_rank]
+        if None not in staged:
+            res["methods"][name].update(_targets(staged, _med(stall), memcpy, total, world))
     return res
+
+
+def _targets(
+    staged: list[int], stall: float | None, memcpy: float | None, unique: int, world: int
+) -> dict[str, Any]:
+    """Issue 14.1's two targets: stall against one rank's memcpy, staging memory against state/N."""
+    stall_limit = None if memcpy is None else (1 / world + 0.15) * memcpy
+    staged_limit = 1.05 * unique / world + (64 << 20)
+    return {
+        "staging_bytes_per_rank": staged,
+        "staging_bytes_max": max(staged),
+        "staging_target": staged_limit,
+        "staging_met": max(staged) <= staged_limit,
+        "stall_over_memcpy": None if not memcpy or stall is None else stall / memcpy,
+        "stall_target_s": stall_limit,
+        "stall_met": None if stall_limit is None or stall is None else stall <= stall_limit,
+    }
 
 
 def _fmt_gib(n: float) -> str:
@@ -263,6 +336,34 @@ def print_results(results: list[dict[str, Any]]) -> None:
         rows,
         title="Multi-rank saves (max over ranks; median over saves)",
     )
+    rows = []
+    for r in results:
+        for name, m in r["methods"].items():
+            if "staging_bytes_max" not in m:
+                continue
+            ratio = m["stall_over_memcpy"]
+            rows.append(
+                [
+                    r["world"],
+                    name,
+                    f"{r['memcpy_s']:.3f}",
+                    f"{m['copy']['median']:.3f}",
+                    f"{m['stall']['median']:.3f}",
+                    "-" if ratio is None else f"{ratio:.2f} (<= {1 / r['world'] + 0.15:.2f})",
+                    _met(m["stall_met"]),
+                    f"{_fmt_gib(m['staging_bytes_max'])} (<= {_fmt_gib(m['staging_target'])})",
+                    _met(m["staging_met"]),
+                ]
+            )
+    print_table(
+        ["ranks", "method", "memcpy s", "copy s", "stall s", "stall/memcpy", "met", "staged GiB/rank", "met"],
+        rows,
+        title="Issue 14.1 targets: replica-sharded staging (ac; ac_all stages everything, for comparison)",
+    )
+
+
+def _met(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "MISSED")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,6 +125,12 @@ def _chunk_bytes(items: list[WriteItem]) -> IntArray:
     return out
 
 
+def key_costs(holdings: Holdings, item_cost_bytes: int) -> IntArray:
+    """Each key's write cost: its chunk's bytes plus ``item_cost_bytes``."""
+    cost: IntArray = _chunk_bytes(holdings.first_items()) + item_cost_bytes
+    return cost
+
+
 def balanced_owners(holdings: Holdings, keep_all: Collection[int], item_cost_bytes: int) -> IntArray:
     """Choose an owner per key: largest duplicated items first, least-loaded holder.
 
@@ -136,8 +142,7 @@ def balanced_owners(holdings: Holdings, keep_all: Collection[int], item_cost_byt
     fixed = n_holders == 1
     if keep_all:
         fixed[list(keep_all)] = True
-    first_items = holdings.first_items()
-    cost = _chunk_bytes(first_items) + item_cost_bytes
+    cost = key_costs(holdings, item_cost_bytes)
 
     # Fixed work goes in first so that duplicated items fill around it.
     holder_key = np.repeat(np.arange(n_keys, dtype=np.int64), n_holders)

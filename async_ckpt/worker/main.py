@@ -43,6 +43,7 @@ from .messages import (
     RoundsBegin,
     SaveRequest,
     Shutdown,
+    StageOnly,
     WorkerConfig,
 )
 from .priority import lower_priority
@@ -260,6 +261,9 @@ async def _one_save(
             raise RuntimeError(f"layout {req.layout_id} was never registered with this worker")
         with gc_paused():
             md = await runner.run(req, layout.plan, layout.tree, slot.views)
+        if runner.stage_only is not None:
+            # Before Finished: the trainer's next save of this layout stages only these.
+            _reply(conn, StageOnly(req.save_id, req.layout_id, runner.stage_only))
         reply = Finished(req.save_id, metadata=md)
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the trainer
         reply = _failed(req.save_id, exc)

@@ -26,6 +26,7 @@ __all__ = [
     "RoundsBegin",
     "SaveRequest",
     "Shutdown",
+    "StageOnly",
     "WorkerConfig",
 ]
 
@@ -111,6 +112,19 @@ class Released:
     """The worker no longer reads the slot of this save: the trainer may reuse it."""
 
     save_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StageOnly:
+    """Stage only these tensor items of this layout from now on: the ones this rank writes.
+
+    Sent before ``Finished`` when what the save staged differs from them
+    (replica-sharded staging, ``replica_staging.py``).
+    """
+
+    save_id: int
+    layout_id: str
+    keys: tuple[tuple[str, tuple[int, ...] | None], ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ from ..staging import BufferSpec
 from ..writer.pipeline import WrittenFile
 from .messages import Released, Round, RoundsAbort, RoundWritten, SaveRequest
 
-__all__ = ["run_rounds"]
+__all__ = ["PlanCache", "run_rounds"]
 
 _MIN_FILE_BYTES = 4 << 20
 """A round goes to as many files as the plan gives the rank (written at once: one stream is slower),

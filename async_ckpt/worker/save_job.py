@@ -46,12 +46,14 @@ from ..save_flow import (
 )
 from ..writer.pipeline import WrittenFile
 from .messages import Round, RoundsAbort, SaveRequest
-from .rounds import run_rounds
+from .rounds import PlanCache, run_rounds
+from .staged_keys import Key, file_keys, stage_only_keys, staged_mask, subset_layout_key
 
 __all__ = ["SaveJobRunner"]
 
 log = logging.getLogger("async_ckpt.worker")
-_CACHE_SIZE = 4
+_CACHE_SIZE = 8
+"""Assignments kept: each layout's, and its staged subset's (replica-sharded staging)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +63,25 @@ class _Report:
     failure: RankFailure | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    plan_id: str
+    files: tuple[FileAssignment, ...]
+    stage_only: tuple[Key, ...] | None
+    """What to tell the trainer to stage next time, None when it staged just that."""
+
+
 class SaveJobRunner:
     def __init__(self, comm: Comm, session: str) -> None:
         self.comm = comm
         self.session = session
-        self._cache: OrderedDict[tuple[str, Any], tuple[str, tuple[FileAssignment, ...]]] = OrderedDict()
+        # Keyed by the staged layout: a reused assignment only names items this rank staged.
+        self._cache: OrderedDict[tuple[str, Any], _Cached] = OrderedDict()
+        self._round_plans: PlanCache = OrderedDict()
+        """Budgeted saves' plans (``rounds.py``): they stage every item, so never a subset's plan."""
+        self.stage_only: tuple[Key, ...] | None = None
+        """After a successful ``run``: the tensor items the trainer should stage from now on, if
+        not what it staged for this save (replica-sharded staging)."""
 
     async def run(
         self, req: SaveRequest, plan: SavePlan, tree: Any, views: dict[Any, torch.Tensor]
@@ -76,10 +92,13 @@ class SaveJobRunner:
         local = LocalPlan(plan=plan, tensors=views, values=req.values)
         cache_key = (req.layout_key, req.options)
         cached = None if req.options.verify_replicas else self._cache.get(cache_key)
+        if cached is not None and not all(k in views for fa in cached.files for k in file_keys(fa)):
+            cached = None  # never write what was not staged
+        self.stage_only = None
         t0 = time.perf_counter()
         report = _Report(None, None, None)
         if cached is not None:
-            plan_id, files = cached
+            plan_id, files = cached.plan_id, cached.files
             try:
                 req.storage.begin_save(req.location, target.token)
                 written = await self._write(target, RankAssignment(target.token, files), local)
@@ -91,6 +110,8 @@ class SaveJobRunner:
             kill_point("before_commit", req.save_id, comm.rank)
         outcome = await asyncio.to_thread(self._commit_or_replan, target, tree, report)
         if isinstance(outcome, Metadata):
+            assert cached is not None
+            self.stage_only = cached.stage_only
             kill_point("after_commit", req.save_id, comm.rank)
             written_bytes = sum(f.size for f in report.result.files) if report.result else 0
             return with_stats(
@@ -99,18 +120,24 @@ class SaveJobRunner:
         # Plan together, then write and commit.
         t2 = time.perf_counter()
         kill_point("plan", req.save_id, comm.rank)
-        assignment = await asyncio.to_thread(plan_together, comm, target, plan)
+        assignment = await asyncio.to_thread(plan_together, comm, target, plan, staged_mask(plan, views))
         # The coordinator's token, as the blocking save does: here every rank's is the same.
         target = dataclasses.replace(target, token=assignment.token)
-        self._cache[cache_key] = (target.token, assignment.files)
-        while len(self._cache) > _CACHE_SIZE:
-            self._cache.popitem(last=False)
+        stage_only = stage_only_keys(assignment, views)
+        self._remember(cache_key, _Cached(target.token, assignment.files, stage_only))
+        if stage_only is not None and assignment.preferred is None:
+            # The trainer's next save stages just these items, under a layout key of their
+            # own: the same assignment serves it, so that save needs no planning round.
+            reduced = subset_layout_key(views, stage_only)
+            if reduced is not None:
+                self._remember((reduced, req.options), _Cached(target.token, assignment.files, None))
         t3 = time.perf_counter()
         written = await self._write_collectively(target, assignment, local)
         t4 = time.perf_counter()
         kill_point("before_commit", req.save_id, comm.rank)
         md = await asyncio.to_thread(self._commit, target, tree, RankResult(written, req.values))
         kill_point("after_commit", req.save_id, comm.rank)
+        self.stage_only = stage_only
         return with_stats(
             md,
             self._stats(req, t3 - t2, t4 - t3, time.perf_counter() - t4, sum(f.size for f in written), False),
@@ -127,8 +154,14 @@ class SaveJobRunner:
     ) -> Metadata:
         """A budgeted save, its plan agreed before the first round is written (``rounds.py``)."""
         return await run_rounds(
-            self.comm, self.session, self._cache, _CACHE_SIZE, req, plan, tree, maps, next_round, reply
+            self.comm, self.session, self._round_plans, _CACHE_SIZE, req, plan, tree, maps, next_round, reply
         )
+
+    def _remember(self, key: tuple[str, Any], entry: _Cached) -> None:
+        self._cache[key] = entry
+        self._cache.move_to_end(key)
+        while len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
 
     async def fail(self, save_id: int, error: str) -> None:
         """Take part in a save this rank could not prepare, reporting the error at the barrier."""

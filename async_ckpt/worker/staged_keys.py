@@ -1,0 +1,61 @@
+"""What a save staged against what its rank writes (replica-sharded staging, worker side).
+
+The trainer may have copied only some of its tensors into the slot (those it
+wrote last time); the slot's views name them. Planning learns which items of
+the full local plan those are, and the trainer learns which it should stage
+from now on when that differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..planning import SavePlan, WriteItemType
+from ..save_flow import FileAssignment, RankAssignment
+from ..staging import make_layout
+
+__all__ = ["Key", "file_keys", "stage_only_keys", "staged_mask", "subset_layout_key"]
+
+Key = tuple[str, tuple[int, ...] | None]
+
+
+def file_keys(fa: FileAssignment) -> Iterator[Key]:
+    """The staging keys of a file's chunks."""
+    for fqn, offsets, _ in fa.items:
+        yield (fqn, offsets)
+
+
+def staged_mask(plan: SavePlan, views: Mapping[Any, Any]) -> npt.NDArray[np.bool_] | None:
+    """Which items of ``plan`` this rank staged; None when all of them (then nothing is sent)."""
+    mask = np.fromiter(
+        (it.type is WriteItemType.BYTE_IO or (it.index.fqn, it.index.offset) in views for it in plan.items),
+        bool,
+        len(plan.items),
+    )
+    return None if bool(mask.all()) else mask
+
+
+def stage_only_keys(assignment: RankAssignment, views: Mapping[Any, Any]) -> tuple[Key, ...] | None:
+    """The items to stage from now on, if they are not exactly the ones staged for this save."""
+    keys = assignment.preferred
+    if keys is None:
+        keys = tuple(k for fa in assignment.files for k in file_keys(fa))
+    if len(keys) == len(views) and all(k in views for k in keys):
+        return None
+    return keys
+
+
+def subset_layout_key(views: Mapping[Any, Any], keys: tuple[Key, ...]) -> str | None:
+    """The key of the staging layout the trainer will build for ``keys``, if all of them are staged.
+
+    The trainer packs them in the full layout's order, as the views are; the
+    same shapes and dtypes give the same layout key.
+    """
+    wanted = set(keys)
+    if not wanted <= views.keys():
+        return None
+    return make_layout({k: v for k, v in views.items() if k in wanted}).key
