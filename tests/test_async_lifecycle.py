@@ -33,6 +33,7 @@ import torch
 
 import async_ckpt as ac
 from async_ckpt import api
+from async_ckpt._faults import set_hook
 from async_ckpt.errors import CheckpointError
 from async_ckpt.pending import PendingCheckpoint
 from async_ckpt.worker.client import WorkerDiedError
@@ -416,8 +417,19 @@ def test_a_dead_workers_connection_is_closed_even_while_its_failed_save_is_held(
             c.save(_state(20 + i), tmp_path / f"a{i}").result(timeout=60)
             pid = c.worker_pid
             assert pid is not None
-            held.append(c.save(_state(30 + i, mb=64), tmp_path / f"b{i}", overlap=True))
-            os.kill(pid, signal.SIGKILL)
+
+            def kill_worker(pid: int = pid) -> None:
+                # Mid-copy, on the staging thread: the save has its worker by then. Killed
+                # any earlier, the staging thread could start a fresh worker and succeed.
+                set_hook("stage", None)
+                os.kill(pid, signal.SIGKILL)
+
+            set_hook("stage", kill_worker)
+            try:
+                held.append(c.save(_state(30 + i, mb=64), tmp_path / f"b{i}", overlap=True))
+                held[-1].exception(timeout=60)  # settled: the hook ran, or the save failed first
+            finally:
+                set_hook("stage", None)
             with pytest.raises(CheckpointError):
                 held[-1].result(timeout=60)
     assert len(_sockets()) <= len(sockets_before), "a dead worker's socket outlived its checkpointer"
