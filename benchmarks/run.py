@@ -1,7 +1,7 @@
 """Run every async_ckpt benchmark, merge the figures, check the targets, draw the plots.
 
     python benchmarks/run.py --gib 2.0 --sizes 0.5 1 2 4 --repeats 3 --ranks 2 4 \\
-        --replicated 0.5 --planning-ranks 1024 4096 --out bench-out
+        --replicated 1 0.5 --planning-ranks 1024 4096 --budget-mib 512 --out bench-out
 
 Each part runs as its own subprocess writing JSON (so the memory of one part is
 returned to the system before the next starts), in this order:
@@ -20,10 +20,17 @@ returned to the system before the next starts), in this order:
 4. ``bench_gpu.py`` at ``--gib``, where CUDA is available (it reports itself
    skipped elsewhere): pinned D2H staging against a plain pinned ``copy_``,
    overlap mode, and DCP with a pinned ``DefaultStager``;
-5. ``multirank.py`` at ``--ranks`` (``--replicated`` of the bytes on every rank);
+5. ``multirank.py`` at ``--ranks``, once per ``--replicated`` fraction of the
+   bytes on every rank (default 1, the fully replicated DDP-style state of issue
+   14.1, and 0.5, its mixed case): replica-sharded staging (``ac``) beside
+   staging everything (``ac_all``) and DCP;
 6. ``bench_planning.py`` at ``--planning-ranks`` (2000 items per rank);
 7. ``bench_dcp_load.py`` at ``--gib``: one ``dcp.save`` checkpoint loaded cold by
-   ``ac.load`` and by ``dcp.load`` (and by ``ac.load_state_dict``).
+   ``ac.load`` and by ``dcp.load`` (and by ``ac.load_state_dict``);
+8. ``bench_budget.py`` at ``--gib`` with ``--budget-mib``: saves under a staging
+   budget beside unbudgeted ones (issue 14.2);
+9. ``bench_overhead.py`` at ``--gib``: the save overhead in K training steps,
+   blocking, overlap (with the optimizer guard) and DCP's async modes (issue 14.3).
 
 Then ``<out>/results.json`` holds every part's JSON, the machine, and the
 verdicts; one table of ratios (against the hardware limits, against DCP, and the
@@ -41,6 +48,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -67,7 +75,35 @@ TARGETS: list[tuple[str, str, float]] = [
     ("planning_1024_s", "planning 1024 ranks x 2000 items, s", 2.0),
     ("planning_4096_s", "planning 4096 ranks x 2000 items, s", 4.0),
     ("dcp_ckpt_load_over_dcp_load", "ac.load / dcp.load of a DCP checkpoint, cold", 1.0),
+    # issue 14.2, the budgeted saves of bench_budget.py
+    ("budget_peak_pss_over_limit", "budgeted peak tree PSS / (state + budget + 400 MiB)", 1.0),
+    ("budget_durable_over_memcpy_plus_write", "budgeted durable / (memcpy + write+fsync)", 1.3),
+    # issue 14.3, bench_overhead.py
+    ("overlap_call_ms", "overlap save (guarded): call returns, ms", 10.0),
+    ("overlap_overhead_over_memcpy", "overlap save overhead in K steps / memcpy", 0.5),
 ]
+
+
+def replica_targets(ranks: list[int], replicated: list[float]) -> list[tuple[str, str, float]]:
+    """Issue 14.1's targets for ``ac`` per world size and replicated fraction, as ratios to their limits."""
+    out = []
+    for frac in replicated:
+        for n in ranks:
+            tag, where = _replica_tag(n, frac), f"{n} ranks, {_pct(frac)} replicated"
+            out += [
+                (f"replica_stall_{tag}", f"{where}: ac stall / ((1/N + 0.15) x memcpy)", 1.0),
+                (f"replica_staged_{tag}", f"{where}: ac staged bytes / (1.05 x state/N + 64 MiB)", 1.0),
+            ]
+    return out
+
+
+def _replica_tag(world: int, frac: float) -> str:
+    return f"{world}ranks_{round(frac * 100)}rep"
+
+
+def _pct(frac: float | None) -> str:
+    return "?" if frac is None else f"{frac:.0%}"
+
 
 QUICK = {
     "gib": 0.0625,
@@ -79,6 +115,7 @@ QUICK = {
     "multirank_gib": 0.03,
     "multirank_tensors": 100,
     "sweep_single": True,
+    "budget_mib": 8,
 }
 
 
@@ -238,10 +275,82 @@ def _planning_seconds(p: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+_BUDGET_PSS_ALLOWANCE = 400 << 20
+"""Issue 14.2: peak tree PSS may exceed state + budget by this much (the worker, the interpreter)."""
+
+
+def _budget_figures(b: dict[str, Any]) -> dict[str, Any]:
+    """bench_budget's medians: the budgeted saves beside the unbudgeted ones, and the two target ratios."""
+    med = b.get("medians") or {}
+    if not med or "error" in b:
+        return {}
+    state, budget = b["state_bytes"], b["budget_bytes"]
+    mc = _median(b.get("memcpy_s"))
+    wf = _median(b.get("write_fsync_s"))
+    bud, unb = med.get("budgeted") or {}, med.get("unbudgeted") or {}
+    return {
+        "state_bytes": state,
+        "budget_bytes": budget,
+        "memcpy_s": mc,
+        "write_fsync_s": wf,
+        "budgeted": bud,
+        "unbudgeted": unb,
+        "stall_budgeted_over_unbudgeted": _div(bud.get("stall"), unb.get("stall")),
+        "peak_pss_over_limit": _div(bud.get("peak_pss"), state + budget + _BUDGET_PSS_ALLOWANCE),
+        "durable_over_memcpy_plus_write": _div(bud.get("durable"), (mc + wf) if mc and wf else None),
+    }
+
+
+def _median(xs: list[float] | None) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def _overhead_figures(o: dict[str, Any]) -> dict[str, Any]:
+    """bench_overhead's medians per mode: overhead / memcpy, the call's return time, durable in window."""
+    sm = o.get("summary") or {}
+    if "error" in o:
+        return {}
+    return {
+        name: {
+            "overhead_over_memcpy": m.get("overhead_over_memcpy"),
+            "call_ms": None if m.get("call_s") is None else m["call_s"] * 1e3,
+            "durable_in_window": m.get("durable_in_window"),
+        }
+        for name, m in (sm.get("modes") or {}).items()
+    }
+
+
+def _replica_figures(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per world size and replicated fraction: ac (replica-sharded staging) beside ac_all, and the ratios."""
+    rows = []
+    for w in _get(res, "multirank", "results") or []:
+        m = w.get("methods") or {}
+        ac_, all_ = m.get("ac") or {}, m.get("ac_all") or {}
+        row: dict[str, Any] = {
+            "world": w["world"],
+            "replicated": w.get("replicated_fraction"),
+            "memcpy_s": w.get("memcpy_s"),
+            "stall_over_limit": _div(_get(ac_, "stall", "median"), ac_.get("stall_target_s")),
+            "staged_over_limit": _div(ac_.get("staging_bytes_max"), ac_.get("staging_target")),
+        }
+        for name, mm in (("ac", ac_), ("ac_all", all_)):
+            row[name] = {
+                "stall": _get(mm, "stall", "median"),
+                "durable": _get(mm, "durable", "median"),
+                "bytes_on_disk": mm.get("bytes_on_disk"),
+                "staging_bytes_max": mm.get("staging_bytes_max"),
+            }
+        rows.append(row)
+    return rows
+
+
 def build_summary(res: dict[str, Any]) -> dict[str, Any]:
     """Ratios against the hardware limits and DCP, and the verdicts on the targets."""
     single, asy = res.get("single") or {}, res.get("async") or {}
     ar = asy.get("ratios") or {}
+    budget = _budget_figures(res.get("budget") or {})
+    overhead = _overhead_figures(res.get("overhead") or {})
+    replica = _replica_figures(res)
     values: dict[str, Any] = {
         "stall_over_memcpy": ar.get("stall_over_memcpy"),
         "durable_over_memcpy_plus_write": ar.get("durable_over_memcpy_plus_write"),
@@ -253,13 +362,25 @@ def build_summary(res: dict[str, Any]) -> dict[str, Any]:
         "planning_1024_s": None,
         "planning_4096_s": None,
         "dcp_ckpt_load_over_dcp_load": _get(res, "dcp_load", "ratios", "ac_load_over_dcp_load", "of_medians"),
+        "budget_peak_pss_over_limit": budget.get("peak_pss_over_limit"),
+        "budget_durable_over_memcpy_plus_write": budget.get("durable_over_memcpy_plus_write"),
+        "overlap_call_ms": _get(overhead, "ac_overlap", "call_ms"),
+        "overlap_overhead_over_memcpy": _get(overhead, "ac_overlap", "overhead_over_memcpy"),
     }
+    for r in replica:
+        if r["replicated"] is not None:
+            tag = _replica_tag(r["world"], r["replicated"])
+            values[f"replica_stall_{tag}"] = r["stall_over_limit"]
+            values[f"replica_staged_{tag}"] = r["staged_over_limit"]
     plan = _planning_seconds(res.get("planning") or {})
     for row in plan:
         if row["ranks"] in (1024, 4096):
             values[f"planning_{row['ranks']}_s"] = row["ours_s"]
+    cfg = res.get("config") or {}
+    fracs = cfg.get("replicated")
+    fracs = [fracs] if isinstance(fracs, float | int) else fracs or []  # one float before issue 14
     targets = {}
-    for key, desc, limit in TARGETS:
+    for key, desc, limit in TARGETS + replica_targets(cfg.get("ranks") or [], fracs):
         v = values.get(key)
         targets[key] = {
             "description": desc,
@@ -287,10 +408,11 @@ def build_summary(res: dict[str, Any]) -> dict[str, Any]:
     for w in _get(res, "multirank", "results") or []:
         m = w.get("methods") or {}
         if "ac" in m and "dcp_thread" in m:
-            vs_dcp[f"multirank_{w['world']}_dcp_thread_durable_over_ours"] = _div(
+            tag = _replica_tag(w["world"], w.get("replicated_fraction") or 0.0)
+            vs_dcp[f"multirank_{tag}_dcp_thread_durable_over_ours"] = _div(
                 _get(m, "dcp_thread", "durable", "median"), _get(m, "ac", "durable", "median")
             )
-            vs_dcp[f"multirank_{w['world']}_dcp_thread_stall_over_ours"] = _div(
+            vs_dcp[f"multirank_{tag}_dcp_thread_stall_over_ours"] = _div(
                 _get(m, "dcp_thread", "stall", "median"), _get(m, "ac", "stall", "median")
             )
 
@@ -314,6 +436,7 @@ def build_summary(res: dict[str, Any]) -> dict[str, Any]:
             multirank.append(
                 {
                     "world": w["world"],
+                    "replicated": w.get("replicated_fraction"),
                     "method": name,
                     "balance_max_over_mean": m.get("balance_max_over_mean"),
                     "on_disk_over_unique": m.get("on_disk_over_unique"),
@@ -325,6 +448,9 @@ def build_summary(res: dict[str, Any]) -> dict[str, Any]:
         "step_slowdown": slowdown,
         "sweep": sweep,
         "multirank": multirank,
+        "replica_staging": replica,
+        "budget": budget,
+        "overhead": overhead,
         "planning": plan,
         "gpu": _gpu_figures(res.get("gpu") or {}),
     }
@@ -370,22 +496,11 @@ def print_summary(s: dict[str, Any]) -> None:
     for k, v in s["step_slowdown"].items():
         rows.append([f"step time during a save / alone: {k}", _f(v), "", ""])
     for m in s["multirank"]:
-        rows.append(
-            [
-                f"{m['world']} ranks {m['method']}: bytes max/mean per rank",
-                _f(m["balance_max_over_mean"]),
-                "",
-                "",
-            ]
-        )
-        rows.append(
-            [
-                f"{m['world']} ranks {m['method']}: on disk / unique bytes",
-                _f(m["on_disk_over_unique"]),
-                "",
-                "",
-            ]
-        )
+        where = f"{m['world']} ranks, {_pct(m.get('replicated'))} replicated, {m['method']}"
+        rows.append([f"{where}: bytes max/mean per rank", _f(m["balance_max_over_mean"]), "", ""])
+        rows.append([f"{where}: on disk / unique bytes", _f(m["on_disk_over_unique"]), "", ""])
+    for label, value in _side_by_side(s):
+        rows.append([label, value, "", ""])
     for p in s["planning"]:
         per_rank = p["items"] // max(1, p["ranks"])
         rows.append(
@@ -406,6 +521,56 @@ def print_summary(s: dict[str, Any]) -> None:
         rows,
         title="async_ckpt benchmarks: ratios against the hardware, DCP, and the targets",
     )
+
+
+def _pair(a: Any, b: Any, fmt: str = "{:.3f}") -> str:
+    return f"{_f(a, fmt)} / {_f(b, fmt)}"
+
+
+def _side_by_side(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """Issue 14's figures beside their baselines: ac vs ac_all, budgeted vs not, overhead by mode."""
+    gib = "{:.3f}"
+    out = []
+    for r in s.get("replica_staging") or []:
+        a, b = r["ac"], r["ac_all"]
+        where = f"{r['world']} ranks, {_pct(r['replicated'])} replicated"
+        out += [
+            (f"{where}: stall s, ac / ac_all", _pair(a["stall"], b["stall"])),
+            (f"{where}: durable s, ac / ac_all", _pair(a["durable"], b["durable"])),
+            (
+                f"{where}: on disk GiB, ac / ac_all",
+                _pair(_gib(a["bytes_on_disk"]), _gib(b["bytes_on_disk"]), gib),
+            ),
+            (
+                f"{where}: staged GiB per rank (max), ac / ac_all",
+                _pair(_gib(a["staging_bytes_max"]), _gib(b["staging_bytes_max"]), gib),
+            ),
+        ]
+    bu = s.get("budget") or {}
+    if bu:
+        what = f"{_gib(bu['state_bytes']):.3f} GiB state, budget {bu['budget_bytes'] / (1 << 20):g} MiB"
+        x, y = bu["budgeted"], bu["unbudgeted"]
+        out += [
+            (f"{what}: stall s, budgeted / unbudgeted", _pair(x.get("stall"), y.get("stall"))),
+            (f"{what}: durable s, budgeted / unbudgeted", _pair(x.get("durable"), y.get("durable"))),
+            (
+                f"{what}: peak tree PSS GiB, budgeted / unbudgeted",
+                _pair(_gib(x.get("peak_pss")), _gib(y.get("peak_pss")), gib),
+            ),
+            (f"{what}: memcpy s / write+fsync s", _pair(bu["memcpy_s"], bu["write_fsync_s"])),
+        ]
+    for name, m in (s.get("overhead") or {}).items():
+        out += [
+            (f"save overhead in K steps / memcpy: {name}", _f(m["overhead_over_memcpy"])),
+            (f"save call returns, ms: {name}", _f(m["call_ms"], "{:.1f}")),
+        ]
+        if m.get("durable_in_window") is False:
+            out.append((f"save durable within the K steps: {name}", "no (overhead undercounted)"))
+    return out
+
+
+def _gib(n: float | None) -> float | None:
+    return None if n is None else n / (1 << 30)
 
 
 def markdown_summary(res: dict[str, Any]) -> str:
@@ -430,8 +595,9 @@ def markdown_summary(res: dict[str, Any]) -> str:
         f"- main size {c['gib']:g} GiB ({c['tensors']} tensors), "
         f"sweep {', '.join(f'{x:g}' for x in c['sizes'])} GiB ({c.get('sweep_repeats', c['repeats'])} "
         f"round(s) at each size but the main one), {c['repeats']} repeats, "
-        f"ranks {c['ranks']} ({c['replicated']:g} replicated, "
-        f"{c['multirank_gib']:g} GiB unique), planning ranks {c['planning_ranks']}",
+        f"ranks {c['ranks']} ({' and '.join(f'{x:g}' for x in c['replicated'])} replicated, "
+        f"{c['multirank_gib']:g} GiB unique), planning ranks {c['planning_ranks']}, "
+        f"staging budget {c['budget_mib']:g} MiB",
         "",
         "## Results",
         "",
@@ -468,14 +634,23 @@ def markdown_summary(res: dict[str, Any]) -> str:
         "",
         "Multi-rank:",
         "",
-        "| ranks | method | bytes max/mean per rank | on disk / unique |",
-        "|---|---|---|---|",
+        "| ranks | replicated | method | bytes max/mean per rank | on disk / unique |",
+        "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['world']} | {r['method']} | {_f(r['balance_max_over_mean'])} | "
-        f"{_f(r['on_disk_over_unique'])} |"
+        f"| {r['world']} | {_pct(r.get('replicated'))} | {r['method']} | "
+        f"{_f(r['balance_max_over_mean'])} | {_f(r['on_disk_over_unique'])} |"
         for r in s["multirank"]
     ]
+    lines += [
+        "",
+        "Issue 14 beside its baselines (replica-sharded staging `ac` vs staging everything `ac_all`; "
+        "budgeted vs unbudgeted saves; save overhead by mode):",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {label} | {value} |" for label, value in _side_by_side(s)]
     lines += [
         "",
         "Planning (global plan, seconds):",
@@ -517,10 +692,17 @@ def main(argv: list[str] | None = None) -> int:
         help="also run bench_single.py (save/load against the disk) at each sweep size",
     )
     ap.add_argument("--ranks", type=int, nargs="*", default=[2, 4], help="multi-rank world sizes")
-    ap.add_argument("--replicated", type=float, default=0.5, help="multi-rank: fraction replicated")
+    ap.add_argument(
+        "--replicated",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.5],
+        help="multi-rank: fractions replicated, one multirank.py run each (1: issue 14.1's DDP-style state)",
+    )
     ap.add_argument("--multirank-gib", type=float, default=1.0, help="multi-rank: unique bytes (GiB)")
     ap.add_argument("--multirank-tensors", type=int, default=1000, help="multi-rank: tensors per rank")
     ap.add_argument("--planning-ranks", type=int, nargs="*", default=[1024, 4096])
+    ap.add_argument("--budget-mib", type=int, default=512, help="staging budget of bench_budget.py (MiB)")
     ap.add_argument("--out", default="bench-out", help="results.json and logs go here")
     ap.add_argument("--plots-dir", default=str(ROOT / "docs" / "benchmarks"), help="PNGs go here")
     ap.add_argument("--dir", default=None, help="where the benchmarks write checkpoints (default: $TMPDIR)")
@@ -580,10 +762,11 @@ def main(argv: list[str] | None = None) -> int:
             pt["single"] = single(gib, tag, ["--repeats", args.sweep_repeats, "--skip-torch"])
         res["sweep"].append(pt)
     if args.ranks:
-        j = parts / "multirank.json"
-        res["multirank"] = run_part(
-            "multirank",
-            _py(
+        res["multirank"] = {"results": [], "runs": {}}
+        for frac in args.replicated:  # one run per fraction; their worlds merged under "results"
+            name = f"multirank-{round(frac * 100)}rep"
+            j = parts / f"{name}.json"
+            cmd = _py(
                 "multirank.py",
                 "--gib",
                 args.multirank_gib,
@@ -592,17 +775,16 @@ def main(argv: list[str] | None = None) -> int:
                 "--ranks",
                 *args.ranks,
                 "--replicated",
-                args.replicated,
+                frac,
                 "--repeats",
                 args.repeats,
                 *_dir_args(args),
                 "--json",
                 j,
-            ),
-            j,
-            logs,
-            to,
-        )
+            )
+            part = run_part(name, cmd, j, logs, to)
+            res["multirank"]["results"] += part.pop("results", [])
+            res["multirank"]["runs"][name] = part
     if args.planning_ranks:
         j = parts / "planning.json"
         res["planning"] = run_part(
@@ -622,10 +804,56 @@ def main(argv: list[str] | None = None) -> int:
         to,
     )
 
+    j = parts / "budget.json"
+    res["budget"] = run_part(
+        "budget",
+        _py(
+            "bench_budget.py",
+            "--gib",
+            args.gib,
+            "--tensors",
+            args.tensors,
+            "--budget-mib",
+            args.budget_mib,
+            "--rounds",
+            args.repeats,
+            *_dir_args(args),
+            "--out",
+            j,
+        ),
+        j,
+        logs,
+        to,
+    )
+    j = parts / "overhead.json"
+    work = ["--work", str(Path(args.dir) / "bench-overhead")] if args.dir else []
+    res["overhead"] = run_part(
+        "overhead",
+        _py(
+            "bench_overhead.py",
+            "--gib",
+            args.gib,
+            "--tensors",
+            args.tensors,
+            "--rounds",
+            args.repeats,
+            *([] if args.quick else ["--dcp-process"]),  # its helper's spawn alone is ~12 s
+            *work,
+            "--out",
+            j,
+        ),
+        j,
+        logs,
+        to,
+    )
+
     res["errors"] = {}
-    for name in ("single", "async", "gpu", "multirank", "planning", "dcp_load"):
+    for name in ("single", "async", "gpu", "planning", "dcp_load", "budget", "overhead"):
         if isinstance(res.get(name), dict) and "error" in res[name]:
             res["errors"][name] = res[name]["error"]
+    for name, part in (_get(res, "multirank", "runs") or {}).items():
+        if "error" in part:
+            res["errors"][name] = part["error"]
     for pt in res["sweep"]:
         for k in ("single", "async"):
             if "error" in pt.get(k, {}):

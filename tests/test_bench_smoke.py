@@ -34,6 +34,15 @@ TARGET_KEYS = {
     "planning_1024_s",
     "planning_4096_s",
     "dcp_ckpt_load_over_dcp_load",
+    "budget_peak_pss_over_limit",
+    "budget_durable_over_memcpy_plus_write",
+    "overlap_call_ms",
+    "overlap_overhead_over_memcpy",
+    # issue 14.1, per world size (--quick: 2 ranks) and replicated fraction (1 and 0.5)
+    "replica_stall_2ranks_100rep",
+    "replica_staged_2ranks_100rep",
+    "replica_stall_2ranks_50rep",
+    "replica_staged_2ranks_50rep",
 }
 
 
@@ -80,9 +89,9 @@ def test_run_quick(tmp_path: Path) -> None:
         assert "skipped" in res["gpu"] and "skipped" in res["summary"]["gpu"]
 
     worlds = res["multirank"]["results"]
-    assert [w["world"] for w in worlds] == [2]
+    assert [(w["world"], w["replicated_fraction"]) for w in worlds] == [(2, 1.0), (2, 0.5)]
     for w in worlds:
-        assert {"ac", "dcp_save", "dcp_thread"} <= set(w["methods"])
+        assert {"ac", "ac_all", "dcp_save", "dcp_thread"} <= set(w["methods"])
         for meth in w["methods"].values():
             assert len(meth["bytes_per_rank"]) == w["world"]
             assert all(b > 0 for b in meth["bytes_per_rank"])
@@ -90,16 +99,23 @@ def test_run_quick(tmp_path: Path) -> None:
 
     assert [r["ranks"] for r in res["planning"]["results"]] == [64]
     assert {"dcp.load cold", "ac.load cold", "ac.load_state_dict cold"} <= set(res["dcp_load"]["results"])
+    assert {"budgeted", "unbudgeted"} <= set(res["budget"]["medians"])
+    assert {"ac_blocking", "ac_overlap", "dcp_thread"} <= set(res["overhead"]["summary"]["modes"])
 
     s = res["summary"]
     assert set(s["targets"]) == TARGET_KEYS
     for t in s["targets"].values():
         assert {"value", "target", "met", "description"} <= set(t)
     assert "vs_dcp" in s and len(s["sweep"]) == 2
+    assert [r["replicated"] for r in s["replica_staging"]] == [1.0, 0.5]
+    assert s["budget"]["stall_budgeted_over_unbudgeted"] is not None
+    assert {"ac_blocking", "ac_overlap"} <= set(s["overhead"])
 
     md = (out / "summary.md").read_text()
     assert "## Machine" in md and "## Results" in md and "GPU mode:" in md
     assert "async stall / memcpy" in proc.stdout  # the merged table was printed
+    assert "ac staged bytes / (1.05 x state/N + 64 MiB)" in proc.stdout
+    assert "stall s, budgeted / unbudgeted" in md
     for name in PNGS:
         png = plots / name
         assert png.is_file() and png.stat().st_size > 1000, name
