@@ -26,6 +26,13 @@ from async_ckpt.cli import main
 from async_ckpt.testing import same_bits
 
 
+@pytest.fixture(autouse=True)
+def _captured_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A COLUMNS inherited from the shell (or set by pytest-xdist's workers) would fold the
+    # tables these tests read; captured output gets the CLI's own width for pipes.
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
 def _single_state() -> dict[Any, Any]:
     g = torch.Generator().manual_seed(0)
     return {
