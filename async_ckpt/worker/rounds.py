@@ -36,6 +36,7 @@ import torch
 
 from .._faults import fail_point, kill_point
 from ..dist import Comm, RankFailure, RanksFailedError
+from ..errors import CheckpointError
 from ..format.metadata import Metadata, SaveStats
 from ..local_plan import LocalPlan
 from ..planning import SavePlan
@@ -55,7 +56,7 @@ from ..staging import BufferSpec
 from ..writer.pipeline import WrittenFile
 from .messages import Released, Round, RoundsAbort, RoundWritten, SaveRequest
 
-__all__ = ["PlanCache", "run_rounds"]
+__all__ = ["PlanCache", "mixed_budgets", "run_rounds"]
 
 _MIN_FILE_BYTES = 4 << 20
 """A round goes to as many files as the plan gives the rank (written at once: one stream is slower),
@@ -151,6 +152,15 @@ def _first_cause(error: BaseException) -> BaseException:
     return error
 
 
+def mixed_budgets(budgeted: Sequence[int], world: int) -> CheckpointError:
+    """The error for ranks that disagree on whether saves go in rounds: their workers' steps differ."""
+    others = [r for r in range(world) if r not in budgeted]
+    return CheckpointError(
+        f"ranks {list(budgeted)} save in rounds (AsyncCheckpointer(staging_budget=...)) and ranks "
+        f"{others} do not: set staging_budget on every rank of the group, or on none"
+    )
+
+
 def _agree(
     comm: Comm, target: SaveTarget, plan: SavePlan, cached: tuple[str, tuple[FileAssignment, ...]] | None
 ) -> tuple[RankAssignment, bool]:
@@ -162,6 +172,10 @@ def _agree(
         failed = [f for f in (getattr(p, "failure", None) for p in plan_ids) if f is not None]
         if failed:
             raise RanksFailedError("preparing the state dict", failed)
+        # A rank without a budget sends its first report (SaveJobRunner.run) here, not a plan id.
+        unbudgeted = [r for r, p in enumerate(plan_ids) if p is not None and not isinstance(p, str)]
+        if unbudgeted:
+            raise mixed_budgets([r for r in range(len(plan_ids)) if r not in unbudgeted], len(plan_ids))
         same = None not in plan_ids and len(set(plan_ids)) == 1
         if same:
             target.storage.begin_save(target.location, target.token)

@@ -46,7 +46,7 @@ from ..save_flow import (
 )
 from ..writer.pipeline import WrittenFile
 from .messages import Round, RoundsAbort, SaveRequest
-from .rounds import PlanCache, run_rounds
+from .rounds import PlanCache, mixed_budgets, run_rounds
 from .staged_keys import Key, file_keys, stage_only_keys, staged_mask, subset_layout_key
 
 __all__ = ["SaveJobRunner"]
@@ -169,6 +169,7 @@ class SaveJobRunner:
         report = _Report(None, None, RankFailure(self.comm.rank, error, ""))
 
         def decide(reports: list[_Report]) -> list[Any]:
+            _refuse_mixed_budgets(reports)
             raise RanksFailedError("preparing the state dict", [r.failure for r in reports if r.failure])
 
         await asyncio.to_thread(coordinate, self.comm, "commit", report, decide)
@@ -203,6 +204,7 @@ class SaveJobRunner:
 
     def _commit_or_replan(self, target: SaveTarget, tree: Any, report: _Report) -> Metadata | str:
         def decide(reports: list[_Report]) -> list[Metadata | str]:
+            _refuse_mixed_budgets(reports)
             failed = [r.failure for r in reports if r.failure is not None]
             if failed:
                 target.storage.abort_save(target.location, target.token)
@@ -235,6 +237,13 @@ class SaveJobRunner:
             plan_cached=cached,
             stall_s=req.stall_s,
         )
+
+
+def _refuse_mixed_budgets(reports: list[Any]) -> None:
+    # A rank saving in rounds sends its plan id (rounds.py) where the others send a report.
+    budgeted = [r for r, rep in enumerate(reports) if not isinstance(rep, _Report)]
+    if budgeted:
+        raise mixed_budgets(budgeted, len(reports))
 
 
 def _failure(rank: int, exc: BaseException) -> RankFailure:
