@@ -6,8 +6,8 @@ state, after one warm-up save (which allocates the staging buffers and plans):
 
 - stall: the blocking ``save`` call, until staged (budgeted: until the last round is copied);
 - durable: from the call until the checkpoint is committed;
-- peak PSS: the trainer's plus its worker's (``/proc/<pid>/smaps_rollup``),
-  sampled on a thread from before the call until committed;
+- peak PSS: of the process tree (the trainer and its worker), sampled by
+  ``async_measure.TreeMemory`` from before the call until committed;
 - staging bytes the pool holds.
 
 Against the hardware, measured in the same run: memcpy (``copy_`` of every
@@ -30,31 +30,24 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # async_ckpt, uninstalled
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (
     fmt_bytes,
-    iter_tensors,
     log,
     make_state_dict,
     median,
-    preallocated_like,
     print_table,
     quiesce,
-    raw_write,
     release_free_memory,
     rm,
     state_dict_bytes,
-    tensor_views,
-    write_batches,
 )
+from async_measure import Memcpy, TreeMemory, time_write
 
 import async_ckpt as ac
 
@@ -63,96 +56,32 @@ _OVERHEAD_ALLOWED = 400 * MiB
 _DURABLE_RATIO = 1.3
 
 
-def pss(pid: int) -> int:
-    """Proportional set size of ``pid`` in bytes (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            for line in fh:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-class PeakPSS:
-    """Peak of the summed PSS of a few processes, sampled on a thread while the block runs."""
-
-    def __init__(self, pids: list[int], interval: float = 0.02) -> None:
-        self._pids = pids
-        self._interval = interval
-        self._stop = threading.Event()
-        self.peak = 0
-
-    def _sample(self) -> None:
-        self.peak = max(self.peak, sum(pss(p) for p in self._pids))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._sample()
-
-    def __enter__(self) -> PeakPSS:
-        self._sample()
-        self._thread = threading.Thread(target=self._run, name="peak-pss", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-
-def time_memcpy(sd: dict[str, Any]) -> float:
-    src = list(iter_tensors(sd))
-    pre = preallocated_like(sd)
-    dst = list(iter_tensors(pre))
-    with torch.no_grad():
-        for d, s in zip(dst, src, strict=True):  # touched once, so the timed copy does not fault
-            d.copy_(s)
-        t = time.perf_counter()
-        for d, s in zip(dst, src, strict=True):
-            d.copy_(s)
-        out = time.perf_counter() - t
-    dst.clear()
-    del pre
-    release_free_memory()
-    return out
-
-
-def time_write(sd: dict[str, Any], path: Path) -> float:
-    batches = write_batches(tensor_views(list(iter_tensors(sd))))
-    rm(path)
-    quiesce()
-    t = time.perf_counter()
-    raw_write(str(path), batches)
-    out = time.perf_counter() - t
-    rm(path)
-    return out
-
-
 def run_mode(
-    sd: dict[str, Any], root: Path, budget: int | None, rounds: int, nice: int
+    sd: dict[str, Any], root: Path, budget: int | None, rounds: int, nice: int, mem: TreeMemory
 ) -> list[dict[str, float]]:
     out = []
     with ac.AsyncCheckpointer(staging_budget=budget, start=True, worker_nice=nice) as ck:
         rm(root / "warm")
         ck.save(sd, root / "warm").result()  # allocates the buffers, plans; not timed
         rm(root / "warm")
-        pids = [os.getpid(), ck.worker_pid or 0]
         for i in range(rounds):
             path = root / f"c{i}"
             rm(path)
             quiesce()
             release_free_memory()
-            with PeakPSS(pids) as mem:
+            with mem.measure(interval=0.02) as peak:
                 t0 = time.perf_counter()
                 pending = ck.save(sd, path)
                 t1 = time.perf_counter()
                 pending.result()
                 t2 = time.perf_counter()
             out.append(
-                {"stall": t1 - t0, "durable": t2 - t0, "peak_pss": mem.peak, "staging": ck.staging_bytes}
+                {
+                    "stall": t1 - t0,
+                    "durable": t2 - t0,
+                    "peak_pss": peak["pss_peak"],
+                    "staging": ck.staging_bytes,
+                }
             )
             rm(path)
     release_free_memory()
@@ -182,13 +111,19 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     log(f"state {fmt_bytes(state)} in {args.tensors} tensors, budget {fmt_bytes(budget)}, under {root}")
 
-    memcpy = [time_memcpy(sd) for _ in range(args.rounds)]
-    write = [time_write(sd, root / "raw.bin") for _ in range(args.rounds)]
+    copier = Memcpy(sd, warmup=1)
+    memcpy = [copier.time()["wall"] for _ in range(args.rounds)]
+    copier.close()
+    write = [time_write(sd, str(root / "raw.bin"))["wall"] for _ in range(args.rounds)]
     log(f"memcpy {median(memcpy):.3f}s, write+fsync {median(write):.3f}s")
     results: dict[str, list[dict[str, float]]] = {}
-    for name, b in (("unbudgeted", None), ("budgeted", budget)):
-        log(f"{name} saves")
-        results[name] = run_mode(sd, root, b, args.rounds, args.worker_nice)
+    mem = TreeMemory()
+    try:
+        for name, b in (("unbudgeted", None), ("budgeted", budget)):
+            log(f"{name} saves")
+            results[name] = run_mode(sd, root, b, args.rounds, args.worker_nice, mem)
+    finally:
+        mem.close()
 
     base = median(memcpy) + median(write)
     med = {
