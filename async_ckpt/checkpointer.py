@@ -416,20 +416,7 @@ class AsyncCheckpointer:
                     pending, slot, worker, waited, stage_only=partial(self._layouts.subsets.record, layout_id)
                 )
                 self._inflight.publish(record)
-                worker.send(
-                    SaveRequest(
-                        save_id=pending.save_id,
-                        slot_id=slot.slot_id,
-                        layout_key=job.prepared.layout.key,
-                        layout_id=job.prepared.layout_id,
-                        storage=job.storage,
-                        location=job.location,
-                        values=job.prepared.local.values,
-                        options=self._options,
-                        stage_s=stage_s,
-                        stall_s=time.perf_counter() - job.t0,
-                    )
-                )
+                worker.send(self._request(job, slot.slot_id, stage_s, time.perf_counter() - job.t0))
                 sent = True
             except BaseException:
                 if record is None:
@@ -440,13 +427,7 @@ class AsyncCheckpointer:
             kill_point("staged", pending.save_id, rank)
             pending._set_staged(stage_s)
         except BaseException as exc:
-            err = exc if isinstance(exc, CheckpointError) else CheckpointError(f"staging failed: {exc}")
-            if err is not exc:
-                err.__cause__ = exc
-            pending._fail(err)
-            if not sent:
-                # As for a failure in _prepare: the other ranks must not wait for this one.
-                self._report_local_failure(pending.save_id, err)
+            self._staging_failed(pending, exc, worker_told=sent)
             if not isinstance(exc, Exception):
                 raise
 
@@ -460,20 +441,8 @@ class AsyncCheckpointer:
             assert self._budget is not None
             stager = RoundStager(self._pool, self._inflight, worker, self._budget)
             rank = self._group.rank if self._group is not None else 0
-            request = SaveRequest(
-                save_id=pending.save_id,
-                slot_id=-1,
-                layout_key=job.prepared.layout.key,
-                layout_id=job.prepared.layout_id,
-                storage=job.storage,
-                location=job.location,
-                values=job.prepared.local.values,
-                options=self._options,
-                stage_s=0.0,
-                stall_s=0.0,
-            )
             stage_s = stager.run(
-                request,
+                self._request(job, -1, 0.0, 0.0),
                 pending,
                 job.prepared.local.tensors,
                 hand_over=lambda slot: self._hand_over(worker, slot, job.prepared),
@@ -485,14 +454,33 @@ class AsyncCheckpointer:
             kill_point("staged", pending.save_id, rank)
             pending._set_staged(stage_s)
         except BaseException as exc:
-            err = exc if isinstance(exc, CheckpointError) else CheckpointError(f"staging failed: {exc}")
-            if err is not exc:
-                err.__cause__ = exc
-            pending._fail(err)
-            if stager is None or not stager.begun:
-                self._report_local_failure(pending.save_id, err)
+            self._staging_failed(pending, exc, worker_told=stager is not None and stager.begun)
             if not isinstance(exc, Exception):
                 raise
+
+    def _request(self, job: _Job, slot_id: int, stage_s: float, stall_s: float) -> SaveRequest:
+        return SaveRequest(
+            save_id=job.pending.save_id,
+            slot_id=slot_id,
+            layout_key=job.prepared.layout.key,
+            layout_id=job.prepared.layout_id,
+            storage=job.storage,
+            location=job.location,
+            values=job.prepared.local.values,
+            options=self._options,
+            stage_s=stage_s,
+            stall_s=stall_s,
+        )
+
+    def _staging_failed(self, pending: PendingCheckpoint, exc: BaseException, *, worker_told: bool) -> None:
+        """Fail ``pending`` with ``exc`` as a CheckpointError (the caller re-raises a non-Exception)."""
+        err = exc if isinstance(exc, CheckpointError) else CheckpointError(f"staging failed: {exc}")
+        if err is not exc:
+            err.__cause__ = exc
+        pending._fail(err)
+        if not worker_told:
+            # As for a failure in _prepare: the other ranks must not wait for this one.
+            self._report_local_failure(pending.save_id, err)
 
     def _hand_over(self, worker: WorkerClient, slot: StagingSlot, prepared: Prepared) -> None:
         """Make sure the worker maps ``slot`` and knows the plan; drop what it no longer needs."""
