@@ -227,13 +227,8 @@ async def _rounds_save(
                     f"{type(msg).__name__} arrived in the middle of save {req.save_id}'s rounds"
                 )
 
-    slot = slots.get(req.slot_id)
-    layout = layouts.get(req.layout_id)
     try:
-        if slot is None:
-            raise RuntimeError(f"staging slot {req.slot_id} was never registered with this worker")
-        if layout is None:
-            raise RuntimeError(f"layout {req.layout_id} was never registered with this worker")
+        slot, layout = _registered(req, slots, layouts.get(req.layout_id))
         with gc_paused():
             md = await runner.run_rounds(
                 req, layout.plan, layout.tree, slot.maps, next_round, lambda m: _reply(conn, m)
@@ -253,14 +248,10 @@ async def _one_save(
     slots: dict[int, _MappedSlot],
     layout: RegisterLayout | None,
 ) -> None:
-    slot = slots.get(req.slot_id)
     try:
-        if slot is None:
-            raise RuntimeError(f"staging slot {req.slot_id} was never registered with this worker")
-        if layout is None:
-            raise RuntimeError(f"layout {req.layout_id} was never registered with this worker")
+        slot, registered = _registered(req, slots, layout)
         with gc_paused():
-            md = await runner.run(req, layout.plan, layout.tree, slot.views)
+            md = await runner.run(req, registered.plan, registered.tree, slot.views)
         if runner.stage_only is not None:
             # Before Finished: the trainer's next save of this layout stages only these.
             _reply(conn, StageOnly(req.save_id, req.layout_id, runner.stage_only))
@@ -269,6 +260,18 @@ async def _one_save(
         reply = _failed(req.save_id, exc)
     _reply(conn, Released(req.save_id))
     _reply(conn, reply)
+
+
+def _registered(
+    req: SaveRequest, slots: dict[int, _MappedSlot], layout: RegisterLayout | None
+) -> tuple[_MappedSlot, RegisterLayout]:
+    """The slot and layout ``req`` names, which the trainer registered before sending it."""
+    slot = slots.get(req.slot_id)
+    if slot is None:
+        raise RuntimeError(f"staging slot {req.slot_id} was never registered with this worker")
+    if layout is None:
+        raise RuntimeError(f"layout {req.layout_id} was never registered with this worker")
+    return slot, layout
 
 
 def _failed(save_id: int, exc: BaseException) -> Finished:
