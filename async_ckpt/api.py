@@ -18,10 +18,10 @@ from .format.metadata import Metadata
 from .interop import is_dcp_checkpoint, load_dcp, read_dcp_metadata
 from .load_flow import load_collective, read_checkpoint_metadata
 from .load_tree import load_tree_collective
-from .local_plan import build_local_plan
+from .local_plan import build_local_plan, byte_sources
 from .overlap_guard import GuardArg
 from .pending import PendingCheckpoint
-from .save_flow import save_collective
+from .save_flow import RankData, save_collective
 from .save_options import SaveOptions
 from .save_target import check_save_target
 from .single_rank import ProcessGroupArg, SingleRank, check_whole_on_this_rank
@@ -76,7 +76,8 @@ def _save(
 
     backend, location, flat, local = run_collectively(comm, "preparing the state dict", prepare)
     options = SaveOptions(allow_pickle=allow_pickle, verify_replicas=verify_replicas)
-    md = save_collective(comm, backend, location, local, flat.tree, options, stage_s=time.perf_counter() - t0)
+    data = RankData(local.plan, byte_sources(local.tensors), local.values)
+    md = save_collective(comm, backend, location, data, flat.tree, options, stage_s=time.perf_counter() - t0)
     if md.stats is not None:
         log.info("saved %s on rank %d: %s", location, comm.rank, md.stats.describe())
     return md

@@ -168,7 +168,10 @@ def to_safetensors(
         warn(f"note: {len(md.values)} non-tensor value(s) skipped ({names}): safetensors holds tensors only")
     sizes = [math.prod(rec.shape) * rec.dtype.itemsize for _, rec, _ in chosen]
     layout = layout_shard(
-        [ShardEntry(fqn, rec.dtype, rec.shape, n) for (fqn, rec, _), n in zip(chosen, sizes, strict=True)],
+        [
+            ShardEntry(fqn, rec.dtype_name, rec.shape, n)
+            for (fqn, rec, _), n in zip(chosen, sizes, strict=True)
+        ],
         {"format": "pt"},
     )
     biggest = max((_first_box_bytes(rec, budget) for _, rec, _ in chosen), default=0)

@@ -86,7 +86,7 @@ def to_async_ckpt(
                     fqn=fqn,
                     offsets=offsets,
                     sizes=box,
-                    dtype=rec.dtype,
+                    dtype=rec.dtype_name,
                     name=chunk_name(fqn, offsets, whole=box == rec.shape),
                     nbytes=nbytes,
                     source=reader(fqn, offsets, box, rec.dtype),

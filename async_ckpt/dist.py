@@ -16,12 +16,17 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, runtime_checkable
-
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .errors import CheckpointError
-from .single_rank import ProcessGroupArg, SingleRank
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+    from .single_rank import ProcessGroupArg
+
+# torch.distributed is imported where a process group is used, never at import
+# time: the worker process uses this module's comms and failures without torch.
 
 __all__ = [
     "Comm",
@@ -85,6 +90,9 @@ class ProcessGroupComm:
     """Object collectives on a torch.distributed group (gloo or any backend with CPU objects)."""
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -96,17 +104,17 @@ class ProcessGroupComm:
 
     def gather(self, obj: Any) -> list[Any] | None:
         out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=self._root, group=self.group)
+        self._dist.gather_object(obj, out, dst=self._root, group=self.group)
         return out
 
     def broadcast(self, obj: Any) -> Any:
         box = [obj]
-        dist.broadcast_object_list(box, src=self._root, group=self.group)
+        self._dist.broadcast_object_list(box, src=self._root, group=self.group)
         return box[0]
 
     def scatter(self, objs: Sequence[Any] | None) -> Any:
         out: list[Any] = [None]
-        dist.scatter_object_list(
+        self._dist.scatter_object_list(
             out, list(objs) if objs is not None else None, src=self._root, group=self.group
         )
         return out[0]
@@ -114,6 +122,10 @@ class ProcessGroupComm:
 
 def comm_for(process_group: ProcessGroupArg) -> Comm:
     """The comm for a blocking call: the group given, the default group, or none (also for SINGLE_RANK)."""
+    import torch.distributed as dist
+
+    from .single_rank import SingleRank
+
     if isinstance(process_group, SingleRank):
         return LocalComm()
     if process_group is None and not (dist.is_available() and dist.is_initialized()):

@@ -22,6 +22,7 @@ from .planning import (
     MetadataIndex,
     PlanValidationError,
     SavePlan,
+    TensorProperties,
     TensorWriteData,
     WriteItem,
     WriteItemType,
@@ -101,7 +102,11 @@ def validate_chunks(tensors: Mapping[str, TensorRecord], where: str) -> None:
                 WriteItem(
                     MetadataIndex(fqn, c.offsets),
                     WriteItemType.SHARD,
-                    TensorWriteData(ChunkStorageMetadata(c.offsets, c.sizes), rec.dtype, rec.shape),
+                    TensorWriteData(
+                        ChunkStorageMetadata(c.offsets, c.sizes),
+                        TensorProperties(rec.dtype_name, rec.itemsize),
+                        rec.shape,
+                    ),
                 )
             )
     try:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,15 +18,16 @@ from .planning import (
     ChunkStorageMetadata,
     MetadataIndex,
     SavePlan,
-    TensorProperties,
     TensorWriteData,
     WriteItem,
     WriteItemType,
+    tensor_properties,
 )
 
 __all__ = [
     "LocalPlan",
     "build_local_plan",
+    "byte_sources",
     "check_key",
     "check_tensor",
     "local_chunk",
@@ -139,6 +141,11 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return raw_bytes(t)
 
 
+def byte_sources(tensors: Mapping[Key, torch.Tensor]) -> dict[Key, Callable[[], memoryview]]:
+    """Each tensor's bytes, taken when the writer reaches it (``save_flow.RankData``)."""
+    return {key: partial(tensor_bytes, t) for key, t in tensors.items()}
+
+
 def raw_bytes(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
     flat = t.reshape(-1).view(torch.uint8).numpy()
@@ -177,7 +184,7 @@ def build_local_plan(entries: Mapping[str, Any], *, allow_pickle: bool, verify_r
                 WriteItem(
                     index=MetadataIndex(fqn, chunk.offsets),
                     type=kind,
-                    tensor_data=TensorWriteData(chunk, TensorProperties(value.dtype), shape),
+                    tensor_data=TensorWriteData(chunk, tensor_properties(value.dtype), shape),
                     value_hash=digest,
                 )
             )

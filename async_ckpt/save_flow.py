@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import json
+import math
 import time
 import traceback
 import uuid
@@ -21,12 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ._faults import fail_point
 from .dist import Comm, RankFailure, RanksFailedError, run_collectively
 from .format import checksum
-from .format.dtypes import dtype_from_name
 from .format.metadata import (
     ChunkRecord,
     FileRecord,
@@ -37,7 +35,6 @@ from .format.metadata import (
     encode_metadata,
 )
 from .format.shard import chunk_name
-from .local_plan import LocalPlan, tensor_bytes
 from .planning import SavePlan, WriteItemType, create_global_plan
 from .planning.staged import StagedMask
 from .save_options import SaveOptions
@@ -47,7 +44,9 @@ from .writer.pipeline import FileJob, WriteEntry, WrittenFile, write_files
 
 __all__ = [
     "ABSENT",
+    "ByteSource",
     "RankAssignment",
+    "RankData",
     "RankResult",
     "SaveTarget",
     "aborting_on_failure",
@@ -75,6 +74,21 @@ BLOCK_SIZE = checksum.DEFAULT_BLOCK_SIZE
 """Bytes per checksum block; recorded in the metadata, so a reader never assumes it."""
 
 Key = tuple[str, tuple[int, ...] | None]
+ByteSource = Callable[[], memoryview]
+"""The bytes of one tensor item, produced when the writer reaches it."""
+
+
+@dataclass(frozen=True, slots=True)
+class RankData:
+    """What one rank writes from: its local plan, each tensor item's bytes, its encoded values.
+
+    Torch-free: the trainer's blocking save wraps its tensors
+    (``local_plan.byte_sources``), the worker its staged bytes in shared memory.
+    """
+
+    plan: SavePlan
+    sources: Mapping[Key, ByteSource]
+    values: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,41 +226,35 @@ def assign_files(
 # ------------------------------------------------------------------- writing
 
 
-def write_jobs(
-    assignment: RankAssignment,
-    local: LocalPlan,
-    rank: int,
-    sources: Mapping[Key, Callable[[], memoryview]] | None = None,
-) -> list[FileJob]:
-    """Turn an assignment into file jobs; ``sources`` overrides where bytes come from."""
-    shapes = {it.index.fqn: it.tensor_data.size for it in local.plan.items if it.tensor_data is not None}
+def write_jobs(assignment: RankAssignment, data: RankData, rank: int) -> list[FileJob]:
+    """Turn an assignment into file jobs: shapes and dtypes from the plan, bytes from ``data.sources``."""
+    planned = {
+        (it.index.fqn, it.index.offset): it.tensor_data
+        for it in data.plan.items
+        if it.tensor_data is not None
+    }
     jobs = []
     for fa in assignment.files:
         entries = []
         for fqn, offsets, per_rank in fa.items:
-            tensor = local.tensors[(fqn, offsets)]
-            sizes = tuple(tensor.shape)
-            whole = shapes[fqn] == sizes and not any(offsets)
-            src = sources[(fqn, offsets)] if sources is not None else _lazy_bytes(tensor)
+            td = planned[(fqn, offsets)]
+            sizes = td.sizes
+            whole = td.size == sizes and not any(offsets)
             entries.append(
                 WriteEntry(
                     fqn=fqn,
                     offsets=offsets,
                     sizes=sizes,
-                    dtype=tensor.dtype,
+                    dtype=td.dtype,
                     name=chunk_name(fqn, offsets, whole, rank if per_rank else None),
-                    nbytes=tensor.numel() * tensor.element_size(),
-                    source=src,
+                    nbytes=math.prod(sizes) * td.properties.itemsize,
+                    source=data.sources[(fqn, offsets)],
                     rank=rank if per_rank else None,
-                    global_shape=shapes[fqn],
+                    global_shape=td.size,
                 )
             )
         jobs.append(FileJob(fa.name, tuple(entries)))
     return jobs
-
-
-def _lazy_bytes(tensor: torch.Tensor) -> Callable[[], memoryview]:
-    return lambda: tensor_bytes(tensor)
 
 
 # -------------------------------------------------------------------- commit
@@ -256,14 +264,14 @@ def assemble_metadata(results: Sequence[RankResult], tree: Any) -> Metadata:
     """The checkpoint's metadata from every rank's report (coordinator only)."""
     world = len(results)
     files: dict[str, FileRecord] = {}
-    props: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    props: dict[str, tuple[str, tuple[int, ...]]] = {}
     chunks: dict[str, list[ChunkRecord]] = {}
     per_rank_tensors: set[str] = set()
     for rank, result in enumerate(results):
         for wf in result.files:
             files[wf.name] = FileRecord(rank, wf.size, wf.header_length, wf.header_checksum)
             for c in wf.chunks:
-                props.setdefault(c.fqn, (dtype_from_name(c.dtype), c.global_shape))
+                props.setdefault(c.fqn, (c.dtype, c.global_shape))
                 chunks.setdefault(c.fqn, []).append(
                     ChunkRecord(
                         c.offsets, c.sizes, wf.name, c.name, c.byte_offset, c.byte_length, c.checksums, c.rank
@@ -273,7 +281,7 @@ def assemble_metadata(results: Sequence[RankResult], tree: Any) -> Metadata:
                     per_rank_tensors.add(c.fqn)
     tensors = {
         fqn: TensorRecord(
-            dtype=props[fqn][0],
+            dtype_name=props[fqn][0],
             shape=props[fqn][1],
             chunks=tuple(sorted(cs, key=lambda c: (c.rank or 0, c.offsets))),
             per_rank=fqn in per_rank_tensors,
@@ -357,11 +365,11 @@ def plan_together(
 
 
 async def write_assignment(
-    rank: int, target: SaveTarget, assignment: RankAssignment, local: LocalPlan
+    rank: int, target: SaveTarget, assignment: RankAssignment, data: RankData
 ) -> list[WrittenFile]:
     """This rank's shard files, written and durable (local: not collective)."""
     fail_point("write_jobs", rank, target.save_id)
-    jobs = write_jobs(assignment, local, rank)
+    jobs = write_jobs(assignment, data, rank)
     return await write_files(target.storage, target.location, assignment.token, jobs, block_size=BLOCK_SIZE)
 
 
@@ -398,7 +406,7 @@ def save_collective(
     comm: Comm,
     storage: Storage,
     location: str,
-    local: LocalPlan,
+    local: RankData,
     tree: Any,
     options: SaveOptions,
     *,

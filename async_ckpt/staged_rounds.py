@@ -35,10 +35,12 @@ from typing import Any
 
 import torch
 
+from .buffer_layout import ALIGN, BufferSpec, Key, Layout
 from .errors import CheckpointError
+from .format.dtypes import dtype_name
 from .inflight import InFlight, InFlightSaves
 from .pending import PendingCheckpoint
-from .staging import _ALIGN, BufferSpec, Key, Layout, StagingPool, StagingSlot
+from .staging import StagingPool, StagingSlot
 from .worker.client import WorkerClient, WorkerDiedError
 from .worker.messages import Round, RoundsAbort, RoundsBegin, SaveRequest
 
@@ -53,13 +55,13 @@ def buffer_layout(tensors: Mapping[Key, torch.Tensor], budget: int) -> Layout:
     halves of the budget, or one piece when a tensor needs more than half."""
     total = sum(_aligned(_nbytes(t)) for t in tensors.values())
     largest = max((_aligned(_nbytes(t)) for t in tensors.values()), default=0)
-    half = budget // 2 // _ALIGN * _ALIGN
+    half = budget // 2 // ALIGN * ALIGN
     if total <= budget:
-        count, size = 1, max(total, _ALIGN)
+        count, size = 1, max(total, ALIGN)
     elif largest <= half:
         count, size = 2, half
     else:
-        count, size = 1, max(budget, largest, _ALIGN)
+        count, size = 1, max(budget, largest, ALIGN)
     return Layout((), (size,) * count, f"rounds-{count}x{size}")
 
 
@@ -85,7 +87,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _aligned(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
+    return -(-n // ALIGN) * ALIGN
 
 
 class _Progress:
@@ -193,7 +195,7 @@ class RoundStager:
                 on_half()
             seg = i % segments
             specs = tuple(
-                BufferSpec(key, tuple(tensors[key].shape), tensors[key].dtype, seg, off, n)
+                BufferSpec(key, tuple(tensors[key].shape), dtype_name(tensors[key].dtype), seg, off, n)
                 for key, off, n in members
             )
             t_copy = time.perf_counter()

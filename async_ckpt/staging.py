@@ -12,7 +12,6 @@ none free waits until the worker releases one. Segments have no name in
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import mmap
 import os
 import tempfile
@@ -25,55 +24,13 @@ from typing import Any
 
 import torch
 
+from .buffer_layout import BufferSpec, Key, Layout, make_layout
 from .errors import CheckpointError
+from .format.dtypes import torch_dtype
 
 __all__ = ["BufferSpec", "Layout", "StagingPool", "StagingSlot", "make_layout"]
 
-Key = tuple[str, tuple[int, ...] | None]
-_ALIGN = 64
-_SEGMENT_BYTES = 1 << 30
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; not in Python 3.11
-
-
-@dataclass(frozen=True, slots=True)
-class BufferSpec:
-    key: Key
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    segment: int
-    offset: int
-    nbytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    specs: tuple[BufferSpec, ...]
-    segment_sizes: tuple[int, ...]
-    key: str
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.specs)
-
-
-def make_layout(tensors: Mapping[Key, torch.Tensor]) -> Layout:
-    """Pack tensors into segments of up to 1 GiB (a larger tensor gets its own)."""
-    specs: list[BufferSpec] = []
-    sizes: list[int] = []
-    digest = hashlib.sha256()
-    seg, pos = -1, _SEGMENT_BYTES
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if seg < 0 or (pos + nbytes > _SEGMENT_BYTES and pos > 0):
-            if seg >= 0:
-                sizes.append(max(pos, _ALIGN))
-            seg, pos = seg + 1, 0
-        specs.append(BufferSpec(key, tuple(t.shape), t.dtype, seg, pos, nbytes))
-        pos += -(-nbytes // _ALIGN) * _ALIGN
-        digest.update(repr((key, tuple(t.shape), str(t.dtype))).encode())
-    if seg >= 0:
-        sizes.append(max(pos, _ALIGN))
-    return Layout(tuple(specs), tuple(sizes), digest.hexdigest()[:32])
 
 
 class Segment:
@@ -153,8 +110,9 @@ class StagingSlot:
     def __post_init__(self) -> None:
         for s in self.layout.specs:
             raw = self.segments[s.segment].base[s.offset : s.offset + s.nbytes]
+            dtype = torch_dtype(s.dtype)
             self.views[s.key] = (
-                raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
+                raw.view(dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=dtype)
             )
         self._keys = tuple(self.views)
         self._dsts = list(self.views.values())

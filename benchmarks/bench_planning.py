@@ -45,13 +45,13 @@ from async_ckpt.planning import (
     ChunkStorageMetadata,
     MetadataIndex,
     SavePlan,
-    TensorProperties,
     TensorWriteData,
     WriteItem,
     WriteItemType,
     balanced_dedup,
     create_global_plan,
     dedup_save_plans,
+    tensor_properties,
     validate_coverage,
 )
 
@@ -147,7 +147,7 @@ def build_local_plans(ranks: int, tp: int, n_items: int, layout: str) -> list[Sa
         raise SystemExit(f"--ranks {ranks} is not a multiple of --tp {tp}")
     mesh = {DP: ranks // tp, TP: tp}
     params = model_params(n_items, layout)
-    props = TensorProperties(DTYPE)
+    props = tensor_properties(DTYPE)
     uses = [{m for dims in param.splits for m in dims} for param in params]
     uses_dp = [DP in used for used in uses]
     uses_tp = [TP in used for used in uses]
@@ -202,7 +202,7 @@ def to_dcp(plans: Sequence[SavePlan]) -> list[Any]:
                         chunk=dcp_md.ChunkStorageMetadata(
                             offsets=torch.Size(data.offsets), sizes=torch.Size(data.sizes)
                         ),
-                        properties=dcp_md.TensorProperties(dtype=data.dtype),
+                        properties=dcp_md.TensorProperties(dtype=getattr(torch, data.dtype)),
                         size=torch.Size(data.size),
                     )
             index = dcp_md.MetadataIndex(item.index.fqn, item.index.offset)
@@ -219,7 +219,10 @@ def bytes_balance(plans: Sequence[Any]) -> float:
         for item in plan.items:
             data = item.tensor_data
             if data is not None:
-                total += math.prod(data.chunk.sizes) * data.properties.dtype.itemsize
+                # Ours carry the item size; DCP's properties carry a torch.dtype.
+                props = data.properties
+                size = props.itemsize if hasattr(props, "itemsize") else props.dtype.itemsize
+                total += math.prod(data.chunk.sizes) * size
         per_rank.append(total)
     mean = statistics.fmean(per_rank)
     return max(per_rank) / mean if mean else 1.0

@@ -83,7 +83,7 @@ def to_dcp_plans(plans: Sequence[SavePlan]) -> list[dcp_pl.SavePlan]:
                 td = item.tensor_data
                 data = dcp_pl.TensorWriteData(
                     chunk=dcp_md.ChunkStorageMetadata(torch.Size(td.offsets), torch.Size(td.sizes)),
-                    properties=dcp_md.TensorProperties(dtype=td.dtype),
+                    properties=dcp_md.TensorProperties(dtype=getattr(torch, td.dtype)),
                     size=torch.Size(td.size),
                 )
             index = dcp_md.MetadataIndex(item.index.fqn, item.index.offset)

@@ -81,7 +81,7 @@ def _apply(plans: Sequence[SavePlan], owner: dict[Key, int]) -> list[SavePlan]:
 def _balanced_owner(ref: _Ref, keep_all: set[Key], item_cost: int, n_plans: int) -> dict[Key, int]:
     def cost(k: Key) -> int:
         data = ref.first[k].tensor_data
-        chunk = 0 if data is None else math.prod(data.chunk.sizes) * data.dtype.itemsize
+        chunk = 0 if data is None else math.prod(data.chunk.sizes) * data.properties.itemsize
         return chunk + item_cost
 
     load = [0] * n_plans
@@ -136,7 +136,7 @@ def ref_dedup_save_plans(plans: Sequence[SavePlan]) -> list[SavePlan]:
     owner: dict[Key, int] = {}
     for k in ref.keys:
         data = ref.last[k].tensor_data
-        size = 1 if data is None else (math.prod(data.size) * data.dtype.itemsize or 1)
+        size = 1 if data is None else (math.prod(data.size) * data.properties.itemsize or 1)
         as_set: set[int] = set()
         for r in ref.holders[k]:
             as_set.add(r)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import async_ckpt as ac
-from async_ckpt import staging
+from async_ckpt import buffer_layout
 from async_ckpt.staging import StagingPool, make_layout
 
 MB = 1 << 20
@@ -52,7 +52,7 @@ def test_new_slot_is_backed_so_the_first_copy_does_not_fault() -> None:
 
 
 def test_segments_are_backed_in_parallel_and_hold_every_byte(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(staging, "_SEGMENT_BYTES", 8 * MB)  # several segments from a small dict
+    monkeypatch.setattr(buffer_layout, "SEGMENT_BYTES", 8 * MB)  # several segments from a small dict
     tensors = {**_tensors(5, 3), ("tail", None): torch.arange(7.0)}
     layout = make_layout(tensors)
     assert len(layout.segment_sizes) >= 3

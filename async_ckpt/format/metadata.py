@@ -13,13 +13,14 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, CorruptCheckpointError
 from . import checksum
-from .dtypes import dtype_from_name, dtype_name
+from .dtypes import check_name, itemsize, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "FORMAT_VERSION",
@@ -67,10 +68,25 @@ class ChunkRecord:
 
 @dataclass(frozen=True, slots=True)
 class TensorRecord:
-    dtype: torch.dtype
+    """One saved tensor. ``dtype`` is a ``torch.dtype``; the record itself holds its name.
+
+    The name is what the worker process, which never imports torch, builds
+    and writes; reading ``dtype`` imports torch in the reader's process.
+    """
+
+    dtype_name: str
+    """The dtype's name as torch spells it without ``torch.`` (``bfloat16``)."""
     shape: tuple[int, ...]
     chunks: tuple[ChunkRecord, ...]
     per_rank: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
+
+    @property
+    def itemsize(self) -> int:
+        return itemsize(self.dtype_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +169,7 @@ def _file_json(f: FileRecord) -> dict[str, Any]:
 
 def _tensor_json(t: TensorRecord) -> dict[str, Any]:
     return {
-        "dtype": dtype_name(t.dtype),
+        "dtype": t.dtype_name,
         "shape": list(t.shape),
         "per_rank": t.per_rank,
         "chunks": [
@@ -299,7 +315,7 @@ def _parse_tensor(
 ) -> TensorRecord:
     d = _dict(rec, f"tensor '{fqn}'")
     try:
-        dtype = dtype_from_name(d.get("dtype"))
+        dtype = check_name(d.get("dtype"))
     except ValueError as exc:
         raise _Bad(f"tensor '{fqn}': {exc}") from None
     shape = _dims(d.get("shape"), f"tensor '{fqn}' shape")
@@ -312,14 +328,14 @@ def _parse_tensor(
     )
     if per_rank and any(c.rank is None for c in chunks):
         raise _Bad(f"tensor '{fqn}': per-rank chunks must name their rank")
-    return TensorRecord(dtype=dtype, shape=shape, chunks=chunks, per_rank=per_rank)
+    return TensorRecord(dtype_name=dtype, shape=shape, chunks=chunks, per_rank=per_rank)
 
 
 def _parse_chunk(
     rec: object,
     fqn: str,
     shape: tuple[int, ...],
-    dtype: torch.dtype,
+    dtype: str,
     files: Mapping[str, FileRecord],
     block: int,
     world: int,
@@ -339,7 +355,7 @@ def _parse_chunk(
     frec = files[name]
     start = _int(d.get("byte_offset"), f"{what} byte_offset", lo=frec.header_length)
     length = _int(d.get("byte_length"), f"{what} byte_length", lo=0)
-    if length != math.prod(sizes) * dtype.itemsize:
+    if length != math.prod(sizes) * itemsize(dtype):
         raise _Bad(f"{what}: byte_length {length} does not match sizes {list(sizes)} x {dtype}")
     if start + length > frec.size:
         raise _Bad(f"{what}: bytes [{start}, {start + length}) run past the end of '{name}'")

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ..errors import CorruptCheckpointError
 from .dtypes import safetensors_name
 
@@ -29,7 +27,8 @@ MAX_HEADER_BYTES = 256 << 20
 @dataclass(frozen=True, slots=True)
 class ShardEntry:
     name: str
-    dtype: torch.dtype
+    dtype: str
+    """Our dtype name (``format/dtypes.py``)."""
     shape: tuple[int, ...]
     nbytes: int
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, CorruptCheckpointError
+from ..format.dtypes import any_name
 from ..format.metadata import ChunkRecord, FileRecord, Metadata, TensorRecord, ValueRecord
 from ..format.values import encode_value
 from ..load_metadata import validate_chunks
@@ -192,7 +193,7 @@ class _Translator:
             )
             self.blobs[name] = BlobRef(fqn, path, start, length, transforms, dtype, sizes)
             chunks.append(ChunkRecord(offsets, sizes, name, fqn, 0, nbytes, ()))
-        self.tensors[fqn] = TensorRecord(dtype=dtype, shape=shape, chunks=tuple(chunks))
+        self.tensors[fqn] = TensorRecord(dtype_name=any_name(dtype), shape=shape, chunks=tuple(chunks))
         self.leaf_nodes[fqn] = {"x": fqn}
 
     def _read_values(self, items: list[tuple[str, tuple[str, int, int, tuple[str, ...]]]]) -> None:
@@ -227,7 +228,7 @@ class _Translator:
             self.files[name] = FileRecord(rank=0, size=t.nbytes, header_length=0, header_checksum="")
             sizes = tuple(t.shape)
             chunk = ChunkRecord((0,) * t.dim(), sizes, name, fqn, 0, t.nbytes, ())
-            self.tensors[fqn] = TensorRecord(dtype=t.dtype, shape=sizes, chunks=(chunk,))
+            self.tensors[fqn] = TensorRecord(dtype_name=any_name(t.dtype), shape=sizes, chunks=(chunk,))
             return {"x": fqn}
         if type(obj) in (list, tuple) and _needs_keys(obj):
             kids = [self._expand(f"{fqn}.{i}", v, depth + 1) for i, v in enumerate(obj)]

@@ -26,6 +26,7 @@ from .types import (
     TensorWriteData,
     WriteItem,
     WriteItemType,
+    tensor_properties,
     write_item_for_tensor,
 )
 from .validate import PlanValidationError, validate_coverage
@@ -51,6 +52,7 @@ __all__ = [
     "dedup_save_plans",
     "dedup_tensors",
     "find_overlaps",
+    "tensor_properties",
     "validate_coverage",
     "write_item_for_tensor",
 ]

@@ -66,7 +66,7 @@ def _dcp_storage_size(item: WriteItem) -> int:
     data = item.tensor_data
     if data is None:
         return 1
-    return math.prod(data.size) * data.dtype.itemsize or 1
+    return math.prod(data.size) * data.properties.itemsize or 1
 
 
 def dedup_save_plans(plans: Sequence[SavePlan], save_to_lowest_rank: bool = False) -> list[SavePlan]:
@@ -120,7 +120,7 @@ def _chunk_bytes(items: list[WriteItem]) -> IntArray:
     if tensor:
         present = list(map(datas.__getitem__, tensor))
         numel = map(math.prod, map(operator.attrgetter("chunk.sizes"), present))
-        itemsize = map(operator.attrgetter("properties.dtype.itemsize"), present)
+        itemsize = map(operator.attrgetter("properties.itemsize"), present)
         out[tensor] = np.fromiter(map(operator.mul, numel, itemsize), np.int64, len(tensor))
     return out
 

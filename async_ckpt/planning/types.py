@@ -2,7 +2,8 @@
 
 These mirror the shape of ``torch.distributed.checkpoint``'s planner types so
 that code written against DCP's planning API reads naturally here, but they are
-plain dataclasses with no torch.distributed dependency.
+plain dataclasses with no torch dependency: a dtype is its name (``float32``)
+with its item size, so the worker process plans without importing torch.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import torch
+from typing import Any
 
 __all__ = [
     "ChunkStorageMetadata",
@@ -22,6 +22,7 @@ __all__ = [
     "TensorWriteData",
     "WriteItem",
     "WriteItemType",
+    "tensor_properties",
     "write_item_for_tensor",
 ]
 
@@ -73,7 +74,9 @@ class ChunkStorageMetadata:
 
 @dataclass(frozen=True, slots=True)
 class TensorProperties:
-    dtype: torch.dtype
+    dtype: str
+    """The dtype's name, as torch spells it without ``torch.``."""
+    itemsize: int
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -87,11 +90,11 @@ class TensorWriteData:
     def __init__(
         self,
         chunk: ChunkStorageMetadata,
-        properties: TensorProperties | torch.dtype,
+        properties: TensorProperties | Any,
         size: Sequence[int],
     ) -> None:
-        if isinstance(properties, torch.dtype):
-            properties = TensorProperties(properties)
+        if not isinstance(properties, TensorProperties):
+            properties = tensor_properties(properties)  # a torch.dtype
         object.__setattr__(self, "chunk", chunk)
         object.__setattr__(self, "properties", properties)
         object.__setattr__(self, "size", tuple(int(v) for v in size))
@@ -105,7 +108,7 @@ class TensorWriteData:
         return self.chunk.sizes
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> str:
         return self.properties.dtype
 
 
@@ -127,7 +130,7 @@ class WriteItem:
         """Bytes this item occupies on disk, or ``None`` for a non-tensor."""
         if self.tensor_data is None:
             return None
-        return self.tensor_data.chunk.numel() * self.tensor_data.dtype.itemsize
+        return self.tensor_data.chunk.numel() * self.tensor_data.properties.itemsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +140,17 @@ class SavePlan:
     items: Sequence[WriteItem]
 
 
-def write_item_for_tensor(fqn: str, tensor: torch.Tensor) -> WriteItem:
-    """A ``TENSOR`` item covering the whole of ``tensor``."""
+def tensor_properties(dtype: Any) -> TensorProperties:
+    """The properties of a ``torch.dtype`` (taken as given: this module never imports torch)."""
+    return TensorProperties(str(dtype).removeprefix("torch."), int(dtype.itemsize))
+
+
+def write_item_for_tensor(fqn: str, tensor: Any) -> WriteItem:
+    """A ``TENSOR`` item covering the whole of ``tensor`` (a ``torch.Tensor``)."""
     shape = tuple(tensor.shape)
     chunk = ChunkStorageMetadata(offsets=(0,) * len(shape), sizes=shape)
     return WriteItem(
         index=MetadataIndex(fqn, chunk.offsets),
         type=WriteItemType.TENSOR,
-        tensor_data=TensorWriteData(chunk, TensorProperties(tensor.dtype), shape),
+        tensor_data=TensorWriteData(chunk, tensor_properties(tensor.dtype), shape),
     )

@@ -156,10 +156,11 @@ class _Guarded:
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
-    import torch.distributed as dist
+    import sys
 
+    dist = sys.modules.get("torch.distributed")
     errs: list[type[BaseException]] = [ConnectionError]
-    net = getattr(dist, "DistNetworkError", None)
+    net = getattr(dist, "DistNetworkError", None) if dist is not None else None
     if isinstance(net, type):
         errs.append(net)
     return tuple(errs)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import mmap
 import os
 import signal
 import threading
@@ -22,11 +21,9 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 from typing import Any
 
-import torch
-
 from .._gc import gc_paused
+from ..buffer_layout import Layout
 from ..dist import Comm, LocalComm
-from ..staging import Layout
 from ..writer.loop import new_event_loop
 from .comm import StoreComm
 from .messages import (
@@ -48,6 +45,7 @@ from .messages import (
 )
 from .priority import lower_priority
 from .save_job import SaveJobRunner
+from .views import byte_views, close_maps, map_segments
 
 __all__ = ["entry", "worker_main"]
 
@@ -55,26 +53,14 @@ __all__ = ["entry", "worker_main"]
 class _MappedSlot:
     def __init__(self, layout: Layout, fds: list[int]) -> None:
         self.layout = layout
-        # Mapped writable only because torch.frombuffer warns on read-only buffers; we never write.
-        self.maps = [
-            mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            for fd, size in zip(fds, layout.segment_sizes, strict=True)
-        ]
-        for fd in fds:
-            os.close(fd)
-        bases = [torch.frombuffer(m, dtype=torch.uint8) for m in self.maps]
-        self.views: dict[Any, torch.Tensor] = {}
-        for s in layout.specs:
-            raw = bases[s.segment][s.offset : s.offset + s.nbytes]
-            self.views[s.key] = (
-                raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
-            )
+        self.maps = map_segments(fds, layout.segment_sizes)
+        self.specs = {s.key: s for s in layout.specs}
+        self.views = byte_views(self.maps, layout.specs)
 
     def close(self) -> None:
+        views = list(self.views.values())
         self.views.clear()
-        for m in self.maps:
-            with contextlib.suppress(BufferError):
-                m.close()
+        close_maps(self.maps, views)
 
 
 def entry(fd: int) -> None:
@@ -108,7 +94,6 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     )
     # First, before this process starts threads of its own: they inherit it.
     lower_priority(config.nice, config.idle)
-    torch.set_num_threads(1)
     comm = _connect(config)
     try:
         conn.send(Ready(os.getpid()))
@@ -251,7 +236,7 @@ async def _one_save(
     try:
         slot, registered = _registered(req, slots, layout)
         with gc_paused():
-            md = await runner.run(req, registered.plan, registered.tree, slot.views)
+            md = await runner.run(req, registered.plan, registered.tree, slot.specs, slot.views)
         if runner.stage_only is not None:
             # Before Finished: the trainer's next save of this layout stages only these.
             _reply(conn, StageOnly(req.save_id, req.layout_id, runner.stage_only))

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..buffer_layout import BufferSpec, Layout
 from ..format.metadata import Metadata
 from ..planning import SavePlan
 from ..save_options import SaveOptions
-from ..staging import BufferSpec, Layout
 from ..storage.base import Storage
 
 __all__ = [

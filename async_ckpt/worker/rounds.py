@@ -32,17 +32,15 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import torch
-
 from .._faults import fail_point, kill_point
 from ..dist import Comm, RankFailure, RanksFailedError
 from ..errors import CheckpointError
 from ..format.metadata import Metadata, SaveStats
-from ..local_plan import LocalPlan
 from ..planning import SavePlan
 from ..save_flow import (
     FileAssignment,
     RankAssignment,
+    RankData,
     RankResult,
     SaveTarget,
     aborting_on_failure,
@@ -52,9 +50,9 @@ from ..save_flow import (
     with_stats,
     write_assignment,
 )
-from ..staging import BufferSpec
 from ..writer.pipeline import WrittenFile
 from .messages import Released, Round, RoundsAbort, RoundWritten, SaveRequest
+from .views import byte_views, view_sources
 
 __all__ = ["PlanCache", "mixed_budgets", "run_rounds"]
 
@@ -97,11 +95,10 @@ async def run_rounds(
     written: list[WrittenFile] = []
     failure: RankFailure | None = None
     last: Round | None = None
-    bases = [torch.frombuffer(m, dtype=torch.uint8) for m in maps]
 
     async def write_round(msg: Round) -> None:
         fail_point(f"write_round{msg.index}", comm.rank, req.save_id)
-        local = LocalPlan(plan=plan, tensors=_views(bases, msg.specs), values=req.values)
+        local = RankData(plan, view_sources(byte_views(maps, msg.specs)), req.values)
         files = _round_files(comm.rank, assignment, msg)
         written.extend(await write_assignment(comm.rank, target, files, local))
         kill_point(f"write_round{msg.index}", req.save_id, comm.rank)
@@ -125,8 +122,6 @@ async def run_rounds(
         failure = RankFailure(
             comm.rank, f"{type(first).__name__}: {first}", "".join(traceback.format_exception(first))
         )
-    finally:
-        bases.clear()
     # The buffer is free before the commit: the trainer may stage its next save meanwhile.
     reply(Released(req.save_id))
     t2 = time.perf_counter()
@@ -213,14 +208,6 @@ def _round_files(rank: int, assignment: RankAssignment, rnd: Round) -> RankAssig
         if g
     )
     return RankAssignment(assignment.token, files)
-
-
-def _views(bases: list[torch.Tensor], specs: tuple[BufferSpec, ...]) -> dict[Any, torch.Tensor]:
-    views: dict[Any, torch.Tensor] = {}
-    for s in specs:
-        raw = bases[s.segment][s.offset : s.offset + s.nbytes]
-        views[s.key] = raw.view(s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
-    return views
 
 
 def _commit(

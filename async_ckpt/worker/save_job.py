@@ -20,20 +20,19 @@ import mmap
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from .._faults import kill_point
+from ..buffer_layout import BufferSpec
 from ..dist import Comm, RankFailure, RanksFailedError, run_collectively
 from ..format.metadata import Metadata, SaveStats
-from ..local_plan import LocalPlan
 from ..planning import SavePlan
 from ..save_flow import (
     FileAssignment,
     RankAssignment,
+    RankData,
     RankResult,
     SaveTarget,
     aborting_on_failure,
@@ -48,6 +47,7 @@ from ..writer.pipeline import WrittenFile
 from .messages import Round, RoundsAbort, SaveRequest
 from .rounds import PlanCache, mixed_budgets, run_rounds
 from .staged_keys import Key, file_keys, stage_only_keys, staged_mask, subset_layout_key
+from .views import view_sources
 
 __all__ = ["SaveJobRunner"]
 
@@ -84,12 +84,18 @@ class SaveJobRunner:
         not what it staged for this save (replica-sharded staging)."""
 
     async def run(
-        self, req: SaveRequest, plan: SavePlan, tree: Any, views: dict[Any, torch.Tensor]
+        self,
+        req: SaveRequest,
+        plan: SavePlan,
+        tree: Any,
+        specs: Mapping[Key, BufferSpec],
+        views: Mapping[Key, memoryview],
     ) -> Metadata:
+        """Save the items staged in a slot: ``specs`` says where each lies, ``views`` holds its bytes."""
         comm = self.comm
         comm.begin(f"save{req.save_id}")
         target = SaveTarget(req.storage, req.location, f"{self.session}{req.save_id:08x}", req.save_id)
-        local = LocalPlan(plan=plan, tensors=views, values=req.values)
+        local = RankData(plan, view_sources(views), req.values)
         cache_key = (req.layout_key, req.options)
         cached = None if req.options.verify_replicas else self._cache.get(cache_key)
         if cached is not None and not all(k in views for fa in cached.files for k in file_keys(fa)):
@@ -128,7 +134,7 @@ class SaveJobRunner:
         if stage_only is not None and assignment.preferred is None:
             # The trainer's next save stages just these items, under a layout key of their
             # own: the same assignment serves it, so that save needs no planning round.
-            reduced = subset_layout_key(views, stage_only)
+            reduced = subset_layout_key(specs, stage_only)
             if reduced is not None:
                 self._remember((reduced, req.options), _Cached(target.token, assignment.files, None))
         t3 = time.perf_counter()
@@ -177,7 +183,7 @@ class SaveJobRunner:
     # ------------------------------------------------------------ the steps
 
     async def _write(
-        self, target: SaveTarget, assignment: RankAssignment, local: LocalPlan
+        self, target: SaveTarget, assignment: RankAssignment, local: RankData
     ) -> list[WrittenFile]:
         written = await write_assignment(self.comm.rank, target, assignment, local)
         assert target.save_id is not None
@@ -185,7 +191,7 @@ class SaveJobRunner:
         return written
 
     async def _write_collectively(
-        self, target: SaveTarget, assignment: RankAssignment, local: LocalPlan
+        self, target: SaveTarget, assignment: RankAssignment, local: RankData
     ) -> list[WrittenFile]:
         error: BaseException | None = None
         written: list[WrittenFile] = []

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..buffer_layout import BufferSpec, make_layout
 from ..planning import SavePlan, WriteItemType
 from ..save_flow import FileAssignment, RankAssignment
-from ..staging import make_layout
 
 __all__ = ["Key", "file_keys", "stage_only_keys", "staged_mask", "subset_layout_key"]
 
@@ -49,13 +49,13 @@ def stage_only_keys(assignment: RankAssignment, views: Mapping[Any, Any]) -> tup
     return keys
 
 
-def subset_layout_key(views: Mapping[Any, Any], keys: tuple[Key, ...]) -> str | None:
+def subset_layout_key(specs: Mapping[Key, BufferSpec], keys: tuple[Key, ...]) -> str | None:
     """The key of the staging layout the trainer will build for ``keys``, if all of them are staged.
 
-    The trainer packs them in the full layout's order, as the views are; the
+    The trainer packs them in the full layout's order, as ``specs`` are; the
     same shapes and dtypes give the same layout key.
     """
     wanted = set(keys)
-    if not wanted <= views.keys():
+    if not wanted <= specs.keys():
         return None
-    return make_layout({k: v for k, v in views.items() if k in wanted}).key
+    return make_layout({k: v for k, v in specs.items() if k in wanted}).key

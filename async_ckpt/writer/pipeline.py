@@ -13,10 +13,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from ..format import checksum
-from ..format.dtypes import dtype_name
 from ..format.shard import ShardEntry, layout_shard
 from ..storage.base import ReservingSink, ShardSink, Storage, VectoredSink
 
@@ -30,7 +27,8 @@ class WriteEntry:
     fqn: str
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str
+    """Our dtype name (``format/dtypes.py``)."""
     name: str
     nbytes: int
     source: Callable[[], memoryview]
@@ -114,7 +112,7 @@ async def _write_file(
             chunks.append(
                 WrittenChunk(
                     entry.fqn,
-                    dtype_name(entry.dtype),
+                    entry.dtype,
                     entry.global_shape,
                     entry.offsets,
                     entry.sizes,
