@@ -18,7 +18,9 @@ decoded, no shard opened yet). Save points: ``stage`` (half way through an
 one step of a save and checks that every rank hears of it. Save points (blocking
 and worker): ``plan`` (the coordinator planning), ``write_jobs`` (a rank turning
 its assignment into file jobs) and ``commit`` (the coordinator committing).
-A blocking save has no save id: only specs without one match it.
+A blocking save has no save id: only specs without one match it. Trainer point:
+``worker_start`` (a background worker start, before its process is spawned;
+no save id, the rank in the workers' group).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -39,6 +39,7 @@ from .storage import Storage, detect_storage
 from .worker.client import WorkerClient, WorkerDiedError
 from .worker.group import WorkerGroup, join_worker_group
 from .worker.messages import DropSlot, LocalFailure, SaveRequest, WorkerConfig
+from .worker.starter import BackgroundStart
 
 __all__ = ["AsyncCheckpointer", "PendingCheckpoint", "RemoteError", "WorkerDiedError"]
 
@@ -53,8 +54,12 @@ class AsyncCheckpointer:
     ``SINGLE_RANK`` this rank saves alone (its worker joins no other rank's).
     ``max_in_flight`` bounds how many saves may be staged but not yet written,
     and so the staging memory (``max_in_flight`` copies of the state dict).
-    ``start=True`` starts the worker now, so the first save does not pay for
-    it (collective when there are several ranks). ``timeout`` bounds every wait
+    ``start`` says when the worker starts: ``"background"`` (the default) on a
+    thread now, so the constructor returns at once and the first save (or
+    ``start()``) waits only for what is left of the start, raising its error if
+    it failed (a later save tries again); ``True`` now, waiting for it; ``False``
+    at the first save. The start is collective when there are several ranks: every
+    rank creates its checkpointers in the same order. ``timeout`` bounds every wait
     on another rank's worker. ``worker_nice`` is added to the worker's niceness:
     the default yields the cores to training, so a save slows training steps
     little; lower it if checkpoints must become durable sooner on busy cores.
@@ -71,7 +76,8 @@ class AsyncCheckpointer:
     Threads and who owns what. The caller's thread (or, for ``overlap`` and
     ``async_save``, the single staging thread) prepares, stages and sends a
     save; each worker's listener thread handles its replies and its exit.
-    ``_lock`` guards ``_inflight``, ``_started``, ``_worker`` and the closing
+    ``_lock`` guards ``_inflight``, ``_started``, ``_worker``, ``_bg`` (the
+    background start, until a save or ``close`` takes it) and the closing
     flags. A staging slot belongs to the staging thread from ``acquire`` until
     it publishes the save's record in ``_inflight``; from then on it belongs to
     the record, which returns it to the pool once (see ``inflight.py``).
@@ -84,7 +90,7 @@ class AsyncCheckpointer:
         *,
         storage: Storage | None = None,
         timeout: float = 600.0,
-        start: bool = False,
+        start: bool | Literal["background"] = "background",
         allow_pickle: bool = False,
         verify_replicas: bool = False,
         pin_memory: bool | None = None,
@@ -96,6 +102,8 @@ class AsyncCheckpointer:
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        if start not in (True, False, "background"):
+            raise ValueError(f"start must be True, False or 'background', got {start!r}")
         self._budget = _check_budget(staging_budget)
         self._owner_pid = os.getpid()
         self._pg = process_group
@@ -126,13 +134,17 @@ class AsyncCheckpointer:
         # Rounds stage every item of the rank (worker/rounds.py plans without a staged mask).
         self._layouts.replica_staging = self._budget is None
         self.worker_starts = 0
-        if start:
+        """Workers started and taken into use (a background start counts when a save takes it)."""
+        self._bg: BackgroundStart | None = None
+        if start == "background":
+            self._bg = BackgroundStart(process_group, timeout, worker_start_timeout, self._new_worker)
+        elif start:
             self.start()
 
     # ------------------------------------------------------------- lifetime
 
     def start(self, state_dict: dict[str, Any] | None = None) -> None:
-        """Start the background worker now (idempotent).
+        """Start the background worker now (idempotent); after a background start, wait for it.
 
         Given a ``state_dict`` shaped like the ones that will be saved, also
         allocate and map its staging buffers and hand them and its plan to the
@@ -192,11 +204,33 @@ class AsyncCheckpointer:
     def _ensure_worker(self) -> WorkerClient:
         if self._stopping:
             raise CheckpointError("this AsyncCheckpointer is closed")
+        if self._bg is not None:
+            self._take_background()
         if self._group is None:
             self._group = join_worker_group(self._pg, self._timeout)
         if self._worker is not None and self._worker.alive:
             return self._worker
-        g = self._group
+        worker = self._new_worker(self._group)
+        worker.start(self._start_timeout)
+        self._worker = worker
+        self.worker_starts += 1
+        return worker
+
+    def _take_background(self) -> None:
+        """Take what the constructor's background start gave (waiting for it), or raise why it failed."""
+        bg, self._bg = self._bg, None
+        assert bg is not None
+        group, worker, error = bg.outcome()
+        if group is not None:
+            self._group = group
+        if worker is not None:
+            self._worker = worker
+            self.worker_starts += 1
+        if error is not None:
+            raise error
+
+    def _new_worker(self, g: WorkerGroup) -> WorkerClient:
+        """A client for a worker in group ``g``, not started yet (also called on the start thread)."""
         config = WorkerConfig(
             rank=g.rank,
             world_size=g.world_size,
@@ -209,11 +243,7 @@ class AsyncCheckpointer:
             nice=self._worker_nice,
             idle=self._worker_idle,
         )
-        worker = WorkerClient(config, self._inflight.on_message, self._inflight.on_exit)
-        worker.start(self._start_timeout)
-        self._worker = worker
-        self.worker_starts += 1
-        return worker
+        return WorkerClient(config, self._inflight.on_message, self._inflight.on_exit)
 
     def close(self, timeout: float | None = None) -> None:
         """Wait for every save started (up to ``timeout``), then stop the worker and free buffers.
@@ -242,6 +272,9 @@ class AsyncCheckpointer:
         with self._lock:
             self._stopping = True
             worker = self._worker
+            bg, self._bg = self._bg, None
+        if bg is not None:  # never taken by a save: stop the start, or its worker
+            bg.cancel(max(1.0, min(30.0, deadline - time.monotonic())))
         if worker is not None:
             worker.stop(max(1.0, min(30.0, deadline - time.monotonic())))
         # A save still waiting for a buffer gives up; one still copying finishes
@@ -378,6 +411,8 @@ class AsyncCheckpointer:
     def _report_local_failure(self, save_id: int, exc: BaseException) -> None:
         try:
             with self._lock:
+                if self._bg is not None:
+                    self._take_background()
                 if self._group is None:
                     self._group = join_worker_group(self._pg, self._timeout)
                 if self._group.world_size == 1:

@@ -30,7 +30,10 @@ returned to the system before the next starts), in this order:
 8. ``bench_budget.py`` at ``--gib`` with ``--budget-mib``: saves under a staging
    budget beside unbudgeted ones (issue 14.2);
 9. ``bench_overhead.py`` at ``--gib``: the save overhead in K training steps,
-   blocking, overlap (with the optimizer guard) and DCP's async modes (issue 14.3).
+   blocking, overlap (with the optimizer guard) and DCP's async modes (issue 14.3);
+10. ``bench_worker.py`` at ``--gib``: the worker's start-up (ready after the
+   constructor, Popen -> Ready), its idle RSS, and the first save's stall beside
+   the steady one, each from fresh processes (issue 14.4; at least 5 repeats).
 
 Then ``<out>/results.json`` holds every part's JSON, the machine, and the
 verdicts; one table of ratios (against the hardware limits, against DCP, and the
@@ -81,6 +84,10 @@ TARGETS: list[tuple[str, str, float]] = [
     # issue 14.3, bench_overhead.py
     ("overlap_call_ms", "overlap save (guarded): call returns, ms", 10.0),
     ("overlap_overhead_over_memcpy", "overlap save overhead in K steps / memcpy", 0.5),
+    # issue 14.4, bench_worker.py
+    ("worker_ready_s", "worker ready after AsyncCheckpointer() returns, s", 0.5),
+    ("worker_idle_rss_mb", "idle worker RSS without mapped staging, MB", 80.0),
+    ("worker_first_over_steady_stall", "first save stall (no start()) / steady stall", 3.0),
 ]
 
 
@@ -320,6 +327,26 @@ def _overhead_figures(o: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _worker_figures(w: dict[str, Any]) -> dict[str, Any]:
+    """bench_worker's medians: ready and start-up seconds, idle RSS, first vs steady stall."""
+    sm = w.get("summary") or {}
+    if not sm or "error" in w:
+        return {}
+    first = (sm.get("first") or {}).get("after_build") or {}
+    return {
+        "ready_s": sm.get("ready_s"),
+        "startup_s": sm.get("startup_s"),
+        "import_s": sm.get("import_s"),
+        "idle_rss_before": sm.get("idle_rss_before"),
+        "idle_rss_after": sm.get("idle_rss_after"),
+        "idle_rss_mb": _get(sm, "targets", "idle_rss_mb", "value"),
+        "first_stall_s": first.get("first_stall_s"),
+        "steady_stall_s": first.get("steady_stall_s"),
+        "first_over_steady": first.get("first_over_steady"),
+        "first_at_once_over_steady": _get(sm, "first", "at_once", "first_over_steady"),
+    }
+
+
 def _replica_figures(res: dict[str, Any]) -> list[dict[str, Any]]:
     """Per world size and replicated fraction: ac (replica-sharded staging) beside ac_all, and the ratios."""
     rows = []
@@ -350,6 +377,7 @@ def build_summary(res: dict[str, Any]) -> dict[str, Any]:
     ar = asy.get("ratios") or {}
     budget = _budget_figures(res.get("budget") or {})
     overhead = _overhead_figures(res.get("overhead") or {})
+    worker = _worker_figures(res.get("worker") or {})
     replica = _replica_figures(res)
     values: dict[str, Any] = {
         "stall_over_memcpy": ar.get("stall_over_memcpy"),
@@ -366,6 +394,9 @@ def build_summary(res: dict[str, Any]) -> dict[str, Any]:
         "budget_durable_over_memcpy_plus_write": budget.get("durable_over_memcpy_plus_write"),
         "overlap_call_ms": _get(overhead, "ac_overlap", "call_ms"),
         "overlap_overhead_over_memcpy": _get(overhead, "ac_overlap", "overhead_over_memcpy"),
+        "worker_ready_s": worker.get("ready_s"),
+        "worker_idle_rss_mb": worker.get("idle_rss_mb"),
+        "worker_first_over_steady_stall": worker.get("first_over_steady"),
     }
     for r in replica:
         if r["replicated"] is not None:
@@ -451,6 +482,7 @@ def build_summary(res: dict[str, Any]) -> dict[str, Any]:
         "replica_staging": replica,
         "budget": budget,
         "overhead": overhead,
+        "worker": worker,
         "planning": plan,
         "gpu": _gpu_figures(res.get("gpu") or {}),
     }
@@ -566,7 +598,26 @@ def _side_by_side(s: dict[str, Any]) -> list[tuple[str, str]]:
         ]
         if m.get("durable_in_window") is False:
             out.append((f"save durable within the K steps: {name}", "no (overhead undercounted)"))
+    wk = s.get("worker") or {}
+    if wk:
+        mb = "{:.1f}"
+        out += [
+            (
+                "worker start-up alone (Popen -> Ready) s / its imports alone s",
+                _pair(wk["startup_s"], wk["import_s"]),
+            ),
+            (
+                "idle worker RSS without staging MB, before any save / after one",
+                _pair(_mb(wk["idle_rss_before"]), _mb(wk["idle_rss_after"]), mb),
+            ),
+            ("first save stall s / steady stall s", _pair(wk["first_stall_s"], wk["steady_stall_s"])),
+            ("first save right after the constructor: stall / steady", _f(wk["first_at_once_over_steady"])),
+        ]
     return out
+
+
+def _mb(n: float | None) -> float | None:
+    return None if n is None else n / 1e6
 
 
 def _gib(n: float | None) -> float | None:
@@ -645,7 +696,7 @@ def markdown_summary(res: dict[str, Any]) -> str:
     lines += [
         "",
         "Issue 14 beside its baselines (replica-sharded staging `ac` vs staging everything `ac_all`; "
-        "budgeted vs unbudgeted saves; save overhead by mode):",
+        "budgeted vs unbudgeted saves; save overhead by mode; the worker's start-up and footprint):",
         "",
         "| figure | value |",
         "|---|---|",
@@ -847,8 +898,30 @@ def main(argv: list[str] | None = None) -> int:
         to,
     )
 
+    j = parts / "worker.json"
+    res["worker"] = run_part(
+        "worker",
+        _py(
+            "bench_worker.py",
+            "--gib",
+            args.gib,
+            "--tensors",
+            args.tensors,
+            "--repeats",
+            1 if args.quick else max(5, args.repeats),  # medians of cold starts: 5 at least
+            "--steady",
+            1 if args.quick else 3,
+            *_dir_args(args),
+            "--out",
+            j,
+        ),
+        j,
+        logs,
+        to,
+    )
+
     res["errors"] = {}
-    for name in ("single", "async", "gpu", "planning", "dcp_load", "budget", "overhead"):
+    for name in ("single", "async", "gpu", "planning", "dcp_load", "budget", "overhead", "worker"):
         if isinstance(res.get(name), dict) and "error" in res[name]:
             res["errors"][name] = res[name]["error"]
     for name, part in (_get(res, "multirank", "runs") or {}).items():

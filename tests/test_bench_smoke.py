@@ -43,6 +43,10 @@ TARGET_KEYS = {
     "replica_staged_2ranks_100rep",
     "replica_stall_2ranks_50rep",
     "replica_staged_2ranks_50rep",
+    # issue 14.4, bench_worker.py
+    "worker_ready_s",
+    "worker_idle_rss_mb",
+    "worker_first_over_steady_stall",
 }
 
 
@@ -101,6 +105,7 @@ def test_run_quick(tmp_path: Path) -> None:
     assert {"dcp.load cold", "ac.load cold", "ac.load_state_dict cold"} <= set(res["dcp_load"]["results"])
     assert {"budgeted", "unbudgeted"} <= set(res["budget"]["medians"])
     assert {"ac_blocking", "ac_overlap", "dcp_thread"} <= set(res["overhead"]["summary"]["modes"])
+    assert {"after_build", "at_once"} <= set(res["worker"]["summary"]["first"])
 
     s = res["summary"]
     assert set(s["targets"]) == TARGET_KEYS
@@ -110,12 +115,14 @@ def test_run_quick(tmp_path: Path) -> None:
     assert [r["replicated"] for r in s["replica_staging"]] == [1.0, 0.5]
     assert s["budget"]["stall_budgeted_over_unbudgeted"] is not None
     assert {"ac_blocking", "ac_overlap"} <= set(s["overhead"])
+    assert s["worker"]["ready_s"] is not None and s["worker"]["idle_rss_before"] > 0
 
     md = (out / "summary.md").read_text()
     assert "## Machine" in md and "## Results" in md and "GPU mode:" in md
     assert "async stall / memcpy" in proc.stdout  # the merged table was printed
     assert "ac staged bytes / (1.05 x state/N + 64 MiB)" in proc.stdout
     assert "stall s, budgeted / unbudgeted" in md
+    assert "idle worker RSS without staging MB" in md
     for name in PNGS:
         png = plots / name
         assert png.is_file() and png.stat().st_size > 1000, name

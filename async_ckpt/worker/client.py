@@ -68,6 +68,10 @@ class WorkerClient:
         finally:
             child.close()
         self.conn = Connection(parent.detach())
+        if self._stopping:  # abort_start() came before there was a process to kill
+            self.kill()
+            self.conn.close()
+            raise WorkerDiedError("the async_ckpt worker start was cancelled")
         self.conn.send(self.config)
         if not self.conn.poll(timeout):
             self.kill()
@@ -80,6 +84,15 @@ class WorkerClient:
         assert isinstance(ready, Ready)
         self.alive = True
         threading.Thread(target=self._listen, name="async_ckpt-listener", daemon=True).start()
+
+    def abort_start(self) -> None:
+        """End a ``start`` running on another thread: it raises WorkerDiedError soon after.
+
+        ``start`` sets ``proc`` before it reads ``_stopping``, and this sets
+        ``_stopping`` before it reads ``proc``: one of the two kills the process.
+        """
+        self._stopping = True
+        self.kill()
 
     def register(self, slot: StagingSlot) -> None:
         assert self.conn is not None and self.proc is not None

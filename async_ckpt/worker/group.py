@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ..single_rank import ProcessGroupArg, SingleRank
 
-__all__ = ["WorkerGroup", "join_worker_group"]
+__all__ = ["WorkerGroup", "join_worker_group", "take_instance"]
 
 _instances = itertools.count()
 
@@ -52,13 +52,30 @@ def _advertised_host() -> str:
         return "127.0.0.1"
 
 
-def join_worker_group(process_group: ProcessGroupArg, timeout: float) -> WorkerGroup:
-    """Collective over the trainer ranks of ``process_group`` (all must call it, in order)."""
+def take_instance(process_group: ProcessGroupArg) -> int | None:
+    """The number of the next group of ``process_group``: taken in order on every rank, so they agree.
+
+    A start on another thread (``worker/starter.py``) takes it on the caller's
+    thread first, then joins there with it.
+    """
     if isinstance(process_group, SingleRank):
-        # Before counting: the other ranks never see this group, and the
+        # Not counted: the other ranks never see this group, and the
         # instance numbers must agree across ranks for the groups they share.
+        return None
+    return next(_instances)
+
+
+def join_worker_group(
+    process_group: ProcessGroupArg, timeout: float, instance: int | None = None
+) -> WorkerGroup:
+    """Collective over the trainer ranks of ``process_group`` (all must call it, in order).
+
+    ``instance``: from ``take_instance``, when it was taken earlier; by default, taken now.
+    """
+    if isinstance(process_group, SingleRank):
         return WorkerGroup(0, 1, None, None, uuid.uuid4().hex[:8])
-    instance = next(_instances)
+    if instance is None:
+        instance = next(_instances)
     if not (dist.is_available() and dist.is_initialized()):
         return WorkerGroup(0, 1, None, None, uuid.uuid4().hex[:8])
     rank = dist.get_rank(process_group)
