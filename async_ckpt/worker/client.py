@@ -33,6 +33,28 @@ _LAYOUTS_KEPT = 8
 """Layouts (plan and tree) a worker holds; each costs about a plan's size in its memory."""
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""The directory of the ``async_ckpt`` package this trainer runs."""
+
+_ENTRY = """\
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location(
+    "async_ckpt", {package!r} + "/__init__.py", submodule_search_locations=[{package!r}]
+)
+package = importlib.util.module_from_spec(spec)
+sys.modules["async_ckpt"] = package
+spec.loader.exec_module(package)
+from async_ckpt.worker.main import entry
+entry({fd})
+"""
+"""The worker's program: the trainer's own package, loaded from where the trainer has it.
+
+``python -c`` would otherwise import whatever ``async_ckpt`` comes first on
+its path, the working directory's included: a checkout or a stale copy there
+would run in the worker, a different version from the trainer's, or none.
+"""
+
+
 class WorkerDiedError(CheckpointError):
     """The background worker process exited while saves were in flight."""
 
@@ -60,10 +82,11 @@ class WorkerClient:
 
     def start(self, timeout: float) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        code = f"from async_ckpt.worker.main import entry; entry({child.fileno()})"
+        code = _ENTRY.format(package=_PACKAGE_DIR, fd=child.fileno())
         try:
+            # -P: the working directory is not on the worker's path (``_ENTRY`` says why).
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", code], pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL
+                [sys.executable, "-P", "-c", code], pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL
             )
         finally:
             child.close()
