@@ -208,6 +208,7 @@ class AsyncCheckpointer:
             log_level=logging.getLogger("async_ckpt").getEffectiveLevel(),
             nice=self._worker_nice,
             idle=self._worker_idle,
+            store_secret=g.secret,
         )
         worker = WorkerClient(config, self._inflight.on_message, self._inflight.on_exit)
         worker.start(self._start_timeout)
