@@ -54,6 +54,18 @@ def test_set_get_check_delete(server: StoreServer) -> None:
         assert c.get("é/ключ") == b"x"
 
 
+def test_get_many_and_delete_keys_take_one_round_trip_each(server: StoreServer) -> None:
+    with _client(server) as c:
+        for i in range(5):
+            c.set(f"m/{i}", f"v{i}".encode())
+        assert c.get_many([f"m/{i}" for i in (3, 0, 4)]) == [b"v3", b"v0", b"v4"]
+        assert c.get_many([]) == []
+        with pytest.raises(KeyError, match="'m/9'"):
+            c.get_many(["m/1", "m/9"])
+        assert c.delete_keys(["m/0", "m/1", "m/9"]) == 2
+        assert c.check(["m/2", "m/3", "m/4"]) and not c.check(["m/0"]) and not c.check(["m/1"])
+
+
 def test_wait_returns_at_once_when_the_keys_exist(server: StoreServer) -> None:
     with _client(server) as c:
         c.set("k1", b"")

@@ -81,10 +81,9 @@ class StoreComm:
             return None
         keys = [self._key("g", r) for r in range(self.world_size)]
         self._wait(keys, list(range(self.world_size)))
-        out = [pickle.loads(self.store.get(k)) for k in keys]
+        out = [pickle.loads(v) for v in self.store.get_many(keys)]
         # Every rank has posted this step, so all have read earlier broadcasts.
-        for k in keys + self._to_delete:
-            self.store.delete_key(k)
+        self.store.delete_keys(keys + self._to_delete)
         self._to_delete.clear()
         return out
 
@@ -147,8 +146,14 @@ class _Guarded:
     def check(self, keys: list[str]) -> bool:
         return self._call("check", keys)  # type: ignore[no-any-return]
 
+    def get_many(self, keys: list[str]) -> list[bytes]:
+        return self._call("get_many", keys)  # type: ignore[no-any-return]
+
     def delete_key(self, key: str) -> bool:
         return self._call("delete_key", key)  # type: ignore[no-any-return]
+
+    def delete_keys(self, keys: list[str]) -> int:
+        return self._call("delete_keys", keys)  # type: ignore[no-any-return]
 
     def wait(self, keys: list[str], timeout: float) -> list[str]:
         return self._call("wait", keys, timeout)  # type: ignore[no-any-return]

@@ -39,7 +39,7 @@ __all__ = ["StoreClient", "StoreServer"]
 
 _LEN = struct.Struct(">I")
 _WAIT_TIMEOUT = struct.Struct(">d")
-_AUTH, _SET, _GET, _CHECK, _DELETE, _WAIT = b"ASGCDW"
+_AUTH, _SET, _GET, _GET_MANY, _CHECK, _DELETE, _DELETE_MANY, _WAIT = b"ASGMCDXW"
 _OK, _MISSING, _BAD = 0, 1, 2
 _MAX_FRAME = 1 << 31
 _MAX_AUTH_FRAME = 256
@@ -259,8 +259,18 @@ class _Loop:
             self._reply(conn, _OK if value is not None else _MISSING, value or b"")
         elif op == _CHECK:
             self._reply(conn, _OK, bytes([all(f.decode() in self.data for f in fields)]))
+        elif op == _GET_MANY:
+            keys = [f.decode() for f in fields]
+            missing = [k for k in keys if k not in self.data]
+            if missing:
+                self._reply(conn, _MISSING, missing[0].encode())
+            else:
+                self._reply(conn, _OK, _fields(*(self.data[k] for k in keys)))
         elif op == _DELETE and len(fields) == 1:
             self._reply(conn, _OK, bytes([self.data.pop(fields[0].decode(), None) is not None]))
+        elif op == _DELETE_MANY:
+            gone = sum(self.data.pop(f.decode(), None) is not None for f in fields)
+            self._reply(conn, _OK, _LEN.pack(gone))
         elif op == _WAIT and fields:
             (timeout,) = _WAIT_TIMEOUT.unpack(fields[0])
             keys = [f.decode() for f in fields[1:]]
@@ -315,9 +325,11 @@ class _Loop:
         if conn.sock not in self._conns:
             return
         was_idle = not conn.outbox
-        conn.outbox.append(memoryview(_LEN.pack(len(payload) + 1) + bytes([status])))
-        if payload:
-            conn.outbox.append(memoryview(payload))
+        head = _LEN.pack(len(payload) + 1) + bytes([status])
+        if len(payload) <= _RECV:  # one send, one packet, one recv on the other side
+            conn.outbox.append(memoryview(head + payload))
+        else:  # not copied
+            conn.outbox += (memoryview(head), memoryview(payload))
         if was_idle:
             self._flush(conn)
 
@@ -376,8 +388,19 @@ class StoreClient:
     def check(self, keys: Iterable[str]) -> bool:
         return self._call(_CHECK, *(k.encode() for k in keys))[1] == b"\x01"
 
+    def get_many(self, keys: Iterable[str]) -> list[bytes]:
+        """The values of ``keys``, in one round trip; ``KeyError`` naming the first one missing."""
+        status, payload = self._call(_GET_MANY, *(k.encode() for k in keys), allow_missing=True)
+        if status == _MISSING:
+            raise KeyError(payload.decode())
+        return _split(memoryview(payload))
+
     def delete_key(self, key: str) -> bool:
         return self._call(_DELETE, key.encode())[1] == b"\x01"
+
+    def delete_keys(self, keys: Iterable[str]) -> int:
+        """Delete ``keys`` in one round trip; how many existed."""
+        return int(_LEN.unpack(self._call(_DELETE_MANY, *(k.encode() for k in keys))[1])[0])
 
     def wait(self, keys: Iterable[str], timeout: float) -> list[str]:
         """Block until every key is set, or ``timeout`` passes; return the keys still missing."""
@@ -405,8 +428,7 @@ class StoreClient:
                     self._sock_timeout = self.timeout + wait_for
                     self._sock.settimeout(self._sock_timeout)
                 self._sock.sendall(_LEN.pack(len(body)) + body)
-                (n,) = _LEN.unpack(self._recv(4))
-                reply = self._recv(n)
+                reply = self._recv_reply()
             except TimeoutError as exc:
                 self._break(f"no answer within {self.timeout + wait_for:g}s")
                 raise ConnectionError(f"the store at {self.address} gave {self._broken}") from exc
@@ -424,10 +446,22 @@ class StoreClient:
         self._broken = why
         self._sock.close()
 
-    def _recv(self, n: int) -> bytearray:
+    def _recv_reply(self) -> bytes | bytearray:
+        # The server sends nothing but the one reply to our one request, so a
+        # large first read cannot take bytes that belong to a later reply.
+        first = b""
+        while len(first) < 4:
+            more = self._sock.recv(_RECV)
+            if not more:
+                raise ConnectionResetError("the store closed the connection")
+            first += more
+        (n,) = _LEN.unpack_from(first)
+        if len(first) == 4 + n:
+            return first[4:]
         buf = bytearray(n)
         with memoryview(buf) as view:
-            at = 0
+            view[: len(first) - 4] = first[4:]
+            at = len(first) - 4
             while at < n:
                 got = self._sock.recv_into(view[at:])
                 if not got:
