@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -91,6 +92,31 @@ def test_wait_returns_the_missing_keys_at_its_timeout(server: StoreServer) -> No
         assert c.wait(["gone1", "here", "gone2"], 0.5) == ["gone1", "gone2"]
         c.set("after", b"ok")  # the connection is still in step
         assert c.get("after") == b"ok"
+
+
+def test_waits_answered_early_do_not_pile_up_on_the_server(server: StoreServer) -> None:
+    # Each wait is parked (its key is set only once the server holds it), then answered
+    # long before its deadline; the server's deadline heap must not keep them all.
+    n = 300
+    with _client(server) as waiter, _client(server) as setter, _client(server) as first:
+        # A wait with an earlier deadline, pending throughout, keeps the others off the heap's top.
+        pending = threading.Thread(target=first.wait, args=(["last"], 1800.0))
+        pending.start()
+        while "last" not in server._loop._waiters:
+            time.sleep(0.001)
+        got: list[Any] = []
+        t = threading.Thread(target=lambda: got.extend(waiter.wait([f"e/{i}"], 3600.0) for i in range(n)))
+        t.start()
+        for i in range(n):
+            while f"e/{i}" not in server._loop._waiters:  # parked on the server
+                time.sleep(0.001)
+            setter.set(f"e/{i}", b"")
+        t.join(60)
+        assert got == [[]] * n
+        assert len(server._loop._deadlines) <= 2 * 64 + 1
+        assert waiter.wait(["e/0", "never"], 0.2) == ["never"]  # and deadlines still work
+        setter.set("last", b"")
+        pending.join(60)
 
 
 def test_many_clients_at_once(server: StoreServer) -> None:
@@ -185,3 +211,22 @@ def test_worker_group_publishes_address_and_secret(rank: Any) -> None:
     if rank.rank == 0:
         with pytest.raises(ConnectionError):
             StoreClient(groups[0].host or "", groups[0].port or 0, groups[0].secret, 10.0)
+
+
+def test_close_wakes_a_wait_parked_in_another_thread(server: StoreServer) -> None:
+    c = StoreClient("127.0.0.1", server.port, server.secret, 10.0)
+    got: list[Any] = []
+
+    def wait() -> None:
+        try:
+            got.append(c.wait(["never"], 600.0))
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            got.append(exc)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    while "never" not in server._loop._waiters:
+        time.sleep(0.001)
+    c.close()
+    t.join(30)
+    assert len(got) == 1 and isinstance(got[0], ConnectionError)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CheckpointError
-from .kvstore import StoreClient
+from .kvclient import StoreClient
 
 __all__ = ["RankTimeoutError", "StoreComm", "StoreLostError"]
 

@@ -1,9 +1,9 @@
-"""The workers' own key/value store: a small TCP server and its blocking client.
+"""The workers' own key/value store: the server, hosted by rank 0's trainer.
 
-Rank 0's trainer hosts the server (``worker/group.py``); every rank's worker
-connects to it (``worker/main.py``) and runs its collectives over it
-(``worker/comm.py``). It replaces ``torch.distributed.TCPStore`` there so that
-a worker need not import torch for it.
+Rank 0's trainer hosts it (``worker/group.py``); every rank's worker connects
+to it with ``kvclient.StoreClient`` (``worker/main.py``) and runs its
+collectives over it (``worker/comm.py``). It replaces
+``torch.distributed.TCPStore`` there so that a worker need not import torch.
 
 The server shares the trainer's GIL with training, so it is one daemon
 thread multiplexing every connection with ``selectors`` (thousands of ranks,
@@ -13,11 +13,7 @@ the server when the keys arrive or the deadline passes: no client polls.
 
 The values are pickles made by ``StoreComm``, so a connection must first
 present the secret that rank 0 published through the trainer's rendezvous
-store; one that does not is closed unserved.
-
-Wire format, both ways: a 4-byte big-endian length, then the frame. A request
-frame is an op byte and length-prefixed fields; a reply frame is a status
-byte and the op's result.
+store; one that does not is closed unserved. Wire format: ``kvwire.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +21,7 @@ from __future__ import annotations
 import heapq
 import hmac
 import itertools
+import logging
 import os
 import secrets
 import selectors
@@ -33,34 +30,13 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+
+from . import kvwire as wire
+from .kvclient import StoreClient
 
 __all__ = ["StoreClient", "StoreServer"]
 
-_LEN = struct.Struct(">I")
-_WAIT_TIMEOUT = struct.Struct(">d")
-_AUTH, _SET, _GET, _GET_MANY, _CHECK, _DELETE, _DELETE_MANY, _WAIT = b"ASGMCDXW"
-_OK, _MISSING, _BAD = 0, 1, 2
-_MAX_FRAME = 1 << 31
-_MAX_AUTH_FRAME = 256
-"""Before the secret, a peer gets no more memory than a secret needs."""
-_RECV = 1 << 18
-
-
-def _fields(*parts: bytes) -> bytes:
-    return b"".join(_LEN.pack(len(p)) + p for p in parts)
-
-
-def _split(body: memoryview) -> list[bytes]:
-    out, at = [], 0
-    while at < len(body):
-        (n,) = _LEN.unpack_from(body, at)
-        at += 4
-        if at + n > len(body):
-            raise ValueError("truncated field")
-        out.append(bytes(body[at : at + n]))
-        at += n
-    return out
+log = logging.getLogger("async_ckpt")
 
 
 class StoreServer:
@@ -74,6 +50,9 @@ class StoreServer:
         self._loop = _Loop(self.secret.encode())
         self.port: int = self._loop.port
         self._stop = weakref.finalize(self, self._loop.stop)
+        # Not at interpreter exit: a checkpointer's own close at exit may still be committing
+        # a save whose workers need the store. The daemon thread ends with the process.
+        self._stop.atexit = False
         threading.Thread(target=self._loop.run, name="async_ckpt-store", daemon=True).start()
 
     def num_keys(self) -> int:
@@ -115,6 +94,8 @@ class _Loop:
         self.data: dict[str, bytes] = {}
         self._waiters: dict[str, set[_Parked]] = {}
         self._deadlines: list[tuple[float, int, _Parked]] = []
+        self._stale = 0
+        """Entries of ``_deadlines`` whose wait was answered before its deadline."""
         self._tie = itertools.count()
         self._conns: dict[socket.socket, _Conn] = {}
         self._resume: list[_Conn] = []
@@ -158,6 +139,9 @@ class _Loop:
                 self._expire(time.monotonic())
                 while self._resume:
                     self._serve(self._resume.pop())
+        except Exception:
+            # The workers hear it as a lost store (StoreLostError); the cause is only here.
+            log.exception("async_ckpt: the workers' store stopped")
         finally:
             self._shutdown()
 
@@ -204,7 +188,7 @@ class _Loop:
 
     def _read(self, conn: _Conn) -> None:
         try:
-            chunk = conn.sock.recv(_RECV)
+            chunk = conn.sock.recv(wire.RECV)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -220,8 +204,8 @@ class _Loop:
         at = 0
         box = conn.inbox
         while conn.parked is None and conn.sock in self._conns and len(box) - at >= 4:
-            (n,) = _LEN.unpack_from(box, at)
-            if n > (_MAX_FRAME if conn.authed else _MAX_AUTH_FRAME):
+            (n,) = wire.LEN.unpack_from(box, at)
+            if n > (wire.MAX_FRAME if conn.authed else wire.MAX_AUTH_FRAME):
                 self._drop(conn)
                 return
             if len(box) - at - 4 < n:
@@ -231,7 +215,7 @@ class _Loop:
                 try:
                     self._request(conn, frame)
                 except (ValueError, UnicodeDecodeError, struct.error):
-                    self._reply(conn, _BAD, b"")
+                    self._reply(conn, wire.BAD, b"")
                 finally:
                     frame.release()
             at += 4 + n
@@ -241,42 +225,42 @@ class _Loop:
     def _request(self, conn: _Conn, frame: memoryview) -> None:
         if not frame:
             raise ValueError("empty frame")
-        op, fields = frame[0], _split(frame[1:])
+        op, fields = frame[0], wire.split(frame[1:])
         if not conn.authed:
-            if op == _AUTH and len(fields) == 1 and hmac.compare_digest(fields[0], self.secret):
+            if op == wire.AUTH and len(fields) == 1 and hmac.compare_digest(fields[0], self.secret):
                 conn.authed = True
-                self._reply(conn, _OK, b"")
+                self._reply(conn, wire.OK, b"")
             else:
                 self._drop(conn)
             return
-        if op == _SET and len(fields) == 2:
+        if op == wire.SET and len(fields) == 2:
             key = fields[0].decode()
             self.data[key] = fields[1]
             self._arrived(key)
-            self._reply(conn, _OK, b"")
-        elif op == _GET and len(fields) == 1:
+            self._reply(conn, wire.OK, b"")
+        elif op == wire.GET and len(fields) == 1:
             value = self.data.get(fields[0].decode())
-            self._reply(conn, _OK if value is not None else _MISSING, value or b"")
-        elif op == _CHECK:
-            self._reply(conn, _OK, bytes([all(f.decode() in self.data for f in fields)]))
-        elif op == _GET_MANY:
+            self._reply(conn, wire.OK if value is not None else wire.MISSING, value or b"")
+        elif op == wire.CHECK:
+            self._reply(conn, wire.OK, bytes([all(f.decode() in self.data for f in fields)]))
+        elif op == wire.GET_MANY:
             keys = [f.decode() for f in fields]
             missing = [k for k in keys if k not in self.data]
             if missing:
-                self._reply(conn, _MISSING, missing[0].encode())
+                self._reply(conn, wire.MISSING, missing[0].encode())
             else:
-                self._reply(conn, _OK, _fields(*(self.data[k] for k in keys)))
-        elif op == _DELETE and len(fields) == 1:
-            self._reply(conn, _OK, bytes([self.data.pop(fields[0].decode(), None) is not None]))
-        elif op == _DELETE_MANY:
+                self._reply(conn, wire.OK, wire.fields(*(self.data[k] for k in keys)))
+        elif op == wire.DELETE and len(fields) == 1:
+            self._reply(conn, wire.OK, bytes([self.data.pop(fields[0].decode(), None) is not None]))
+        elif op == wire.DELETE_MANY:
             gone = sum(self.data.pop(f.decode(), None) is not None for f in fields)
-            self._reply(conn, _OK, _LEN.pack(gone))
-        elif op == _WAIT and fields:
-            (timeout,) = _WAIT_TIMEOUT.unpack(fields[0])
+            self._reply(conn, wire.OK, wire.LEN.pack(gone))
+        elif op == wire.WAIT and fields:
+            (timeout,) = wire.WAIT_TIMEOUT.unpack(fields[0])
             keys = [f.decode() for f in fields[1:]]
             remaining = {k for k in keys if k not in self.data}
             if not remaining:
-                self._reply(conn, _OK, b"")
+                self._reply(conn, wire.OK, b"")
                 return
             parked = _Parked(conn, keys, remaining, time.monotonic() + max(0.0, timeout))
             conn.parked = parked
@@ -298,21 +282,24 @@ class _Loop:
             _, _, parked = heapq.heappop(heap)
             if not parked.done:
                 self._answer(parked)
+            self._stale -= 1  # done by now, and counted in _unpark
         # Waits answered early stay in the heap until their deadline; rebuild it if they pile up.
-        if len(heap) > 64 and sum(p.done for _, _, p in heap) > len(heap) // 2:
+        if self._stale > 64 and self._stale > len(heap) // 2:
             self._deadlines = [e for e in heap if not e[2].done]
             heapq.heapify(self._deadlines)
+            self._stale = 0
 
     def _answer(self, parked: _Parked) -> None:
         conn = parked.conn
         self._unpark(parked)
         missing = [k for k in parked.keys if k not in self.data]
-        self._reply(conn, _OK, _fields(*(k.encode() for k in missing)))
+        self._reply(conn, wire.OK, wire.fields(*(k.encode() for k in missing)))
         if conn.inbox:
             self._resume.append(conn)  # requests that came in behind the wait
 
     def _unpark(self, parked: _Parked) -> None:
         parked.done = True
+        self._stale += 1
         parked.conn.parked = None
         for k in parked.remaining:
             waiting = self._waiters.get(k)
@@ -325,8 +312,8 @@ class _Loop:
         if conn.sock not in self._conns:
             return
         was_idle = not conn.outbox
-        head = _LEN.pack(len(payload) + 1) + bytes([status])
-        if len(payload) <= _RECV:  # one send, one packet, one recv on the other side
+        head = wire.LEN.pack(len(payload) + 1) + bytes([status])
+        if len(payload) <= wire.RECV:  # one send, one packet, one recv on the other side
             conn.outbox.append(memoryview(head + payload))
         else:  # not copied
             conn.outbox += (memoryview(head), memoryview(payload))
@@ -350,124 +337,6 @@ class _Loop:
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if box else 0)
         if self._sel.get_key(conn.sock).events != events:
             self._sel.modify(conn.sock, events)
-
-
-class StoreClient:
-    """A blocking connection to a ``StoreServer``; safe to share between threads.
-
-    Every failure to reach the server, or an answer that does not come within
-    ``timeout`` seconds, raises ``ConnectionError``, and the client stays
-    broken: a request cut off half way leaves the stream out of step.
-    """
-
-    def __init__(self, host: str, port: int, secret: str | None, timeout: float) -> None:
-        self.address = f"{host}:{port}"
-        self.timeout = timeout
-        self._lock = threading.Lock()
-        self._broken: str | None = None
-        self._sock_timeout = timeout
-        try:
-            self._sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
-            raise ConnectionError(f"cannot connect to the store at {self.address}: {exc}") from exc
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            self._call(_AUTH, (secret or "").encode())
-        except ConnectionError as exc:
-            raise ConnectionError(f"the store at {self.address} refused this connection ({exc})") from None
-
-    def set(self, key: str, value: bytes) -> None:
-        self._call(_SET, key.encode(), value)
-
-    def get(self, key: str) -> bytes:
-        status, payload = self._call(_GET, key.encode(), allow_missing=True)
-        if status == _MISSING:
-            raise KeyError(key)
-        return payload
-
-    def check(self, keys: Iterable[str]) -> bool:
-        return self._call(_CHECK, *(k.encode() for k in keys))[1] == b"\x01"
-
-    def get_many(self, keys: Iterable[str]) -> list[bytes]:
-        """The values of ``keys``, in one round trip; ``KeyError`` naming the first one missing."""
-        status, payload = self._call(_GET_MANY, *(k.encode() for k in keys), allow_missing=True)
-        if status == _MISSING:
-            raise KeyError(payload.decode())
-        return _split(memoryview(payload))
-
-    def delete_key(self, key: str) -> bool:
-        return self._call(_DELETE, key.encode())[1] == b"\x01"
-
-    def delete_keys(self, keys: Iterable[str]) -> int:
-        """Delete ``keys`` in one round trip; how many existed."""
-        return int(_LEN.unpack(self._call(_DELETE_MANY, *(k.encode() for k in keys))[1])[0])
-
-    def wait(self, keys: Iterable[str], timeout: float) -> list[str]:
-        """Block until every key is set, or ``timeout`` passes; return the keys still missing."""
-        # The server answers at the deadline: give it that long plus our usual margin.
-        fields = [k.encode() for k in keys]
-        _, payload = self._call(_WAIT, _WAIT_TIMEOUT.pack(timeout), *fields, wait_for=timeout)
-        return [k.decode() for k in _split(memoryview(payload))]
-
-    def close(self) -> None:
-        with self._lock:
-            self._broken = self._broken or "closed by this process"
-            self._sock.close()
-
-    def _call(
-        self, op: int, *fields: bytes, allow_missing: bool = False, wait_for: float = 0.0
-    ) -> tuple[int, bytes]:
-        body = bytes([op]) + _fields(*fields)
-        with self._lock:
-            if self._broken is not None:
-                raise ConnectionError(
-                    f"the connection to the store at {self.address} is gone: {self._broken}"
-                )
-            try:
-                if self._sock_timeout != self.timeout + wait_for:
-                    self._sock_timeout = self.timeout + wait_for
-                    self._sock.settimeout(self._sock_timeout)
-                self._sock.sendall(_LEN.pack(len(body)) + body)
-                reply = self._recv_reply()
-            except TimeoutError as exc:
-                self._break(f"no answer within {self.timeout + wait_for:g}s")
-                raise ConnectionError(f"the store at {self.address} gave {self._broken}") from exc
-            except OSError as exc:
-                self._break(f"{type(exc).__name__}: {exc}")
-                if isinstance(exc, ConnectionError):
-                    raise
-                raise ConnectionError(f"the store at {self.address}: {exc}") from exc
-        status = reply[0] if reply else _BAD
-        if status == _OK or (status == _MISSING and allow_missing):
-            return status, bytes(reply[1:])
-        raise ValueError(f"the store at {self.address} refused request {chr(op)!r}")
-
-    def _break(self, why: str) -> None:
-        self._broken = why
-        self._sock.close()
-
-    def _recv_reply(self) -> bytes | bytearray:
-        # The server sends nothing but the one reply to our one request, so a
-        # large first read cannot take bytes that belong to a later reply.
-        first = b""
-        while len(first) < 4:
-            more = self._sock.recv(_RECV)
-            if not more:
-                raise ConnectionResetError("the store closed the connection")
-            first += more
-        (n,) = _LEN.unpack_from(first)
-        if len(first) == 4 + n:
-            return first[4:]
-        buf = bytearray(n)
-        with memoryview(buf) as view:
-            view[: len(first) - 4] = first[4:]
-            at = len(first) - 4
-            while at < n:
-                got = self._sock.recv_into(view[at:])
-                if not got:
-                    raise ConnectionResetError("the store closed the connection")
-                at += got
-        return buf
 
 
 def _listen() -> socket.socket:

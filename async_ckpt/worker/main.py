@@ -28,7 +28,7 @@ from ..dist import Comm, LocalComm
 from ..staging import Layout
 from ..writer.loop import new_event_loop
 from .comm import StoreComm
-from .kvstore import StoreClient
+from .kvclient import StoreClient
 from .messages import (
     DropLayout,
     DropSlot,
