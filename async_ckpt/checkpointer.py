@@ -242,6 +242,7 @@ class AsyncCheckpointer:
             log_level=logging.getLogger("async_ckpt").getEffectiveLevel(),
             nice=self._worker_nice,
             idle=self._worker_idle,
+            store_secret=g.secret,
         )
         return WorkerClient(config, self._inflight.on_message, self._inflight.on_exit)
 

@@ -1,4 +1,4 @@
-"""The workers' own collectives, over a TCPStore that only the workers use.
+"""The workers' own collectives, over a store that only the workers use (``worker/kvstore.py``).
 
 Each wait has a deadline, and a missed deadline names the ranks that did not
 arrive, so a dead or stuck rank produces an error that says which one instead
@@ -13,11 +13,11 @@ file; nothing read from a checkpoint goes through here.
 from __future__ import annotations
 
 import pickle
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CheckpointError
+from .kvclient import StoreClient
 
 __all__ = ["RankTimeoutError", "StoreComm", "StoreLostError"]
 
@@ -48,7 +48,7 @@ class StoreLostError(CheckpointError):
 class StoreComm:
     def __init__(
         self,
-        store: Any,
+        store: StoreClient,
         rank: int,
         world_size: int,
         *,
@@ -81,10 +81,9 @@ class StoreComm:
             return None
         keys = [self._key("g", r) for r in range(self.world_size)]
         self._wait(keys, list(range(self.world_size)))
-        out = [pickle.loads(self.store.get(k)) for k in keys]
+        out = [pickle.loads(v) for v in self.store.get_many(keys)]
         # Every rank has posted this step, so all have read earlier broadcasts.
-        for k in keys + self._to_delete:
-            self.store.delete_key(k)
+        self.store.delete_keys(keys + self._to_delete)
         self._to_delete.clear()
         return out
 
@@ -112,26 +111,22 @@ class StoreComm:
         return out
 
     def _wait(self, keys: list[str], ranks: list[int]) -> None:
-        deadline = time.monotonic() + self.timeout
-        pause = 0.0005
-        while not self.store.check(keys):
-            if time.monotonic() > deadline:
-                missing = [r for r, k in zip(ranks, keys, strict=True) if not self.store.check([k])]
-                if not missing:
-                    return
-                raise RankTimeoutError(self.step, missing, self.timeout)
-            time.sleep(pause)
-            pause = min(pause * 2, 0.02)
+        # The server holds the request until the keys arrive or the deadline passes: no polling.
+        missing = set(self.store.wait(keys, self.timeout))
+        if missing:
+            raise RankTimeoutError(
+                self.step, [r for r, k in zip(ranks, keys, strict=True) if k in missing], self.timeout
+            )
 
 
 class _Guarded:
     """The store, with a lost connection reported as the workers' peer being gone.
 
-    A raw ``DistNetworkError`` ("Failed to recv, got 0 bytes") says nothing
-    about whose process went away; the user needs to hear it was rank 0's.
+    A raw ``ConnectionResetError`` says nothing about whose process went
+    away; the user needs to hear it was rank 0's.
     """
 
-    def __init__(self, store: Any, comm: StoreComm, address: str) -> None:
+    def __init__(self, store: StoreClient, comm: StoreComm, address: str) -> None:
         self._store = store
         self._comm = comm
         self._address = address
@@ -139,7 +134,7 @@ class _Guarded:
     def _call(self, name: str, *args: Any) -> Any:
         try:
             return getattr(self._store, name)(*args)
-        except _NETWORK_ERRORS as exc:
+        except OSError as exc:  # ConnectionError, and what the socket layer raises besides
             raise StoreLostError(self._comm.step, self._address, exc) from exc
 
     def set(self, key: str, value: bytes) -> None:
@@ -151,19 +146,14 @@ class _Guarded:
     def check(self, keys: list[str]) -> bool:
         return self._call("check", keys)  # type: ignore[no-any-return]
 
+    def get_many(self, keys: list[str]) -> list[bytes]:
+        return self._call("get_many", keys)  # type: ignore[no-any-return]
+
     def delete_key(self, key: str) -> bool:
         return self._call("delete_key", key)  # type: ignore[no-any-return]
 
+    def delete_keys(self, keys: list[str]) -> int:
+        return self._call("delete_keys", keys)  # type: ignore[no-any-return]
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    import sys
-
-    dist = sys.modules.get("torch.distributed")
-    errs: list[type[BaseException]] = [ConnectionError]
-    net = getattr(dist, "DistNetworkError", None) if dist is not None else None
-    if isinstance(net, type):
-        errs.append(net)
-    return tuple(errs)
-
-
-_NETWORK_ERRORS = _network_errors()
+    def wait(self, keys: list[str], timeout: float) -> list[str]:
+        return self._call("wait", keys, timeout)  # type: ignore[no-any-return]

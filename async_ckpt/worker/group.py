@@ -1,9 +1,9 @@
-"""Where the workers of all ranks meet: a TCPStore of their own.
+"""Where the workers of all ranks meet: a key/value store of their own (``kvstore.py``).
 
 Rank 0's trainer hosts it on a port the operating system picks (port 0), so
-there is no free-port race, and publishes the address once through the
-trainer's existing rendezvous store (a key/value write, not a collective on
-the trainer's process group). The other ranks read it from there.
+there is no free-port race, and publishes the address and the store's secret
+once through the trainer's existing rendezvous store (a key/value write, not a
+collective on the trainer's process group). The other ranks read them from there.
 
 With ``SINGLE_RANK`` the group is this rank alone: a worker of world 1
 needs no store, so nothing is hosted, published or read.
@@ -16,12 +16,11 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
 
 import torch.distributed as dist
 
 from ..single_rank import ProcessGroupArg, SingleRank
+from .kvstore import StoreServer
 
 __all__ = ["WorkerGroup", "join_worker_group", "take_instance"]
 
@@ -35,11 +34,16 @@ class WorkerGroup:
     host: str | None
     port: int | None
     session: str
-    server: Any = None
-    """The TCPStore server object, held by rank 0 for the group's lifetime."""
+    server: StoreServer | None = None
+    """The store's server, hosted by rank 0 for the group's lifetime."""
+    secret: str | None = None
+    """What a worker presents to the store before it is served."""
 
     def close(self) -> None:
-        self.server = None
+        """Stop rank 0's server: the workers of the other ranks see ``StoreLostError``. Idempotent."""
+        server, self.server = self.server, None
+        if server is not None:
+            server.close()
 
 
 def _advertised_host() -> str:
@@ -86,11 +90,9 @@ def join_worker_group(
     key = f"async_ckpt/workers/{instance}/{members[0]}-{members[-1]}-{len(members)}"
     store = dist.distributed_c10d._get_default_store()
     if rank == 0:
-        server = dist.TCPStore(
-            "0.0.0.0", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout)
-        )
+        server = StoreServer()
         session = uuid.uuid4().hex[:8]
-        store.set(key, f"{_advertised_host()}|{server.port}|{session}")
-        return WorkerGroup(0, world, _advertised_host(), server.port, session, server)
-    host, port, session = store.get(key).decode().split("|")
-    return WorkerGroup(rank, world, host, int(port), session)
+        store.set(key, f"{_advertised_host()}|{server.port}|{session}|{server.secret}")
+        return WorkerGroup(0, world, _advertised_host(), server.port, session, server, server.secret)
+    host, port, session, secret = store.get(key).decode().split("|")
+    return WorkerGroup(rank, world, host, int(port), session, secret=secret)

@@ -16,7 +16,6 @@ import os
 import signal
 import threading
 import traceback
-from datetime import timedelta
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 from typing import Any
@@ -26,6 +25,7 @@ from ..buffer_layout import Layout
 from ..dist import Comm, LocalComm
 from ..writer.loop import new_event_loop
 from .comm import StoreComm
+from .kvclient import StoreClient
 from .messages import (
     DropLayout,
     DropSlot,
@@ -106,15 +106,7 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
 def _connect(config: WorkerConfig) -> Comm:
     if config.world_size == 1 or config.store_host is None or config.store_port is None:
         return LocalComm()
-    import torch.distributed as dist
-
-    store = dist.TCPStore(
-        config.store_host,
-        config.store_port,
-        is_master=False,
-        timeout=timedelta(seconds=config.timeout),
-        wait_for_workers=False,
-    )
+    store = StoreClient(config.store_host, config.store_port, config.store_secret, config.timeout)
     return StoreComm(
         store,
         config.rank,

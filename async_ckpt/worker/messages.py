@@ -44,6 +44,8 @@ class WorkerConfig:
     nice: int = 15
     idle: bool = False
     """SCHED_IDLE and the idle I/O class, where the OS allows (``worker/priority.py``)."""
+    store_secret: str | None = None
+    """Presented to the workers' store before it serves us (``worker/kvstore.py``)."""
 
 
 @dataclass(frozen=True, slots=True)
