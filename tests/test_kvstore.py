@@ -16,15 +16,6 @@ import pytest
 from async_ckpt.worker.kvstore import StoreClient, StoreServer
 
 
-@pytest.fixture
-def server() -> Iterator[StoreServer]:
-    s = StoreServer()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 @contextlib.contextmanager
 def _client(server: StoreServer, timeout: float = 10.0) -> Iterator[StoreClient]:
     c = StoreClient("127.0.0.1", server.port, server.secret, timeout)

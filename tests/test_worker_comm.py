@@ -14,15 +14,6 @@ from async_ckpt.worker.kvstore import StoreClient, StoreServer
 
 
 @pytest.fixture
-def server() -> Iterator[StoreServer]:
-    s = StoreServer()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture
 def comms(server: StoreServer) -> Iterator[Any]:
     made: list[StoreClient] = []
 
