@@ -154,7 +154,12 @@ class GateStorage(LocalStorage):
         self.where = where
 
     def _stop(self) -> None:
-        Path(self.gate, "reached").write_text(str(os.getpid()))
+        # Written aside and renamed: a test polls for ``reached`` and reads the
+        # pid at once, and a plain write_text let it see the empty file between
+        # create and write (CI: "invalid literal for int() with base 10: ''").
+        tmp = Path(self.gate, f".reached.{os.getpid()}")
+        tmp.write_text(str(os.getpid()))
+        os.replace(tmp, Path(self.gate, "reached"))
         _wait_for(Path(self.gate, "go"), 120.0)
 
     async def open_shard(self, location: str, token: str, name: str) -> Any:
