@@ -32,7 +32,7 @@ from .pending import PendingCheckpoint
 from .save_options import SaveOptions
 from .save_target import check_save_target
 from .single_rank import ProcessGroupArg, SingleRank, check_whole_on_this_rank
-from .staged_rounds import RoundStager, buffer_layout
+from .staged_rounds import RoundStager, buffer_layout, piece_bytes
 from .staging import StagingPool, StagingSlot
 from .state_dict import flatten
 from .storage import Storage, detect_storage
@@ -130,7 +130,9 @@ class AsyncCheckpointer:
         self._stager = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-stage")
         self._tail: concurrent.futures.Future[None] | None = None
         """The last job handed to the staging thread (the worker must hear of saves in order)."""
-        self._layouts = LayoutCache()
+        # Under a budget, a tensor larger than half of it is planned as several chunks, so that
+        # the rounds' buffer stays within the budget (staged_rounds.py).
+        self._layouts = LayoutCache(split_bytes=None if self._budget is None else piece_bytes(self._budget))
         # Rounds stage every item of the rank (worker/rounds.py plans without a staged mask).
         self._layouts.replica_staging = self._budget is None
         self.worker_starts = 0

@@ -20,7 +20,7 @@ import xxhash
 
 from ._dtensor import dtensor_class
 from .format.values import encode_value
-from .local_plan import LocalPlan, build_local_plan, check_tensor
+from .local_plan import LocalPlan, Pieces, build_local_plan, check_tensor
 from .planning import WriteItemType
 from .replica_staging import StagedSubsets
 from .staging import Layout, make_layout
@@ -49,11 +49,15 @@ class _Entry:
     tensor_keys: tuple[tuple[str, tuple[int, ...] | None] | None, ...]
     """Each tensor leaf's item key, None for a DTensor whose mesh excludes this rank."""
     on_cuda: bool
+    split: dict[int, Pieces]
+    """Tensor leaves (by position) saved as several chunks: each chunk's key and slice."""
 
 
 class LayoutCache:
-    def __init__(self, size: int = 4) -> None:
+    def __init__(self, size: int = 4, split_bytes: int | None = None) -> None:
+        """``split_bytes``: tensors larger than this are planned as several chunks (a staging budget)."""
         self._size = size
+        self._split_bytes = split_bytes
         self._entries: OrderedDict[tuple[Any, ...], _Entry] = OrderedDict()
         self.hits = 0
         self.subsets = StagedSubsets()
@@ -99,7 +103,12 @@ class LayoutCache:
                 entry.tree,
                 entry.on_cuda,
             )
-        local = build_local_plan(flat.entries, allow_pickle=allow_pickle, verify_replicas=verify_replicas)
+        local = build_local_plan(
+            flat.entries,
+            allow_pickle=allow_pickle,
+            verify_replicas=verify_replicas,
+            split_bytes=self._split_bytes,
+        )
         layout = make_layout(local.tensors)
         tree_json = json.dumps(flat.tree, separators=(",", ":"))
         layout_id = f"{layout.key}-{xxhash.xxh3_64_hexdigest(tree_json.encode())}"
@@ -108,9 +117,11 @@ class LayoutCache:
             for it in local.plan.items
             if it.type is not WriteItemType.BYTE_IO
         }
-        keys = tuple(planned.get(fqn) for fqn, v in flat.entries.items() if isinstance(v, torch.Tensor))
+        leaves = [fqn for fqn, v in flat.entries.items() if isinstance(v, torch.Tensor)]
+        keys = tuple(planned.get(fqn) for fqn in leaves)
+        split = {i: local.pieces[fqn] for i, fqn in enumerate(leaves) if fqn in local.pieces}
         on_cuda = any(t.device.type == "cuda" for t in local.tensors.values())
-        self._entries[sig] = _Entry(local, layout, layout_id, flat.tree, keys, on_cuda)
+        self._entries[sig] = _Entry(local, layout, layout_id, flat.tree, keys, on_cuda, split)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
         return Prepared(local, layout, layout_id, flat.tree, on_cuda)
@@ -124,12 +135,30 @@ class LayoutCache:
             for key, t in zip(entry.tensor_keys, tensors, strict=True)
             if key is not None
         }
+        if entry.split:
+            local_data = _sliced(local_data, entry)
         values = {
             fqn: encode_value(v, fqn=fqn, allow_pickle=allow_pickle)
             for fqn, v in flat.entries.items()
             if not isinstance(v, torch.Tensor)
         }
         return LocalPlan(plan=entry.local.plan, tensors=local_data, values=values)
+
+
+def _sliced(local_data: dict[Any, torch.Tensor], entry: _Entry) -> dict[Any, torch.Tensor]:
+    """Split tensors as their pieces, in the order the layout was packed in (the copy's fast path)."""
+    out: dict[Any, torch.Tensor] = {}
+    for i, key in enumerate(entry.tensor_keys):
+        if key is None:
+            continue
+        pieces = entry.split.get(i)
+        if pieces is None:
+            out[key] = local_data[key]
+        else:
+            whole = local_data[key]
+            for piece, where in pieces:
+                out[piece] = whole[where]
+    return out
 
 
 def _tensor_signature(entries: dict[str, Any]) -> tuple[Any, ...]:

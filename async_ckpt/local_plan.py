@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -32,10 +34,12 @@ __all__ = [
     "check_tensor",
     "local_chunk",
     "raw_bytes",
+    "split_boxes",
     "tensor_bytes",
 ]
 
 Key = tuple[str, tuple[int, ...] | None]
+Pieces = tuple[tuple[Key, tuple[slice, ...]], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,9 @@ class LocalPlan:
     """The local data of each tensor item, by (fqn, offsets)."""
     values: dict[str, Any]
     """Each non-tensor value, already JSON-encoded."""
+    pieces: Mapping[str, Pieces] = field(default_factory=dict)
+    """For each tensor split into several chunks (``split_bytes``): each chunk's key and its
+    slice of the local data, so a later save of the same layout slices its tensors alike."""
 
 
 def check_key(fqn: str) -> None:
@@ -156,10 +163,48 @@ def value_hash(encoded: Any) -> str:
     return xxhash.xxh3_64_hexdigest(json.dumps(encoded, sort_keys=True).encode())
 
 
-def build_local_plan(entries: Mapping[str, Any], *, allow_pickle: bool, verify_replicas: bool) -> LocalPlan:
+def split_boxes(
+    sizes: tuple[int, ...], itemsize: int, cap: int
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Boxes ``(offsets, sizes)`` of at most ``cap`` bytes that tile a chunk of ``sizes``, in row-major order.
+
+    Each box is a run of whole rows along one dimension, at fixed indices in
+    the dimensions before it, so it is one contiguous block of a contiguous
+    tensor. A chunk within ``cap`` is one box.
+    """
+    total = math.prod(sizes) * itemsize
+    if total <= cap or not sizes:
+        return [((0,) * len(sizes), tuple(sizes))]
+    cap = max(cap, itemsize)
+    # d: the first dimension one index of which (the dimensions after it) fits the cap.
+    d, inner = 0, total // sizes[0]
+    while inner > cap:
+        d += 1
+        inner //= sizes[d]
+    rows = cap // inner
+    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    tail = tuple(sizes[d + 1 :])
+    for outer in itertools.product(*(range(n) for n in sizes[:d])):
+        for start in range(0, sizes[d], rows):
+            boxes.append(
+                (outer + (start,) + (0,) * len(tail), (1,) * d + (min(rows, sizes[d] - start),) + tail)
+            )
+    return boxes
+
+
+def build_local_plan(
+    entries: Mapping[str, Any], *, allow_pickle: bool, verify_replicas: bool, split_bytes: int | None = None
+) -> LocalPlan:
+    """The rank's write items and the data behind them.
+
+    ``split_bytes``: a tensor (or local shard) larger than this is saved as
+    several chunks of at most that size (``split_boxes``), as a sharded tensor
+    is, so that a staging budget holds whole items (``staged_rounds.py``).
+    """
     items: list[WriteItem] = []
     tensors: dict[Key, torch.Tensor] = {}
     values: dict[str, Any] = {}
+    pieces: dict[str, Pieces] = {}
     for fqn, value in entries.items():
         check_key(fqn)
         if isinstance(value, torch.Tensor):
@@ -176,19 +221,34 @@ def build_local_plan(entries: Mapping[str, Any], *, allow_pickle: bool, verify_r
                     "materialise it (e.g. model.to_empty(device=...) and initialise) first"
                 )
             local, chunk, shape = local_chunk(fqn, value)
-            digest = None
-            if verify_replicas and not is_dtensor(value):
-                digest = xxhash.xxh3_64_hexdigest(tensor_bytes(local))
             kind = WriteItemType.SHARD if is_dtensor(value) else WriteItemType.TENSOR
-            items.append(
-                WriteItem(
-                    index=MetadataIndex(fqn, chunk.offsets),
-                    type=kind,
-                    tensor_data=TensorWriteData(chunk, tensor_properties(value.dtype), shape),
-                    value_hash=digest,
+            properties = tensor_properties(value.dtype)
+            boxes = [((0,) * len(chunk.sizes), tuple(chunk.sizes))]
+            if split_bytes is not None:
+                boxes = split_boxes(tuple(chunk.sizes), properties.itemsize, split_bytes)
+            split: list[tuple[Key, tuple[slice, ...]]] = []
+            for at, sizes in boxes:
+                offsets = tuple(o + a for o, a in zip(chunk.offsets, at, strict=True))
+                if len(boxes) == 1:
+                    data = local
+                else:
+                    where = tuple(slice(a, a + n) for a, n in zip(at, sizes, strict=True))
+                    data = local[where]
+                    split.append(((fqn, offsets), where))
+                digest = None
+                if verify_replicas and not is_dtensor(value):
+                    digest = xxhash.xxh3_64_hexdigest(tensor_bytes(data))
+                items.append(
+                    WriteItem(
+                        index=MetadataIndex(fqn, offsets),
+                        type=kind,
+                        tensor_data=TensorWriteData(ChunkStorageMetadata(offsets, sizes), properties, shape),
+                        value_hash=digest,
+                    )
                 )
-            )
-            tensors[(fqn, chunk.offsets)] = local
+                tensors[(fqn, offsets)] = data
+            if split:
+                pieces[fqn] = tuple(split)
         else:
             encoded = encode_value(value, fqn=fqn, allow_pickle=allow_pickle)
             values[fqn] = encoded
@@ -197,4 +257,4 @@ def build_local_plan(entries: Mapping[str, Any], *, allow_pickle: bool, verify_r
                     index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO, value_hash=value_hash(encoded)
                 )
             )
-    return LocalPlan(plan=SavePlan(items), tensors=tensors, values=values)
+    return LocalPlan(plan=SavePlan(items), tensors=tensors, values=values, pieces=pieces)

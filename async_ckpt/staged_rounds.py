@@ -12,11 +12,13 @@ it copies over that round's bytes. One save, on the staging thread:
     staged                        (the call returns; the worker writes the last round,
                                    releases the buffer and commits with the other ranks)
 
-A round is a run of whole tensors, in state-dict order, that fits one
-segment. With two segments (when every tensor fits half the budget) the copy
-of round i+1 overlaps the write of round i. A tensor larger than that forms a
-round of its own and the buffer grows to hold it: the buffer is
-max(budget, largest tensor). A state within the budget is one round, in a
+A round is a run of whole items, in state-dict order, that fits one
+segment. A tensor larger than half the budget was planned as several chunks
+of at most half the budget (``piece_bytes``; ``local_plan.split_boxes``), so
+every item fits one of the buffer's two halves, and the copy of round i+1
+overlaps the write of round i. (Only a budget under twice ``MIN_PIECE_BYTES``
+can leave an item larger than half: it is a round of its own, in a buffer of
+max(budget, item).) A state within the budget is one round, in a
 buffer of its own size, and the call waits for no write. Every save of a
 budgeted checkpointer takes this path, so that all ranks speak the same
 protocol to their workers whatever their state's size (hence every rank must
@@ -44,10 +46,19 @@ from .staging import StagingPool, StagingSlot
 from .worker.client import WorkerClient, WorkerDiedError
 from .worker.messages import Round, RoundsAbort, RoundsBegin, SaveRequest
 
-__all__ = ["RoundStager", "buffer_layout", "split_rounds"]
+__all__ = ["MIN_PIECE_BYTES", "RoundStager", "buffer_layout", "piece_bytes", "split_rounds"]
+
+MIN_PIECE_BYTES = 64 << 10
+"""No tensor is split into chunks smaller than this, however small the budget: a chunk is an
+item of its own in the plan and the metadata, and millions of them would cost more than the memory."""
 
 _WAKE_S = 1.0
 """How often a wait for a round re-checks its save (a wake-up also comes when the save settles)."""
+
+
+def piece_bytes(budget: int) -> int:
+    """The largest item a budgeted save stages whole: half the budget (two halves alternate)."""
+    return max(budget // 2 // ALIGN * ALIGN, MIN_PIECE_BYTES)
 
 
 def buffer_layout(tensors: Mapping[Key, torch.Tensor], budget: int) -> Layout:

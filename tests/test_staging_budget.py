@@ -4,8 +4,8 @@ With ``AsyncCheckpointer(staging_budget=B)`` a rank whose state needs more
 than ``B`` bytes of staging copies it in rounds of whole tensors into a
 ``B``-byte buffer; the worker writes each round to its own shard files before
 the buffer is reused. Checked here on real workers and files: loads are
-bit-exact (one rank, two ranks with different round counts, a tensor larger
-than the budget, many small tensors, overlap mode with an optimizer step right
+bit-exact (one rank, two ranks with different round counts, tensors larger
+than the budget, split into chunks that fit, many small tensors, overlap mode with an optimizer step right
 after), the pool never holds more than the budget, and a failure or a worker
 death in a middle round, or ``close()`` during the rounds, fails that save
 cleanly (nothing committed, no staging area left) while the next save works.
@@ -124,20 +124,42 @@ def test_budgeted_saves_of_many_small_tensors_load_bit_exact(
     assert ck.staging_allocations == 1, "the round buffer is allocated once and reused"
 
 
-def test_a_tensor_larger_than_the_budget_is_a_round_of_its_own(
+def test_a_tensor_larger_than_the_budget_is_split_into_chunks(
     ck: ac.AsyncCheckpointer, tmp_path: Path
 ) -> None:
     sd = _state_with_big_tensor(7)
+    # Rows larger than half the budget: split along the second dimension too.
+    sd["wide"] = torch.randn(3, 300_000, generator=torch.Generator().manual_seed(8))
+    sd["long_bf16"] = torch.randn(5, 100, 1000, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    sd["odd"] = torch.randint(0, 255, (1_234_567,), dtype=torch.uint8)
     want = copy.deepcopy(sd)
-    ck.save(sd, tmp_path / "big").result(120)
+    md = ck.save(sd, tmp_path / "big").result(120)
+    # The buffer stays within the budget: a tensor larger than half of it is
+    # staged in pieces, each a chunk of its own in the checkpoint.
+    assert ck.staging_bytes <= BUDGET, ck.staging_bytes
+    chunks = {fqn: len(t.chunks) for fqn, t in md.tensors.items()}
+    assert chunks["big"] >= 6 and chunks["wide"] >= 6 and chunks["odd"] >= 3, chunks
+    assert chunks["f32_0"] == 1, chunks
     got = _load(tmp_path / "big", want)
     assert_state_dicts_equal(
         {k: v for k, v in got.items() if isinstance(v, torch.Tensor)},
         {k: v for k, v in want.items() if isinstance(v, torch.Tensor)},
     )
-    big = want["big"].numel() * 4
-    # The buffer grows to the largest tensor, not to the state.
-    assert ck.staging_bytes <= max(BUDGET, big) < _nbytes(want), ck.staging_bytes
+    # Read whole, as a reader that knows nothing of the budget would.
+    whole = ac.load_state_dict(tmp_path / "big")
+    for key in ("big", "wide", "long_bf16", "odd"):
+        assert torch.equal(whole[key], want[key]), key
+    # A region across the pieces, read into a narrowed target.
+    part = {"wide": torch.zeros(3, 300_000)}
+    ac.load(part, tmp_path / "big")
+    assert torch.equal(part["wide"], want["wide"])
+    sd2 = _state_with_big_tensor(8)  # the second save reuses the layout (cached slices)
+    sd2["wide"], sd2["long_bf16"], sd2["odd"] = sd["wide"] + 1, sd["long_bf16"] * 2, sd["odd"] // 2
+    want2 = copy.deepcopy(sd2)
+    ck.save(sd2, tmp_path / "big2").result(120)
+    whole2 = ac.load_state_dict(tmp_path / "big2")
+    for key in ("big", "wide", "long_bf16", "odd", "f32_0"):
+        assert torch.equal(whole2[key], want2[key]), key
 
 
 def test_a_state_within_the_budget_is_one_round_in_a_buffer_of_its_size(tmp_path: Path) -> None:
