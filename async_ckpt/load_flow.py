@@ -1,9 +1,10 @@
 """Load: match the target's leaves to saved chunks, read only the overlapping bytes, verify.
 
 For every tensor in the target, this rank's chunk of it (the whole tensor, or a
-DTensor's local shard) is intersected with the saved chunks. Where a saved
-chunk coincides with the target chunk and the target is contiguous CPU memory,
-bytes are read straight into the target; otherwise the smallest covering byte
+DTensor's local shard) is intersected with the saved chunks. Where a whole
+saved chunk is one contiguous run of contiguous CPU target memory (the whole
+target, or a block of its rows), bytes are read straight into the target;
+otherwise the smallest covering byte
 range is read into a scratch buffer and the overlap copied out. Reads run on a
 thread pool, checksums are verified per block, and nothing is unpickled unless
 the caller allows it.

@@ -20,7 +20,7 @@ from .format import checksum
 from .format.metadata import ChunkRecord
 from .planning.reshard import Overlap, contiguous_byte_range
 
-__all__ = ["Finisher", "Read", "Unit", "batches", "byte_view", "is_direct", "units"]
+__all__ = ["Finisher", "Read", "Unit", "batches", "byte_view", "direct_target", "is_direct", "units"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,15 +39,25 @@ _BATCH_READS = 512  # below IOV_MAX
 _PIECE_BYTES = 16 << 20
 
 
-def is_direct(r: Read) -> bool:
-    """Whether the whole saved chunk lands, as is, in the whole (contiguous) target."""
+def direct_target(r: Read) -> torch.Tensor | None:
+    """Where the whole saved chunk lands as is, when that is one contiguous run of the target's memory.
+
+    The whole target (a tensor saved whole), or a block of whole rows of it (a
+    budget's split chunks, a Shard(0) shard loaded whole): read straight into
+    place, with no scratch copy. None: read through scratch (``_scratch_unit``).
+    """
     c = r.chunk
-    return (
-        r.overlap.lengths == c.sizes
-        and not any(r.overlap.target_offsets)
-        and tuple(r.dest.shape) == c.sizes
-        and r.dest.is_contiguous()
-    )
+    if r.overlap.lengths != c.sizes or not r.dest.is_contiguous():
+        return None
+    if tuple(r.dest.shape) == c.sizes and not any(r.overlap.target_offsets):
+        return r.dest
+    region = r.dest[tuple(slice(o, o + n) for o, n in zip(r.overlap.target_offsets, c.sizes, strict=True))]
+    return region if region.is_contiguous() else None
+
+
+def is_direct(r: Read) -> bool:
+    """Whether the whole saved chunk lands, as is, in one contiguous run of the target."""
+    return direct_target(r) is not None
 
 
 def batches(reads: list[Read]) -> list[list[Read]]:
@@ -100,7 +110,7 @@ def units(batches: list[list[Read]], block: int, verify: bool) -> Iterator[Unit]
     piece_bytes = max(block, _PIECE_BYTES // block * block) if verify else 0
     for batch in batches:
         if len(batch) > 1:
-            bufs = [byte_view(r.dest) for r in batch]
+            bufs = [byte_view(_direct(r)) for r in batch]
             checks = [(buf, r.chunk, 0, r.fqn) for r, buf in zip(batch, bufs, strict=True)]
             yield Unit(batch[0].chunk.file, batch[0].chunk.byte_offset, bufs, checks)
             continue
@@ -108,14 +118,21 @@ def units(batches: list[list[Read]], block: int, verify: bool) -> Iterator[Unit]
         c = r.chunk
         if c.byte_length == 0:
             continue
-        if is_direct(r):
-            whole = byte_view(r.dest)
+        dest = direct_target(r)
+        if dest is not None:
+            whole = byte_view(dest)
             step = piece_bytes or len(whole)
             for pos in range(0, len(whole), step):
                 piece = whole[pos : pos + step]
                 yield Unit(c.file, c.byte_offset + pos, [piece], [(piece, c, pos, r.fqn)])
             continue
         yield _scratch_unit(r, block, verify)
+
+
+def _direct(r: Read) -> torch.Tensor:
+    dest = direct_target(r)
+    assert dest is not None, "only direct reads are batched"
+    return dest
 
 
 def _scratch_unit(r: Read, block: int, verify: bool) -> Unit:

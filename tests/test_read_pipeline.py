@@ -172,3 +172,39 @@ def test_the_damage_message_gives_one_block_range(saved: tuple[Path, Metadata], 
     lo, hi = map(int, re.search(r"file bytes \[(\d+), (\d+)\)", str(info.value)).groups())  # type: ignore[union-attr]
     assert hi - lo == BLOCK and (lo - chunk.byte_offset) % BLOCK == 0
     assert os.path.getsize(bad / chunk.file) >= hi
+
+
+def test_chunks_that_are_contiguous_runs_of_the_target_are_read_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row blocks of a target (split chunks, Shard(0) shards) go straight into it: no scratch copy."""
+    from async_ckpt import read_units
+
+    scratch: list[str] = []
+    real = read_units._scratch_unit
+
+    def counting(r: Any, block: int, verify: bool) -> Any:
+        scratch.append(r.fqn)
+        return real(r, block, verify)
+
+    monkeypatch.setattr(read_units, "_scratch_unit", counting)
+    g = torch.Generator().manual_seed(3)
+    sd = {
+        "rows": torch.randn(512, 1024, generator=g),  # 2 MiB: row blocks of 512 KiB
+        "wide": torch.randn(2, 3, 300_000, generator=g),  # rows of 1.2 MB: split along the last dim
+        "small": torch.arange(10.0),
+    }
+    with ac.AsyncCheckpointer(staging_budget=1 << 20) as ck:
+        md = ck.save(sd, tmp_path / "c").result(120)
+    assert len(md.tensors["rows"].chunks) > 1 and len(md.tensors["wide"].chunks) > 1
+    got = {k: torch.zeros_like(v) for k, v in sd.items()}
+    ac.load(got, tmp_path / "c")
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
+    assert scratch == []
+    # A region that is not one run of the target's memory still goes through scratch.
+    part = {"rows": torch.zeros(512, 1024)[:, :512]}
+    with pytest.raises(ac.CheckpointError, match="shape mismatch"):
+        ac.load(part, tmp_path / "c", strict=False)
+    cols = torch.zeros(1024, 512).t()  # the right shape, not contiguous
+    ac.load({"rows": cols}, tmp_path / "c", strict=False)
+    assert torch.equal(cols, sd["rows"]) and scratch
