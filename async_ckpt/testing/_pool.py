@@ -20,15 +20,14 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
+from ._call import DEFAULT_PG_TIMEOUT, Call
+
 __all__ = ["Call", "RankFailed", "RankPool", "close_pools", "get_pool", "run_call"]
 
-DEFAULT_PG_TIMEOUT = 60.0
 # After one rank fails, how long the others get to report before they are
 # presumed stuck in a collective with it.
 _FAIL_GRACE_S = 3.0
@@ -41,30 +40,6 @@ always_fresh = False
 
 class RankFailed(AssertionError):
     """A rank raised, died or did not finish; the message names the rank(s)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """What a rank runs: ``fn(*args, **kwargs)``, or a test function found by module and qualname.
-
-    ``pass_rank`` prepends ``(rank, world_size)`` to the arguments (the harness
-    style); ``rank_args`` names keyword arguments whose value is replaced on the
-    rank by its ``RankContext`` (``"rank"``) or a 1-D ``DeviceMesh`` (``"mesh"``).
-    """
-
-    fn: Callable[..., Any] | None = None
-    module: str = ""
-    module_file: str = ""
-    qualname: str = ""
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    rank_args: dict[str, str] = field(default_factory=dict)
-    pass_rank: bool = False
-    pg_timeout: float = DEFAULT_PG_TIMEOUT
-    sys_path: tuple[str, ...] = ()
-    env: dict[str, str] | None = None
-    """The calling process's environment when the call was made (set by ``run_call``)."""
-    label: str = ""
 
 
 class RankPool:

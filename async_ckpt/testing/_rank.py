@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._pool import Call
+    from ._call import Call
 
 __all__ = ["RankContext", "main"]
 
