@@ -30,8 +30,8 @@ from .format.values import PickleRefusedError, decode_value
 from .interop import is_dcp_checkpoint
 from .interop.dcp_metadata import read_dcp
 from .interop.dcp_storage import DcpSource
-from .load_flow import _plan_reads
 from .load_metadata import check_same_save, decode_checked
+from .load_plan import plan_reads
 from .planning import ChunkStorageMetadata
 from .read_ops import Read, execute_reads, open_source, replaced_as_such
 from .storage.base import CheckpointSource, Storage
@@ -206,7 +206,7 @@ class _Reader:
                 return _SKIP
             out = torch.empty(rec.shape, dtype=rec.dtype)
             whole = ChunkStorageMetadata((0,) * len(rec.shape), rec.shape)
-            self.reads.extend(_plan_reads(fqn, rec, whole, out, self.rank))
+            self.reads.extend(plan_reads(fqn, rec, whole, out, self.rank))
             return out
         if fqn in md.values:
             rec_v = md.values[fqn]
