@@ -71,7 +71,8 @@ class AsyncCheckpointer:
     ``staging_budget`` (bytes; the same on every rank) bounds the staging
     memory per save in flight: a state that needs more is staged round by
     round (``staged_rounds.py``), each round written before its memory is
-    reused, so the call stalls longer.
+    reused, so the call stalls longer; after a layout's first save only the
+    items this rank writes are staged, as without a budget.
 
     Threads and who owns what. The caller's thread (or, for ``overlap`` and
     ``async_save``, the single staging thread) prepares, stages and sends a
@@ -131,8 +132,6 @@ class AsyncCheckpointer:
         self._tail: concurrent.futures.Future[None] | None = None
         """The last job handed to the staging thread (the worker must hear of saves in order)."""
         self._layouts = LayoutCache()
-        # Rounds stage every item of the rank (worker/rounds.py plans without a staged mask).
-        self._layouts.replica_staging = self._budget is None
         self.worker_starts = 0
         """Workers started and taken into use (a background start counts when a save takes it)."""
         self._bg: BackgroundStart | None = None
@@ -475,7 +474,15 @@ class AsyncCheckpointer:
             with self._lock:
                 worker = self._ensure_worker()
             assert self._budget is not None
-            stager = RoundStager(self._pool, self._inflight, worker, self._budget)
+            prepared = job.prepared
+            stager = RoundStager(
+                self._pool,
+                self._inflight,
+                worker,
+                self._budget,
+                staged=tuple(prepared.local.tensors) if prepared.subset else None,
+                stage_only=partial(self._layouts.subsets.record, prepared.layout_id),
+            )
             rank = self._group.rank if self._group is not None else 0
             stage_s = stager.run(
                 self._request(job, -1, 0.0, 0.0),
