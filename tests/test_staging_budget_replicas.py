@@ -11,6 +11,8 @@ is loaded back bit-exact on the saving ranks and in one process.
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -167,24 +169,33 @@ def test_replicated_state_under_a_budget_stages_each_ranks_share_after_the_first
 # ----------------------- a layout change, and ranks staging different amounts
 
 
+_LAYOUT_SAVES = [(f"a{v}", v, False) for v in range(2)]
+_LAYOUT_SAVES += [(f"b{v}", 2 + v, True) for v in range(3)]
+_LAYOUT_SAVES += [(f"a{v}", 3 + v, False) for v in range(2, 5)]
+"""(name, version, extra): layout A, then B (one more tensor), then A again."""
+
+
 def _layouts_body(rank: int, world: int, root: str, budget: int) -> dict[str, Any]:
     import torch.distributed as dist
 
     out: dict[str, Any] = {"saves": []}
-    # (name, version, extra): layout A, then B (one more tensor), then A again.
-    saves = [
-        ("a0", 0, False),
-        ("a1", 1, False),
-        ("b0", 2, True),
-        ("b1", 3, True),
-        ("b2", 4, True),
-        ("a2", 5, False),
-    ]
     with ac.AsyncCheckpointer(staging_budget=budget, timeout=120.0, start=True) as ck:
         dist.barrier()
-        for name, version, extra in saves:
+        for name, version, extra in _LAYOUT_SAVES:
             # Save b1: rank 1 stages everything while rank 0 stages its share.
             ck._layouts.replica_staging = not (name == "b1" and rank == 1)
+            if name == "a3":
+                # Rank 1's worker dies between saves: the new one has no plans, its trainer
+                # still stages its share, so the ranks plan afresh with what each staged.
+                pid = ck.worker_pid
+                if rank == 1 and pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    deadline = time.monotonic() + 60
+                    while ck.worker_pid is not None and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                ck.start()
+                out["restarted"] = ck.worker_pid != pid
+                dist.barrier()
             sd = _state(world, version, extra=extra)
             md = ck.save(sd, f"{root}/{name}").result(120)
             out["saves"].append({**_record(ck, md, rank), "local": _local_bytes(sd)})
@@ -197,21 +208,22 @@ def test_a_layout_change_between_budgeted_saves_stages_everything_once(tmp_path:
     world, budget = 2, 256 * KiB  # every save takes several rounds, the shares too
     results = run_ranks(world, _layouts_body, str(tmp_path), budget, timeout=240.0, pg_timeout=120.0)
     for rank, r in enumerate(results):
-        a0, a1, b0, b1, b2, a2 = r["saves"]
+        a0, a1, b0, b1, b2, *a_again = r["saves"]
         for full in (a0, b0):  # a layout's first save
             assert full["staged"] == full["local"], (rank, full)
-        for share in (a1, b2, a2):  # A's subset is still known after B's saves
+        for share in (a1, b2, *a_again):  # A's subset is still known after B's saves and a restart
             assert share["staged"] == share["written"] < 0.6 * share["local"], (rank, share)
             assert 2 <= share["rounds"] < a0["rounds"], (rank, share)
         if rank == 1:
             assert b1["staged"] == b1["local"], b1
         else:
             assert b1["staged"] == b1["written"] < 0.6 * b1["local"], b1
-        assert [s["cached"] for s in r["saves"]] == [False, True, False, True, True, True], (rank, r["saves"])
+        # A planning round for each layout's first save and after the restart (a3).
+        cached = [s["cached"] for s in r["saves"]]
+        assert cached == [False, True, False, True, True, True, False, True], (rank, cached)
         assert max(s["pool"] for s in r["saves"]) <= budget
-    for name, version, extra in [("a0", 0, False), ("a1", 1, False), ("b0", 2, True)]:
-        _check_in_one_process(tmp_path / name, world, version, extra=extra)
-    for name, version, extra in [("b1", 3, True), ("b2", 4, True), ("a2", 5, False)]:
+    assert results[1]["restarted"] and not results[0]["restarted"]
+    for name, version, extra in _LAYOUT_SAVES:
         _check_in_one_process(tmp_path / name, world, version, extra=extra)
 
 
