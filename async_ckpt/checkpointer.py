@@ -71,7 +71,8 @@ class AsyncCheckpointer:
     ``staging_budget`` (bytes; the same on every rank) bounds the staging
     memory per save in flight: a state that needs more is staged round by
     round (``staged_rounds.py``), each round written before its memory is
-    reused, so the call stalls longer.
+    reused, so the call stalls longer; after a layout's first save only the
+    items this rank writes are staged, as without a budget.
 
     Threads and who owns what. The caller's thread (or, for ``overlap`` and
     ``async_save``, the single staging thread) prepares, stages and sends a
@@ -133,8 +134,6 @@ class AsyncCheckpointer:
         # Under a budget, a tensor larger than half of it is planned as several chunks, so that
         # the rounds' buffer stays within the budget (staged_rounds.py).
         self._layouts = LayoutCache(split_bytes=None if self._budget is None else piece_bytes(self._budget))
-        # Rounds stage every item of the rank (worker/rounds.py plans without a staged mask).
-        self._layouts.replica_staging = self._budget is None
         self.worker_starts = 0
         """Workers started and taken into use (a background start counts when a save takes it)."""
         self._bg: BackgroundStart | None = None
@@ -477,7 +476,15 @@ class AsyncCheckpointer:
             with self._lock:
                 worker = self._ensure_worker()
             assert self._budget is not None
-            stager = RoundStager(self._pool, self._inflight, worker, self._budget)
+            prepared = job.prepared
+            stager = RoundStager(
+                self._pool,
+                self._inflight,
+                worker,
+                self._budget,
+                staged=tuple(prepared.local.tensors) if prepared.subset else None,
+                stage_only=partial(self._layouts.subsets.record, prepared.layout_id),
+            )
             rank = self._group.rank if self._group is not None else 0
             stage_s = stager.run(
                 self._request(job, -1, 0.0, 0.0),

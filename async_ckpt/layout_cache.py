@@ -38,6 +38,8 @@ class Prepared:
     tree: Any
     on_cuda: bool
     """Whether any tensor lives on a CUDA device (part of the cache signature)."""
+    subset: bool = False
+    """``local.tensors`` are only the items this rank writes (replica-sharded staging), not all."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +77,7 @@ class LayoutCache:
         tensors, layout = reduced
         local = LocalPlan(plan=prepared.local.plan, tensors=tensors, values=prepared.local.values)
         # Same layout id: the worker keeps the full local plan, which planning needs.
-        return Prepared(local, layout, prepared.layout_id, prepared.tree, prepared.on_cuda)
+        return Prepared(local, layout, prepared.layout_id, prepared.tree, prepared.on_cuda, subset=True)
 
     def _prepare_full(self, flat: Flat, *, allow_pickle: bool, verify_replicas: bool) -> Prepared:
         # Keyed by the leaves' signature, then the tree compared as Python objects:

@@ -24,6 +24,8 @@ budgeted checkpointer takes this path, so that all ranks speak the same
 protocol to their workers whatever their state's size (hence every rank must
 pass the same ``staging_budget``). Rounds are the trainer's business alone:
 the plan and its cache are the same as for an unbudgeted save of that state.
+After a layout's first save, the tensors are only the items this rank writes
+(replica-sharded staging, ``replica_staging.py``): fewer rounds.
 """
 
 from __future__ import annotations
@@ -134,13 +136,29 @@ class _Progress:
 
 
 class RoundStager:
-    """Stages one save in rounds (see the module docstring); ``begun`` once the worker heard of it."""
+    """Stages one save in rounds (see the module docstring); ``begun`` once the worker heard of it.
 
-    def __init__(self, pool: StagingPool, inflight: InFlightSaves, worker: WorkerClient, budget: int) -> None:
+    ``staged``: the keys of the tensors given to ``run`` when they are only the
+    items this rank writes (replica-sharded staging), for the worker's plan;
+    ``stage_only``: told which items to stage next time (``InFlight.stage_only``).
+    """
+
+    def __init__(
+        self,
+        pool: StagingPool,
+        inflight: InFlightSaves,
+        worker: WorkerClient,
+        budget: int,
+        *,
+        staged: tuple[Key, ...] | None = None,
+        stage_only: Callable[[Any], None] | None = None,
+    ) -> None:
         self._pool = pool
         self._inflight = inflight
         self._worker = worker
         self._budget = budget
+        self._staged = staged
+        self._stage_only = stage_only
         self.begun = False
 
     def run(
@@ -167,9 +185,11 @@ class RoundStager:
         record: InFlight | None = None
         try:
             hand_over(slot)
-            record = InFlight(pending, slot, self._worker, waited, on_round=progress.written)
+            record = InFlight(
+                pending, slot, self._worker, waited, on_round=progress.written, stage_only=self._stage_only
+            )
             self._inflight.publish(record)
-            self._worker.send(RoundsBegin(request))
+            self._worker.send(RoundsBegin(request, self._staged))
         except BaseException:
             if record is None:
                 self._pool.release(slot)

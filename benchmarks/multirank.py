@@ -30,6 +30,11 @@ the median over the timed saves. Bytes written per rank: ours from
 files; balance is max / mean over ranks. Total bytes on disk (every file of the
 checkpoint directory) are compared with the unique bytes of the state dict.
 
+With ``--budget-mib B`` both ``ac`` and ``ac_all`` save with
+``AsyncCheckpointer(staging_budget=B)`` (round by round): a third table gives
+the bytes each rank staged per save (``md.stats.bytes_staged``, max over ranks)
+and the rounds it took, budgeted-all against budgeted-replica.
+
 Issue 14.1's targets, for ``ac``: *memcpy* is one rank's ``copy_`` of its whole
 local state into held, touched buffers, timed on every rank at once after a
 barrier (as the saves are), max over ranks, median over ``--repeats``; the
@@ -39,6 +44,7 @@ max over ranks; its target is ``1.05 x unique/N + 64 MiB`` (for a fully
 replicated state, ``state/N``).
 
     python benchmarks/multirank.py --gib 1.0 --ranks 2 4 --replicated 0.5 --json out.json
+    python benchmarks/multirank.py --gib 0.5 --ranks 2 --replicated 1 --budget-mib 128 --skip-dcp
 """
 
 from __future__ import annotations
@@ -146,6 +152,7 @@ def _rank_body(
     replicated: float,
     repeats: int,
     skip_dcp: bool,
+    budget: int | None = None,
 ) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -188,6 +195,8 @@ def _rank_body(
                         "bytes_written": written,
                         "files": files,
                         "copy": copy,
+                        "staged": stats.get("bytes_staged") if stats else None,
+                        "rounds": stats.get("rounds") if stats else None,
                     }
                 )
         out["runs"][mode.name] = runs
@@ -196,7 +205,7 @@ def _rank_body(
     # The same methods bench_async.py times, on every rank.
     out["staging_bytes"] = {}
     for name, sharded in (("ac", True), ("ac_all", False)):
-        ck = ac.AsyncCheckpointer(start=True)
+        ck = ac.AsyncCheckpointer(start=True, staging_budget=budget)
         try:
             ck._layouts.replica_staging = sharded  # private switch: stage every tensor when False
             mode = ac_modes(ac, ck, sd)["ac"]
@@ -249,6 +258,7 @@ def run_world(world: int, args: argparse.Namespace, work: str) -> dict[str, Any]
         args.replicated,
         args.repeats,
         args.skip_dcp,
+        None if args.budget_mib is None else int(args.budget_mib * (1 << 20)),
         timeout=args.timeout,
         pg_timeout=args.timeout,
         fresh=True,  # each world measured in its own processes, as before the pool
@@ -288,6 +298,13 @@ def run_world(world: int, args: argparse.Namespace, work: str) -> dict[str, Any]
             "on_disk_over_unique": on_disk / total if total else None,
             "n_files": len(files),
         }
+        if name.startswith("ac"):
+            res["methods"][name]["staged_per_save"] = _med(
+                [max(runs[k][i]["staged"] or 0 for k in range(world)) for i in range(n)]
+            )
+            res["methods"][name]["rounds"] = _med(
+                [max(runs[k][i]["rounds"] or 0 for k in range(world)) for i in range(n)]
+            )
         staged = [r["staging_bytes"].get(name) for r in per_rank]
         if None not in staged:
             res["methods"][name].update(_targets(staged, _med(stall), memcpy, total, world))
@@ -360,6 +377,25 @@ def print_results(results: list[dict[str, Any]]) -> None:
         rows,
         title="Issue 14.1 targets: replica-sharded staging (ac; ac_all stages everything, for comparison)",
     )
+    rows = [
+        [
+            r["world"],
+            name,
+            f"{m['stall']['median']:.3f}",
+            f"{m['durable']['median']:.3f}",
+            _fmt_gib(m["staged_per_save"]),
+            f"{m['rounds']:g}",
+            _fmt_gib(m["staging_bytes_max"]),
+        ]
+        for r in results
+        for name, m in r["methods"].items()
+        if m.get("staged_per_save") is not None and "staging_bytes_max" in m
+    ]
+    print_table(
+        ["ranks", "method", "stall s", "durable s", "staged GiB/save", "rounds", "pool GiB"],
+        rows,
+        title="Bytes staged per save and rank (max over ranks; median over saves; with --budget-mib: rounds)",
+    )
 
 
 def _met(ok: bool | None) -> str:
@@ -376,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicated", type=float, default=0.5, help="fraction of unique bytes replicated")
     ap.add_argument("--repeats", type=int, default=3, help="timed saves per method (after one warm-up)")
     ap.add_argument("--skip-dcp", action="store_true")
+    ap.add_argument(
+        "--budget-mib", type=float, default=None, help="staging_budget of ac and ac_all (MiB; default none)"
+    )
     ap.add_argument("--dir", default=None, help="where to write (a fresh subdirectory is made and removed)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per world size")
     ap.add_argument("--json", default=None)

@@ -116,6 +116,10 @@ class SaveStats:
     bytes_written: int = 0
     plan_cached: bool = False
     stall_s: float = 0.0
+    bytes_staged: int = 0
+    """Tensor bytes copied into staging for this save (this rank's share, with replica-sharded staging)."""
+    rounds: int = 0
+    """Rounds the staging took under a ``staging_budget``; 0 for a save staged at once."""
 
     def describe(self) -> str:
         """One log line's worth: every figure, as the INFO log of each save shows it."""

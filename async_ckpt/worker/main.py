@@ -151,7 +151,7 @@ async def _serve(conn: Connection, comm: Comm, config: WorkerConfig) -> None:
             with contextlib.suppress(Exception):
                 await runner.fail(msg.save_id, msg.error)
         elif isinstance(msg, RoundsBegin):
-            if not await _rounds_save(conn, runner, msg.request, slots, layouts, queue):
+            if not await _rounds_save(conn, runner, msg, slots, layouts, queue):
                 break
         elif isinstance(msg, (Round, RoundsAbort)):
             pass  # sent for a budgeted save that had already failed here: nothing reads it
@@ -181,12 +181,13 @@ def _admin(msg: Any, slots: dict[int, _MappedSlot], layouts: dict[str, RegisterL
 async def _rounds_save(
     conn: Connection,
     runner: SaveJobRunner,
-    req: SaveRequest,
+    begin: RoundsBegin,
     slots: dict[int, _MappedSlot],
     layouts: dict[str, RegisterLayout],
     queue: asyncio.Queue[Any],
 ) -> bool:
     """A budgeted save (``rounds.py``); False when the trainer stopped the worker during it."""
+    req = begin.request
     stopped = False
 
     async def next_round() -> Round | RoundsAbort | None:
@@ -208,8 +209,11 @@ async def _rounds_save(
         slot, layout = _registered(req, slots, layouts.get(req.layout_id))
         with gc_paused():
             md = await runner.run_rounds(
-                req, layout.plan, layout.tree, slot.maps, next_round, lambda m: _reply(conn, m)
+                req, layout.plan, layout.tree, slot.maps, next_round, lambda m: _reply(conn, m), begin.staged
             )
+        if runner.stage_only is not None:
+            # Before Finished: the trainer's next save of this layout stages only these.
+            _reply(conn, StageOnly(req.save_id, req.layout_id, runner.stage_only))
         reply = Finished(req.save_id, metadata=md)
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the trainer
         reply = _failed(req.save_id, exc)

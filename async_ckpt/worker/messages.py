@@ -152,6 +152,10 @@ class RoundsBegin:
     """
 
     request: SaveRequest
+    staged: tuple[tuple[str, tuple[int, ...] | None], ...] | None = None
+    """The tensor items the rounds will carry when only some of the plan's (replica-sharded
+    staging: the ones this rank wrote last time); None when every one. The worker reuses a
+    cached plan only if it gives this rank none but these, else plans with them as its mask."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ save with a cached plan may be (``save_job.py``). Hence the order:
 
     RoundsBegin --> agree: every rank has the same cached plan? --yes--> begin the save
                            |                                     no --> plan together
+                                                                        (with what each rank staged)
     each Round k --> write its shard files (durable) --> RoundWritten(k)   (up to as many
                      rounds at once as the buffer has pieces: the trainer's waits bound it)
     after the last round is written: Released --> commit barrier: any rank's failure
@@ -19,6 +20,16 @@ their rounds, and the coordinator removes the staging area. Each round's files
 are named ``shard-r<rank>-round<k>-<i>``, so the files a rank writes are
 distinct across rounds; fault points ``write_round<k>``
 (``_faults``: fail before writing round k, kill after) test it.
+
+Replica-sharded staging (``save_job.py`` for the unbudgeted path): after a
+layout's first save the trainer stages only the items its rank wrote, and
+``RoundsBegin.staged`` names them. The plan cache is keyed by the layout id,
+the same whether a save stages everything or a share; a cached assignment is
+reused only if it gives this rank nothing outside what it staged, else the
+ranks plan together, each with a mask of what it staged. After the commit,
+``StageOnly`` tells the trainer what this rank writes when that is not what it
+staged. A rank whose rounds lack an item the plan gives it fails the save,
+naming the item, instead of leaving it out.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from ..dist import Comm, RankFailure, RanksFailedError
 from ..errors import CheckpointError
 from ..format.metadata import Metadata, SaveStats
 from ..planning import SavePlan
+from ..planning.staged import StagedMask
 from ..save_flow import (
     FileAssignment,
     RankAssignment,
@@ -52,6 +64,7 @@ from ..save_flow import (
 )
 from ..writer.pipeline import WrittenFile
 from .messages import Released, Round, RoundsAbort, RoundWritten, SaveRequest
+from .staged_keys import Key, file_keys, plan_keys, stage_only_keys, staged_mask
 from .views import byte_views, view_sources
 
 __all__ = ["PlanCache", "mixed_budgets", "run_rounds"]
@@ -60,7 +73,8 @@ _MIN_FILE_BYTES = 4 << 20
 """A round goes to as many files as the plan gives the rank (written at once: one stream is slower),
 but none smaller than this unless the round is."""
 
-PlanCache = OrderedDict[tuple[str, Any], tuple[str, tuple[FileAssignment, ...]]]
+PlanCache = OrderedDict[tuple[str, Any], RankAssignment]
+"""Per (layout id, options): the assignment last agreed, whose token is its plan id."""
 
 
 class _RoundsStopped(RuntimeError):
@@ -78,16 +92,27 @@ async def run_rounds(
     maps: Sequence[mmap.mmap],
     next_round: Callable[[], Awaitable[Round | RoundsAbort | None]],
     reply: Callable[[Any], None],
-) -> Metadata:
-    """One budgeted save; ``next_round`` gives this save's next message (None: the worker is stopping)."""
+    staged: Sequence[Key] | None = None,
+) -> tuple[Metadata, tuple[Key, ...] | None]:
+    """One budgeted save; ``next_round`` gives this save's next message (None: the worker is stopping).
+
+    ``staged``: the tensor items the rounds carry, None when all of the plan's.
+    Returns the metadata and what the trainer should stage from now on, None
+    when it staged just that.
+    """
     comm.begin(f"save{req.save_id}")
     target = SaveTarget(req.storage, req.location, f"{session}{req.save_id:08x}", req.save_id)
-    cache_key = (req.layout_key, req.options)
+    cache_key = (req.layout_id, req.options)
     t0 = time.perf_counter()
+    held = plan_keys(plan) if staged is None else frozenset(staged)
     cached = None if req.options.verify_replicas else cache.get(cache_key)
-    assignment, reused = await asyncio.to_thread(_agree, comm, target, plan, cached)
+    if cached is not None and not all(k in held for fa in cached.files for k in file_keys(fa)):
+        cached = None  # never write what was not staged
+    mask = None if staged is None else staged_mask(plan, held)
+    assignment, reused = await asyncio.to_thread(_agree, comm, target, plan, cached, mask)
     if not reused and not req.options.verify_replicas:
-        cache[cache_key] = (assignment.token, assignment.files)
+        cache[cache_key] = assignment
+        cache.move_to_end(cache_key)
         while len(cache) > cache_size:
             cache.popitem(last=False)
     target = dataclasses.replace(target, token=assignment.token)
@@ -95,6 +120,8 @@ async def run_rounds(
     written: list[WrittenFile] = []
     failure: RankFailure | None = None
     last: Round | None = None
+    rounds = staged_bytes = 0
+    carried: set[Key] = set()
 
     async def write_round(msg: Round) -> None:
         fail_point(f"write_round{msg.index}", comm.rank, req.save_id)
@@ -116,7 +143,11 @@ async def run_rounds(
                 if isinstance(msg, RoundsAbort):
                     raise _RoundsStopped(f"the trainer could not stage the save: {msg.error}")
                 last = msg
+                rounds += 1
+                staged_bytes += sum(spec.nbytes for spec in msg.specs)
+                carried.update(spec.key for spec in msg.specs)
                 group.create_task(write_round(msg))
+        _check_carried(comm.rank, req, assignment, carried)
     except Exception as exc:  # noqa: BLE001 - reported at the commit barrier, to every rank
         first = _first_cause(exc)
         failure = RankFailure(
@@ -137,8 +168,10 @@ async def run_rounds(
         bytes_written=sum(f.size for f in written),
         plan_cached=reused,
         stall_s=last.stall_s if last is not None else 0.0,
+        bytes_staged=staged_bytes,
+        rounds=rounds,
     )
-    return with_stats(md, stats)
+    return with_stats(md, stats), stage_only_keys(assignment, held)
 
 
 def _first_cause(error: BaseException) -> BaseException:
@@ -156,10 +189,28 @@ def mixed_budgets(budgeted: Sequence[int], world: int) -> CheckpointError:
     )
 
 
+def _check_carried(rank: int, req: SaveRequest, assignment: RankAssignment, carried: set[Key]) -> None:
+    """Every item the plan gives this rank came in a round: else it would be missing from the checkpoint."""
+    for fa in assignment.files:
+        for fqn, offsets in file_keys(fa):
+            if (fqn, offsets) not in carried:
+                raise CheckpointError(
+                    f"rank {rank}: {fqn!r} (offsets {offsets}) is planned for this rank's file "
+                    f"{fa.name} of {req.location}, but no round of this save staged it"
+                )
+
+
 def _agree(
-    comm: Comm, target: SaveTarget, plan: SavePlan, cached: tuple[str, tuple[FileAssignment, ...]] | None
+    comm: Comm,
+    target: SaveTarget,
+    plan: SavePlan,
+    cached: RankAssignment | None,
+    mask: StagedMask,
 ) -> tuple[RankAssignment, bool]:
-    """Collective: the cached plan where every rank holds the same one, else a new plan; the save begun."""
+    """Collective: the cached plan where every rank holds the same one, else a new plan; the save begun.
+
+    ``mask``: which items of ``plan`` this rank staged (None: all), for planning afresh.
+    """
 
     def decide(plan_ids: list[Any]) -> list[bool]:
         # A rank that could not prepare this save reports its failure here
@@ -177,11 +228,11 @@ def _agree(
         return [same] * len(plan_ids)
 
     with aborting_on_failure(comm, target):
-        reuse = coordinate(comm, "save planning", cached[0] if cached else None, decide)
+        reuse = coordinate(comm, "save planning", cached.token if cached else None, decide)
     if reuse:
         assert cached is not None
-        return RankAssignment(target.token, cached[1]), True
-    return plan_together(comm, target, plan), False
+        return RankAssignment(target.token, cached.files, cached.preferred), True
+    return plan_together(comm, target, plan, mask), False
 
 
 def _round_files(rank: int, assignment: RankAssignment, rnd: Round) -> RankAssignment:

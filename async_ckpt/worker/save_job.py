@@ -78,10 +78,10 @@ class SaveJobRunner:
         # Keyed by the staged layout: a reused assignment only names items this rank staged.
         self._cache: OrderedDict[tuple[str, Any], _Cached] = OrderedDict()
         self._round_plans: PlanCache = OrderedDict()
-        """Budgeted saves' plans (``rounds.py``): they stage every item, so never a subset's plan."""
+        """Budgeted saves' plans (``rounds.py``), per layout id: reused where this rank staged their items."""
         self.stage_only: tuple[Key, ...] | None = None
-        """After a successful ``run``: the tensor items the trainer should stage from now on, if
-        not what it staged for this save (replica-sharded staging)."""
+        """After a successful ``run`` or ``run_rounds``: the tensor items the trainer should stage
+        from now on, if not what it staged for this save (replica-sharded staging)."""
 
     async def run(
         self,
@@ -120,9 +120,8 @@ class SaveJobRunner:
             self.stage_only = cached.stage_only
             kill_point("after_commit", req.save_id, comm.rank)
             written_bytes = sum(f.size for f in report.result.files) if report.result else 0
-            return with_stats(
-                outcome, self._stats(req, 0.0, t1 - t0, time.perf_counter() - t1, written_bytes, True)
-            )
+            stats = self._stats(req, specs, 0.0, t1 - t0, time.perf_counter() - t1, written_bytes, True)
+            return with_stats(outcome, stats)
         # Plan together, then write and commit.
         t2 = time.perf_counter()
         kill_point("plan", req.save_id, comm.rank)
@@ -144,10 +143,9 @@ class SaveJobRunner:
         md = await asyncio.to_thread(self._commit, target, tree, RankResult(written, req.values))
         kill_point("after_commit", req.save_id, comm.rank)
         self.stage_only = stage_only
-        return with_stats(
-            md,
-            self._stats(req, t3 - t2, t4 - t3, time.perf_counter() - t4, sum(f.size for f in written), False),
-        )
+        nbytes = sum(f.size for f in written)
+        stats = self._stats(req, specs, t3 - t2, t4 - t3, time.perf_counter() - t4, nbytes, False)
+        return with_stats(md, stats)
 
     async def run_rounds(
         self,
@@ -157,11 +155,28 @@ class SaveJobRunner:
         maps: Sequence[mmap.mmap],
         next_round: Callable[[], Awaitable[Round | RoundsAbort | None]],
         reply: Callable[[Any], None],
+        staged: Sequence[Key] | None = None,
     ) -> Metadata:
-        """A budgeted save, its plan agreed before the first round is written (``rounds.py``)."""
-        return await run_rounds(
-            self.comm, self.session, self._round_plans, _CACHE_SIZE, req, plan, tree, maps, next_round, reply
+        """A budgeted save, its plan agreed before the first round is written (``rounds.py``).
+
+        ``staged``: the items the rounds carry, None when all; ``stage_only`` as for ``run``.
+        """
+        self.stage_only = None
+        md, stage_only = await run_rounds(
+            self.comm,
+            self.session,
+            self._round_plans,
+            _CACHE_SIZE,
+            req,
+            plan,
+            tree,
+            maps,
+            next_round,
+            reply,
+            staged,
         )
+        self.stage_only = stage_only
+        return md
 
     def _remember(self, key: tuple[str, Any], entry: _Cached) -> None:
         self._cache[key] = entry
@@ -232,7 +247,14 @@ class SaveJobRunner:
             return commit_together(self.comm, target, result, tree)
 
     def _stats(
-        self, req: SaveRequest, plan_s: float, write_s: float, commit_s: float, nbytes: int, cached: bool
+        self,
+        req: SaveRequest,
+        specs: Mapping[Key, BufferSpec],
+        plan_s: float,
+        write_s: float,
+        commit_s: float,
+        nbytes: int,
+        cached: bool,
     ) -> SaveStats:
         return SaveStats(
             stage_s=req.stage_s,
@@ -242,6 +264,7 @@ class SaveJobRunner:
             bytes_written=nbytes,
             plan_cached=cached,
             stall_s=req.stall_s,
+            bytes_staged=sum(s.nbytes for s in specs.values()),
         )
 
 

@@ -8,7 +8,7 @@ from now on when that differs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from ..buffer_layout import BufferSpec, make_layout
 from ..planning import SavePlan, WriteItemType
 from ..save_flow import FileAssignment, RankAssignment
 
-__all__ = ["Key", "file_keys", "stage_only_keys", "staged_mask", "subset_layout_key"]
+__all__ = ["Key", "file_keys", "plan_keys", "stage_only_keys", "staged_mask", "subset_layout_key"]
 
 Key = tuple[str, tuple[int, ...] | None]
 
@@ -29,7 +29,14 @@ def file_keys(fa: FileAssignment) -> Iterator[Key]:
         yield (fqn, offsets)
 
 
-def staged_mask(plan: SavePlan, views: Mapping[Any, Any]) -> npt.NDArray[np.bool_] | None:
+def plan_keys(plan: SavePlan) -> frozenset[Key]:
+    """The staging keys of every tensor item of ``plan``: what a rank staging everything stages."""
+    return frozenset(
+        (it.index.fqn, it.index.offset) for it in plan.items if it.type is not WriteItemType.BYTE_IO
+    )
+
+
+def staged_mask(plan: SavePlan, views: Collection[Any]) -> npt.NDArray[np.bool_] | None:
     """Which items of ``plan`` this rank staged; None when all of them (then nothing is sent)."""
     mask = np.fromiter(
         (it.type is WriteItemType.BYTE_IO or (it.index.fqn, it.index.offset) in views for it in plan.items),
@@ -39,7 +46,7 @@ def staged_mask(plan: SavePlan, views: Mapping[Any, Any]) -> npt.NDArray[np.bool
     return None if bool(mask.all()) else mask
 
 
-def stage_only_keys(assignment: RankAssignment, views: Mapping[Any, Any]) -> tuple[Key, ...] | None:
+def stage_only_keys(assignment: RankAssignment, views: Collection[Any]) -> tuple[Key, ...] | None:
     """The items to stage from now on, if they are not exactly the ones staged for this save."""
     keys = assignment.preferred
     if keys is None:
