@@ -9,14 +9,12 @@ world size, and in one process. Staging memory is read from the pool
 from __future__ import annotations
 
 import os
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from harness import run_ranks
+from harness import local_bytes, restart_worker, run_ranks
 
 import async_ckpt as ac
 from async_ckpt.testing import same_bits
@@ -99,14 +97,6 @@ def _written_by(md: ac.Metadata, rank: int) -> tuple[int, int]:
     return nbytes, n
 
 
-def _local_bytes(sd: dict[str, Any]) -> int:
-    n = 0
-    for t in sd["model"].values():
-        t = t.to_local() if hasattr(t, "to_local") else t
-        n += t.numel() * t.element_size()
-    return n
-
-
 def _memory(ck: ac.AsyncCheckpointer, md: ac.Metadata, rank: int) -> dict[str, int]:
     nbytes, n = _written_by(md, rank)
     pid = ck.worker_pid
@@ -133,7 +123,7 @@ def _steady_body(rank: int, world: int, root: str) -> dict[str, Any]:
         dist.barrier()
         for version in range(3):
             sd = _state(world, version, mesh)
-            out["local"] = _local_bytes(sd)
+            out["local"] = local_bytes(sd)
             pending = ck.save(sd, f"{root}/v{version}")
             with torch.no_grad():  # after save() returns: must not reach the checkpoint
                 for t in sd["model"].values():
@@ -195,19 +185,12 @@ def _disagree_body(rank: int, world: int, root: str) -> dict[str, Any]:
             ck._layouts.replica_staging = not (version == 2 and rank == 1)
             if version == 4:
                 # Rank 1's worker dies between saves; its trainer still stages its share.
-                pid = ck.worker_pid
-                if rank == 1 and pid is not None:
-                    os.kill(pid, signal.SIGKILL)
-                    deadline = time.monotonic() + 60
-                    while ck.worker_pid is not None and time.monotonic() < deadline:
-                        time.sleep(0.05)
-                ck.start()
-                out["restarted"] = ck.worker_pid != pid
+                out["restarted"] = restart_worker(ck, kill=rank == 1)
                 dist.barrier()
             md = ck.save(_state(world, version, mesh), f"{root}/v{version}").result(120)
             out["staging"].append(ck.staging_bytes)
             _check_on_ranks(f"{root}/v{version}", world, version, mesh)
-        out["local"] = _local_bytes(_state(world, 0, mesh))
+        out["local"] = local_bytes(_state(world, 0, mesh))
         out["md_world"] = md.world_size
     return out
 
@@ -255,7 +238,7 @@ def _inflight_body(rank: int, world: int, root: str) -> dict[str, Any]:
         out["staging_end"] = ck.staging_bytes
         for name, version, extra in saves:
             _check_on_ranks(f"{root}/{name}", world, version, mesh, extra)
-        out["local"] = _local_bytes(_state(world, 0, mesh))
+        out["local"] = local_bytes(_state(world, 0, mesh))
     return out
 
 
@@ -305,10 +288,10 @@ def test_tiny_state_four_ranks_some_stage_nothing(tmp_path: Path) -> None:
 # ------------- state dicts changing differently: one failed save, then recovery
 
 
-def _diverge_body(rank: int, world: int, root: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _diverge_body(rank: int, world: int, root: str, budget: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"staged": []}
     a, b = torch.arange(4096.0), torch.arange(4096.0) * 2
-    with ac.AsyncCheckpointer(timeout=60.0, start=True) as ck:
+    with ac.AsyncCheckpointer(staging_budget=budget, timeout=60.0, start=True) as ck:
         for v in range(2):
             md = ck.save({"a": a, "b": b}, f"{root}/s{v}").result(120)
         owner_b = next(md.files[c.file].rank for c in md.tensors["b"].chunks)
@@ -319,15 +302,23 @@ def _diverge_body(rank: int, world: int, root: str) -> dict[str, Any]:
             out["error"] = None
         except ac.CheckpointError as exc:
             out["error"] = str(exc)
-        ck.save(sd, f"{root}/good").result(120)  # everything staged again: it works
-        ck.save(sd, f"{root}/good2").result(120)
+        for name in ("good", "good2"):  # everything staged again: it works
+            md = ck.save(sd, f"{root}/{name}").result(120)
+            assert md.stats is not None
+            out["staged"].append(md.stats.bytes_staged)
+        out["full"] = sum(t.numel() * t.element_size() for t in sd.values())
     return out
 
 
-def test_state_dicts_changing_differently_fail_once_naming_the_key(tmp_path: Path) -> None:
-    results = run_ranks(2, _diverge_body, str(tmp_path), timeout=240.0, pg_timeout=60.0)
+@pytest.mark.parametrize("budget", [None, 8 << 10], ids=["unbudgeted", "budget"])
+def test_state_dicts_changing_differently_fail_once_naming_the_key(
+    tmp_path: Path, budget: int | None
+) -> None:
+    results = run_ranks(2, _diverge_body, str(tmp_path), budget, timeout=240.0, pg_timeout=60.0)
     for r in results:
         assert r["error"] is not None and "'b'" in r["error"], r
+        assert r["staged"][0] == r["full"], r  # the save after a failure stages everything
+    assert not (tmp_path / "bad").exists()
     for name in ("good", "good2"):
         got = {"a": torch.zeros(4096), "b": torch.zeros(4096)}
         ac.load(got, tmp_path / name)
