@@ -127,3 +127,24 @@ def test_run_quick(tmp_path: Path) -> None:
         png = plots / name
         assert png.is_file() and png.stat().st_size > 1000, name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(600)
+def test_first_save_breakdown_runs(tmp_path: Path) -> None:
+    """``bench_first_save.py`` (not a part of run.py): every step of the stall is reported."""
+    out = tmp_path / "first.json"
+    cmd = [sys.executable, "benchmarks/bench_first_save.py", "--gib", "0.0625", "--repeats", "1"]
+    proc = subprocess.run(
+        [*cmd, "--steady", "1", "--dir", str(tmp_path), "--out", str(out)],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(out.read_text())["summary"]
+    first = summary["first"]
+    assert first["back"] > 0 and first["copy"] > 0 and first["layout"] > 0  # a first save backs and registers
+    assert summary["steady"]["back"] == 0  # a steady save allocates nothing

@@ -6,6 +6,7 @@ import errno
 import mmap
 import os
 import resource
+import threading
 
 import pytest
 import torch
@@ -122,3 +123,51 @@ def test_copy_in_places_every_tensor_by_key_in_any_order() -> None:
         assert all(torch.equal(slot.views[k], t + 1) for k, t in tensors.items())
     finally:
         pool.close()
+
+
+class _WatchedLibc:
+    """The real C library, noting when ``madvise`` is running (it must let go of the GIL)."""
+
+    def __init__(self, real: object) -> None:
+        self._real = real
+        self.inside = threading.Event()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def madvise(self, *args: object) -> int:
+        self.inside.set()
+        try:
+            return int(self._real.madvise(*args))  # type: ignore[attr-defined]
+        finally:
+            self.inside.clear()
+
+
+@pytest.mark.skipif(not _populate_supported(), reason="kernel before 5.14: no MADV_POPULATE_WRITE")
+def test_backing_lets_other_threads_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Mapping a segment's pages takes a fraction of a second per GiB; under the GIL
+    # (``mmap.madvise`` holds it) segments were mapped one after the other, and the
+    # trainer's other threads stood still meanwhile.
+    from async_ckpt import _libc, staging
+
+    real = _libc.libc()
+    assert real is not None
+    watched = _WatchedLibc(real)
+    monkeypatch.setattr(staging, "libc", lambda: watched, raising=False)
+    tensors = _tensors(4, 64)  # 256 MiB
+    layout = make_layout(tensors)
+    seen = False
+    for _ in range(5):  # a starved machine may not run this thread during one mapping
+        pool = StagingPool(1, pin=False)
+        done = threading.Event()
+        backer = threading.Thread(target=lambda p=pool, d=done: (p.acquire(layout), d.set()))
+        backer.start()
+        while not done.is_set():
+            if watched.inside.is_set():
+                seen = True  # this thread ran while the other was inside madvise
+                break
+        backer.join()
+        pool.close()
+        if seen:
+            break
+    assert seen
