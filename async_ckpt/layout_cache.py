@@ -11,8 +11,8 @@ current local data and the non-tensor values are taken afresh.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -49,12 +49,15 @@ class _Entry:
     tensor_keys: tuple[tuple[str, tuple[int, ...] | None] | None, ...]
     """Each tensor leaf's item key, None for a DTensor whose mesh excludes this rank."""
     on_cuda: bool
+    plain: bool
+    """No DTensor and every tensor leaf an item: each leaf's data is the tensor itself."""
 
 
 class LayoutCache:
     def __init__(self, size: int = 4) -> None:
         self._size = size
-        self._entries: OrderedDict[tuple[Any, ...], _Entry] = OrderedDict()
+        self._entries: list[tuple[tuple[Any, ...], _Entry]] = []
+        """(signature, entry), the last used first: compared, never hashed (0.5 ms a save)."""
         self.hits = 0
         self.subsets = StagedSubsets()
         """What the worker said this rank writes, per layout (``replica_staging.py``)."""
@@ -79,18 +82,15 @@ class LayoutCache:
         # Plain equality cannot tell dict keys 1, 1.0 and True apart, but their
         # leaves' names ("1", "1.0", "True") are part of the signature.
         try:
-            sig = _tensor_signature(flat.entries)
+            sig = _signature(flat)
         except Exception:
             # A tensor that cannot describe itself (ShardedTensor, nested): name its key.
             for fqn, v in flat.entries.items():
                 if isinstance(v, torch.Tensor):
                     check_tensor(fqn, v)
             raise
-        entry = None if verify_replicas else self._entries.get(sig)
-        if entry is not None and entry.tree != flat.tree:
-            entry = None
+        entry = None if verify_replicas else self._lookup(sig, flat.tree)
         if entry is not None:
-            self._entries.move_to_end(sig)
             self.hits += 1
             return Prepared(
                 self._refresh(entry, flat, allow_pickle),
@@ -110,38 +110,55 @@ class LayoutCache:
         }
         keys = tuple(planned.get(fqn) for fqn, v in flat.entries.items() if isinstance(v, torch.Tensor))
         on_cuda = any(t.device.type == "cuda" for t in local.tensors.values())
-        self._entries[sig] = _Entry(local, layout, layout_id, flat.tree, keys, on_cuda)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        plain = sig[4] is None and None not in keys
+        self._entries.insert(0, (sig, _Entry(local, layout, layout_id, flat.tree, keys, on_cuda, plain)))
+        del self._entries[self._size :]
         return Prepared(local, layout, layout_id, flat.tree, on_cuda)
+
+    def _lookup(self, sig: tuple[Any, ...], tree: Any) -> _Entry | None:
+        for i, (key, entry) in enumerate(self._entries):
+            if key == sig and entry.tree == tree:
+                if i:
+                    self._entries.insert(0, self._entries.pop(i))
+                return entry
+        return None
 
     @staticmethod
     def _refresh(entry: _Entry, flat: Flat, allow_pickle: bool) -> LocalPlan:
-        tensors = [v for v in flat.entries.values() if isinstance(v, torch.Tensor)]
-        dt = dtensor_class() or ()
-        local_data = {
-            key: (t.to_local() if isinstance(t, dt) else t)
-            for key, t in zip(entry.tensor_keys, tensors, strict=True)
-            if key is not None
-        }
-        values = {
-            fqn: encode_value(v, fqn=fqn, allow_pickle=allow_pickle)
-            for fqn, v in flat.entries.items()
-            if not isinstance(v, torch.Tensor)
-        }
+        local_data: dict[Any, torch.Tensor]
+        if entry.plain:  # no key is None: a dict built in C (0.35 ms for 2,872 tensors otherwise)
+            local_data = dict(zip(entry.tensor_keys, flat.tensors, strict=True))
+        else:
+            dt = dtensor_class() or ()
+            local_data = {
+                key: (t.to_local() if isinstance(t, dt) else t)
+                for key, t in zip(entry.tensor_keys, flat.tensors, strict=True)
+                if key is not None
+            }
+        values = {fqn: encode_value(v, fqn=fqn, allow_pickle=allow_pickle) for fqn, v in flat.values.items()}
         return LocalPlan(plan=entry.local.plan, tensors=local_data, values=values)
 
 
-def _tensor_signature(entries: dict[str, Any]) -> tuple[Any, ...]:
-    parts: list[Any] = []
-    dt = dtensor_class() or ()
-    for fqn, v in entries.items():
-        if isinstance(v, dt):
-            parts.append((fqn, v.shape, v.dtype, v.device, v.placements, id(v.device_mesh)))
-        elif isinstance(v, torch.Tensor):
-            # Type and layout too: a sparse tensor or a subclass in place of a dense
-            # tensor of the same shape must be checked afresh, not staged by the old plan.
-            parts.append((fqn, type(v), v.layout, v.shape, v.dtype, v.device))
-        else:
-            parts.append(fqn)
-    return tuple(parts)
+_META = attrgetter("layout", "shape", "dtype", "device")
+
+
+def _signature(flat: Flat) -> tuple[Any, ...]:
+    """Every leaf's name, which leaves are tensors, and each tensor's type, layout, shape, dtype, device.
+
+    Read afresh on every save, never inferred from tensor ids or versions: ``t.data
+    = other`` changes a tensor's shape, dtype or device in place without bumping
+    ``t._version``, and every optimizer step bumps it. Type and layout too:
+    a sparse tensor or a subclass in place of a dense tensor of the same shape must
+    be checked afresh, not staged by the old plan. ``attrgetter`` and ``map`` read
+    them without a Python loop (0.8 ms against 1.4 ms for 2,872 tensors).
+    """
+    tensors = flat.tensors
+    types = tuple(map(type, tensors))
+    dt = dtensor_class()
+    extra = None
+    if dt is not None and any(issubclass(c, dt) for c in set(types)):
+        extra = tuple(
+            (t.placements, id(t.device_mesh)) if isinstance(t, dt) else None  # type: ignore[attr-defined]
+            for t in tensors
+        )
+    return (tuple(flat.entries), tuple(flat.values), types, tuple(map(_META, tensors)), extra)
