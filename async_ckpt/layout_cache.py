@@ -145,6 +145,9 @@ _META = attrgetter("layout", "shape", "dtype", "device")
 def _signature(flat: Flat) -> tuple[Any, ...]:
     """Every leaf's name, which leaves are tensors, and each tensor's type, layout, shape, dtype, device.
 
+    The names in order, though the tree is compared too: a ``Stateful`` in place
+    of a plain dict gives the same tree with its leaves later in ``entries``,
+    and the cached item keys are matched to the tensors by position.
     Read afresh on every save, never inferred from tensor ids or versions: ``t.data
     = other`` changes a tensor's shape, dtype or device in place without bumping
     ``t._version``, and every optimizer step bumps it. Type and layout too:

@@ -133,3 +133,26 @@ def test_tensor_replaced_by_another_of_the_same_layout_stages_the_new_one() -> N
     sd["model"]["w"] = new
     again = _prepare(cache, sd)
     assert cache.hits == 1 and again.local.tensors[("model.w", (0,))] is new
+
+
+class _Holder:
+    """A Stateful standing for ``{"w": tensor}``: its entries come after the rest of its round."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w = w
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"w": self.w}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+def test_same_tree_and_layouts_in_another_leaf_order_takes_each_tensor_by_name() -> None:
+    """A Stateful in place of a plain dict gives the same tree, but its leaves come later:
+    a cache that trusted the tree and the layouts alone would swap the two tensors."""
+    cache = LayoutCache()
+    w, b = torch.zeros(3), torch.ones(3)
+    _prepare(cache, {"a": {"w": w}, "b": b})
+    again = _prepare(cache, {"a": _Holder(w), "b": b})
+    assert again.local.tensors[("a.w", (0,))] is w and again.local.tensors[("b", (0,))] is b
