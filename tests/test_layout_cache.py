@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import pytest
 import torch
 
 import async_ckpt as ac
 from async_ckpt.layout_cache import LayoutCache
 from async_ckpt.state_dict import flatten
+
+
+class _Pair(NamedTuple):
+    a: Any
+    b: Any
 
 
 def _prepare(cache: LayoutCache, sd: dict[str, Any]) -> Any:
@@ -36,8 +43,31 @@ def test_same_structure_hits_and_takes_fresh_tensors_and_values() -> None:
         ([torch.zeros(2)], (torch.zeros(2),)),  # list and tuple
         ([torch.zeros(2)], {"0": torch.zeros(2)}),
         ({"a": torch.zeros(2), "e": []}, {"a": torch.zeros(2), "e": {}}),  # empty containers
+        ({1: {}}, {True: {}}),  # no leaf names to tell them apart
+        ({"1": {}}, {1: {}}),
+        ({1.0: []}, {1: []}),
+        ({"a": torch.zeros(2)}, collections.OrderedDict(a=torch.zeros(2))),
+        (collections.defaultdict(list, a=torch.zeros(2)), collections.defaultdict(int, a=torch.zeros(2))),
+        ((torch.zeros(2), torch.ones(2)), _Pair(torch.zeros(2), torch.ones(2))),
+        ([torch.zeros(2, dtype=torch.float64)], [np.zeros(2)]),  # saved as a tensor, loaded as an array
+        ([torch.zeros(2), {}], [torch.zeros(2), {"k": {}}]),
     ],
-    ids=["int-bool", "int-float", "str-int", "list-tuple", "list-dict", "empty-list-dict"],
+    ids=[
+        "int-bool",
+        "int-float",
+        "str-int",
+        "list-tuple",
+        "list-dict",
+        "empty-list-dict",
+        "empty-int-bool",
+        "empty-str-int",
+        "empty-float-int",
+        "dict-ordered",
+        "defaultdict-factory",
+        "tuple-namedtuple",
+        "tensor-numpy",
+        "nested-empty",
+    ],
 )
 def test_a_different_tree_with_the_same_leaves_is_a_miss(a: Any, b: Any) -> None:
     cache = LayoutCache()
