@@ -27,7 +27,7 @@ from ._gc import gc_paused
 from .errors import CheckpointError
 from .inflight import InFlight, InFlightSaves, RemoteError
 from .layout_cache import LayoutCache, Prepared
-from .overlap_guard import GuardArg, guard_step, optimizers_to_guard
+from .overlap_guard import GuardArg, check_guard, guard_step, optimizers_to_guard
 from .pending import PendingCheckpoint
 from .save_options import SaveOptions
 from .save_target import check_save_target
@@ -326,10 +326,10 @@ class AsyncCheckpointer:
         statistics in forward, EMA updates) must wait for ``pending.staged``.
         """
         with gc_paused():
-            guarded = optimizers_to_guard(state_dict, guard) if overlap else _check_guard(guard)
+            explicit = check_guard(guard)
             job = self._prepare(state_dict, checkpoint_id, storage)
             if overlap:
-                guard_step(guarded, job.pending.staged)
+                guard_step(optimizers_to_guard(job.statefuls, guard, explicit), job.pending.staged)
                 self._submit(self._stage_and_send, job)
             else:
                 # Saves reach the worker in order: earlier overlapped ones first.
@@ -355,9 +355,10 @@ class AsyncCheckpointer:
         ends the wait only: the save goes on.
         """
         with gc_paused():
-            guarded = optimizers_to_guard(state_dict, guard) if overlap else _check_guard(guard)
+            explicit = check_guard(guard)
             job = self._prepare(state_dict, checkpoint_id, storage)
-            guard_step(guarded, job.pending.staged)
+            if overlap:
+                guard_step(optimizers_to_guard(job.statefuls, guard, explicit), job.pending.staged)
         self._submit(self._stage_and_send, job)
         if not overlap:
             await job.pending.staged
@@ -396,7 +397,7 @@ class AsyncCheckpointer:
             with contextlib.suppress(RuntimeError):  # the stager is shut down: closing
                 self._submit(self._report_local_failure, save_id, exc)
             raise
-        return _Job(pending, backend, location, prepared, t0)
+        return _Job(pending, backend, location, prepared, t0, flat.statefuls)
 
     def _rank_hint(self) -> int | None:
         """This rank in the saving group, known without a collective; None when it saves alone."""
@@ -552,6 +553,8 @@ class _Job:
     location: str
     prepared: Prepared
     t0: float
+    statefuls: list[tuple[Any, int]]
+    """Where the overlap guard looks for optimizers (``Flat.statefuls``)."""
 
 
 def _check_budget(budget: int | None) -> int | None:
@@ -564,12 +567,6 @@ def _check_budget(budget: int | None) -> int | None:
     if budget <= 0:
         raise ValueError(f"staging_budget must be positive, got {budget}")
     return budget
-
-
-def _check_guard(guard: GuardArg) -> list[Any]:
-    """A save that returns staged needs no guard: only the argument is checked."""
-    optimizers_to_guard({}, guard)
-    return []
 
 
 def _half_staged(save_id: int, rank: int) -> None:

@@ -11,8 +11,8 @@ current local data and the non-tensor values are taken afresh.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -48,9 +48,13 @@ class _Entry:
     layout: Layout
     layout_id: str
     tree: Any
+    shape: list[Any]
+    """``Flat.shape`` of the state dict this entry was built for."""
     tensor_keys: tuple[tuple[str, tuple[int, ...] | None] | None, ...]
     """Each tensor leaf's item key, None for a DTensor whose mesh excludes this rank."""
     on_cuda: bool
+    plain: bool
+    """No DTensor, no split tensor, every tensor leaf an item: each leaf's data is the tensor itself."""
     split: dict[int, Pieces]
     """Tensor leaves (by position) saved as several chunks: each chunk's key and slice."""
 
@@ -60,7 +64,8 @@ class LayoutCache:
         """``split_bytes``: tensors larger than this are planned as several chunks (a staging budget)."""
         self._size = size
         self._split_bytes = split_bytes
-        self._entries: OrderedDict[tuple[Any, ...], _Entry] = OrderedDict()
+        self._entries: list[tuple[tuple[Any, ...], _Entry]] = []
+        """(signature, entry), the last used first: compared, never hashed (0.5 ms a save)."""
         self.hits = 0
         self.subsets = StagedSubsets()
         """What the worker said this rank writes, per layout (``replica_staging.py``)."""
@@ -80,23 +85,19 @@ class LayoutCache:
         return Prepared(local, layout, prepared.layout_id, prepared.tree, prepared.on_cuda, subset=True)
 
     def _prepare_full(self, flat: Flat, *, allow_pickle: bool, verify_replicas: bool) -> Prepared:
-        # Keyed by the leaves' signature, then the tree compared as Python objects:
-        # 0.1 ms against 1.3 ms to serialise it on every save (2,872 tensors).
-        # Plain equality cannot tell dict keys 1, 1.0 and True apart, but their
-        # leaves' names ("1", "1.0", "True") are part of the signature.
+        # Keyed by the leaves' signature, then the tree's shape (Flat.shape) compared:
+        # 0.2 ms, against 1.2 ms to compare the tree itself right after a training
+        # step (cold caches) and 1.3 ms to serialise it (2,872 tensors).
         try:
-            sig = _tensor_signature(flat.entries)
+            sig = _signature(flat)
         except Exception:
             # A tensor that cannot describe itself (ShardedTensor, nested): name its key.
             for fqn, v in flat.entries.items():
                 if isinstance(v, torch.Tensor):
                     check_tensor(fqn, v)
             raise
-        entry = None if verify_replicas else self._entries.get(sig)
-        if entry is not None and entry.tree != flat.tree:
-            entry = None
+        entry = None if verify_replicas else self._lookup(sig, flat.shape)
         if entry is not None:
-            self._entries.move_to_end(sig)
             self.hits += 1
             return Prepared(
                 self._refresh(entry, flat, allow_pickle),
@@ -123,27 +124,36 @@ class LayoutCache:
         keys = tuple(planned.get(fqn) for fqn in leaves)
         split = {i: local.pieces[fqn] for i, fqn in enumerate(leaves) if fqn in local.pieces}
         on_cuda = any(t.device.type == "cuda" for t in local.tensors.values())
-        self._entries[sig] = _Entry(local, layout, layout_id, flat.tree, keys, on_cuda, split)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        plain = sig[4] is None and None not in keys and not split
+        self._entries.insert(
+            0, (sig, _Entry(local, layout, layout_id, flat.tree, flat.shape, keys, on_cuda, plain, split))
+        )
+        del self._entries[self._size :]
         return Prepared(local, layout, layout_id, flat.tree, on_cuda)
+
+    def _lookup(self, sig: tuple[Any, ...], shape: list[Any]) -> _Entry | None:
+        for i, (key, entry) in enumerate(self._entries):
+            if key == sig and entry.shape == shape:
+                if i:
+                    self._entries.insert(0, self._entries.pop(i))
+                return entry
+        return None
 
     @staticmethod
     def _refresh(entry: _Entry, flat: Flat, allow_pickle: bool) -> LocalPlan:
-        tensors = [v for v in flat.entries.values() if isinstance(v, torch.Tensor)]
-        dt = dtensor_class() or ()
-        local_data = {
-            key: (t.to_local() if isinstance(t, dt) else t)
-            for key, t in zip(entry.tensor_keys, tensors, strict=True)
-            if key is not None
-        }
-        if entry.split:
-            local_data = _sliced(local_data, entry)
-        values = {
-            fqn: encode_value(v, fqn=fqn, allow_pickle=allow_pickle)
-            for fqn, v in flat.entries.items()
-            if not isinstance(v, torch.Tensor)
-        }
+        local_data: dict[Any, torch.Tensor]
+        if entry.plain:  # no key is None: a dict built in C (0.35 ms for 2,872 tensors otherwise)
+            local_data = dict(zip(entry.tensor_keys, flat.tensors, strict=True))
+        else:
+            dt = dtensor_class() or ()
+            local_data = {
+                key: (t.to_local() if isinstance(t, dt) else t)
+                for key, t in zip(entry.tensor_keys, flat.tensors, strict=True)
+                if key is not None
+            }
+            if entry.split:
+                local_data = _sliced(local_data, entry)
+        values = {fqn: encode_value(v, fqn=fqn, allow_pickle=allow_pickle) for fqn, v in flat.values.items()}
         return LocalPlan(plan=entry.local.plan, tensors=local_data, values=values)
 
 
@@ -163,16 +173,29 @@ def _sliced(local_data: dict[Any, torch.Tensor], entry: _Entry) -> dict[Any, tor
     return out
 
 
-def _tensor_signature(entries: dict[str, Any]) -> tuple[Any, ...]:
-    parts: list[Any] = []
-    dt = dtensor_class() or ()
-    for fqn, v in entries.items():
-        if isinstance(v, dt):
-            parts.append((fqn, v.shape, v.dtype, v.device, v.placements, id(v.device_mesh)))
-        elif isinstance(v, torch.Tensor):
-            # Type and layout too: a sparse tensor or a subclass in place of a dense
-            # tensor of the same shape must be checked afresh, not staged by the old plan.
-            parts.append((fqn, type(v), v.layout, v.shape, v.dtype, v.device))
-        else:
-            parts.append(fqn)
-    return tuple(parts)
+_META = attrgetter("layout", "shape", "dtype", "device")
+
+
+def _signature(flat: Flat) -> tuple[Any, ...]:
+    """Every leaf's name, which leaves are tensors, and each tensor's type, layout, shape, dtype, device.
+
+    The names in order, though the tree is compared too: a ``Stateful`` in place
+    of a plain dict gives the same tree with its leaves later in ``entries``,
+    and the cached item keys are matched to the tensors by position.
+    Read afresh on every save, never inferred from tensor ids or versions: ``t.data
+    = other`` changes a tensor's shape, dtype or device in place without bumping
+    ``t._version``, and every optimizer step bumps it. Type and layout too:
+    a sparse tensor or a subclass in place of a dense tensor of the same shape must
+    be checked afresh, not staged by the old plan. ``attrgetter`` and ``map`` read
+    them without a Python loop (0.8 ms against 1.4 ms for 2,872 tensors).
+    """
+    tensors = flat.tensors
+    types = tuple(map(type, tensors))
+    dt = dtensor_class()
+    extra = None
+    if dt is not None and any(issubclass(c, dt) for c in set(types)):
+        extra = tuple(
+            (t.placements, id(t.device_mesh)) if isinstance(t, dt) else None  # type: ignore[attr-defined]
+            for t in tensors
+        )
+    return (tuple(flat.entries), tuple(flat.values), types, tuple(map(_META, tensors)), extra)

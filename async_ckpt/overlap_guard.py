@@ -32,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from ._tree import MAX_DEPTH, is_stateful
 from .pending import StagedHandle
 
-__all__ = ["GuardArg", "guard_step", "optimizers_to_guard"]
+__all__ = ["GuardArg", "check_guard", "guard_step", "optimizers_to_guard"]
 
 GuardArg = bool | Iterable[torch.optim.Optimizer]
 """``True``: the optimizers found in the state dict; ``False``: none; an iterable: those as well."""
@@ -44,11 +44,9 @@ _lock = threading.Lock()
 _guards: weakref.WeakKeyDictionary[torch.optim.Optimizer, _StepGuard] = weakref.WeakKeyDictionary()
 
 
-def optimizers_to_guard(state_dict: Any, guard: GuardArg) -> list[torch.optim.Optimizer]:
-    """The optimizers an overlap save of ``state_dict`` holds back; TypeError for a bad ``guard``."""
-    if guard is True:
-        return _find_optimizers(state_dict)
-    if guard is False:
+def check_guard(guard: GuardArg) -> list[torch.optim.Optimizer]:
+    """The optimizers ``guard`` names (none for True or False); TypeError for a bad ``guard``."""
+    if guard is True or guard is False:
         return []
     if isinstance(guard, (torch.optim.Optimizer, str, bytes)) or not isinstance(guard, Iterable):
         raise TypeError(f"guard must be True, False or a list of optimizers, got {type(guard).__qualname__}")
@@ -56,7 +54,17 @@ def optimizers_to_guard(state_dict: Any, guard: GuardArg) -> list[torch.optim.Op
     for opt in explicit:
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"guard must hold torch.optim.Optimizer objects, got {type(opt).__qualname__}")
-    found = {id(o): o for o in _find_optimizers(state_dict)}
+    return explicit
+
+
+def optimizers_to_guard(
+    statefuls: Iterable[tuple[Any, int]], guard: GuardArg, explicit: list[torch.optim.Optimizer]
+) -> list[torch.optim.Optimizer]:
+    """The optimizers an overlap save holds back: ``explicit`` (from ``check_guard``) and, unless
+    ``guard`` is False, those found from ``statefuls`` (``Flat.statefuls`` of the state dict)."""
+    if guard is False:
+        return []
+    found = {id(o): o for o in _find_optimizers(statefuls)}
     for opt in explicit:
         found.setdefault(id(opt), opt)
     return list(found.values())
@@ -105,20 +113,23 @@ class _StepGuard:
             post.remove()
 
 
-def _find_optimizers(root: Any) -> list[torch.optim.Optimizer]:
+def _find_optimizers(statefuls: Iterable[tuple[Any, int]]) -> list[torch.optim.Optimizer]:
     """Optimizers in the containers of a state dict, and held by the ``Stateful`` wrappers in it.
 
-    Containers are searched whole, as flattening walks them anyway. A
-    wrapper's state is not asked for (its ``state_dict()`` may be costly or
-    collective): its attributes are looked at instead, as DCP's ``AppState``
-    recipe holds ``self.optimizer`` and torchtitan's container is an
-    ``Optimizer`` holding a list of them. Modules hold no optimizer: skipped.
+    Flattening walks every container and hands over the ``Stateful`` objects it
+    met there (an optimizer is one), with their depth, so the containers are not
+    walked a second time (0.5-1 ms for 2,872 tensors). A wrapper's state is not
+    asked for (its ``state_dict()`` may be costly or collective): its attributes
+    are looked at instead, as DCP's ``AppState`` recipe holds ``self.optimizer``
+    and torchtitan's container is an ``Optimizer`` holding a list of them.
+    Modules hold no optimizer: skipped.
     """
     found: dict[int, torch.optim.Optimizer] = {}
     seen: set[int] = set()
-    stack: list[tuple[Any, int, bool]] = [(root, 0, True)]
+    stack: list[tuple[Any, int]] = list(statefuls)
+    stack.reverse()  # the first met is looked at first
     while stack:
-        node, depth, whole = stack.pop()
+        node, depth = stack.pop()
         if id(node) in seen or depth > MAX_DEPTH:
             continue
         seen.add(id(node))
@@ -132,13 +143,12 @@ def _find_optimizers(root: Any) -> list[torch.optim.Optimizer]:
         elif is_stateful(node) and not isinstance(node, nn.Module) and depth < 8:
             attrs = getattr(node, "__dict__", None)
             if isinstance(attrs, dict):
-                stack.extend((v, depth + 1, False) for v in attrs.values() if type(v) not in _LEAVES)
+                stack.extend((v, depth + 1) for v in attrs.values() if type(v) not in _LEAVES)
             continue
         else:
             continue
-        if whole or len(kids) <= _MAX_ATTR_ITEMS:
-            # Once per tensor of the state dict: the exact-type test is the cheap one.
-            stack.extend((v, depth + 1, whole) for v in kids if type(v) not in _LEAVES)
+        if len(kids) <= _MAX_ATTR_ITEMS:  # longer: data, not a set of optimizers
+            stack.extend((v, depth + 1) for v in kids if type(v) not in _LEAVES)
     return list(found.values())
 
 

@@ -13,12 +13,13 @@ that is waiting, after a short delay.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -186,6 +187,77 @@ def test_guard_finds_optimizer_inside_containers_and_stateful_wrappers(
         )
         _assert_bits_equal(flat, want)
         assert _empty_hooks(opt)
+
+
+class _Pair(NamedTuple):
+    first: Any
+    second: Any
+
+
+class _Wrapper:
+    """A Stateful that holds its parts as attributes, as DCP's ``AppState`` recipe does."""
+
+    def __init__(self, **parts: Any) -> None:
+        self.__dict__.update(parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": 1}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class _ListOf(list):  # type: ignore[type-arg]
+    """A list subclass: a container, walked like a list."""
+
+
+def test_guard_finds_optimizers_wherever_the_walk_meets_them(
+    ck: ac.AsyncCheckpointer, tmp_path: Path
+) -> None:
+    """Each placement the guard's search covers; optimizers it must not guard stay unhooked."""
+
+    def sgd() -> torch.optim.Optimizer:
+        return torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+
+    found = {name: sgd() for name in ("dict", "list", "tuple", "named", "sub", "ordered", "deep", "shared")}
+    found |= {name: sgd() for name in ("attr", "attr_list", "attr_dict", "inner_wrapper", "after_stateful")}
+    hidden = {name: sgd() for name in ("in_module", "long_attr_list", "deep_wrapper")}
+    module = nn.Linear(2, 2)
+    module.opt = hidden["in_module"]  # type: ignore[assignment]
+    deep: Any = {"o": found["deep"]}
+    for _ in range(30):
+        deep = {"d": [deep]}
+    too_deep_wrapper: Any = _Wrapper(o=hidden["deep_wrapper"])
+    for _ in range(8):
+        too_deep_wrapper = {"d": too_deep_wrapper}
+    sd = {
+        "a": {"x": found["dict"], "y": [found["list"], (1, found["tuple"])]},
+        "b": _Pair(torch.zeros(1), found["named"]),
+        "c": _ListOf([found["sub"]]),
+        "d": collections.OrderedDict(o=found["ordered"]),
+        "e": deep,
+        "f": [found["shared"]],
+        "g": [found["shared"]],
+        "h": _Wrapper(
+            opt=found["attr"],
+            opts=[found["attr_list"]],
+            by_name={"x": found["attr_dict"]},
+            inner=_Wrapper(opt=found["inner_wrapper"]),
+            long=[hidden["long_attr_list"]] + [0] * 64,
+        ),
+        "i": module,
+        "j": [_Wrapper(), {"o": found["after_stateful"]}],
+        "k": too_deep_wrapper,
+    }
+    pending = ck.save(sd, tmp_path / "c", overlap=True)
+    try:
+        hooked = {name for name, o in {**found, **hidden}.items() if not _empty_hooks(o)}
+        assert hooked == set(found)
+    finally:
+        pending.result(120)
+        for o in [*found.values(), *hidden.values()]:
+            o.step()
+    assert all(_empty_hooks(o) for o in found.values())
 
 
 def test_two_overlap_saves_in_flight_each_guarded(ck: ac.AsyncCheckpointer, tmp_path: Path) -> None:

@@ -57,6 +57,12 @@ def _encode(value: object, fqn: str, allow_pickle: bool, depth: int) -> Any:
         raise TypeError(f"cannot save key '{fqn}': a value nested over {_MAX_DEPTH} levels (a cycle?)")
 
     def nested(v: object) -> Any:
+        # encode_value's fast path: an optimizer's param_groups hold lists of ints.
+        t = type(v)
+        if v is None or t is bool or t is str or (t is float and math.isfinite(v)):  # type: ignore[arg-type]
+            return v
+        if t is int and v.bit_length() <= _BIG_INT_BITS:  # type: ignore[attr-defined]
+            return v
         return _encode(v, fqn, allow_pickle, depth + 1)
 
     try:
