@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,22 @@ def test_first_save_breakdown_runs(tmp_path: Path) -> None:
     first = summary["first"]
     assert first["back"] > 0 and first["copy"] > 0 and first["layout"] > 0  # a first save backs and registers
     assert summary["steady"]["back"] == 0  # a steady save allocates nothing
+
+
+@pytest.mark.timeout(600)
+def test_save_call_timing_runs(tmp_path: Path) -> None:
+    """``time_save_call.py`` (not a part of run.py): the overlap call and each of its parts."""
+    script = "benchmarks/time_save_call.py"
+    cmd = [sys.executable, script, "--gib", "0.02", "--tensors", "300", "--calls", "3"]
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for part in ("whole call", "flatten", "layout cache (all)", "signature", "optimizers_to_guard"):
+        assert re.search(rf"{re.escape(part)}: median +\d+\.\d+ ms", proc.stdout), (part, proc.stdout)
