@@ -18,7 +18,7 @@ from .format.metadata import Metadata
 from .interop import is_dcp_checkpoint, load_dcp, read_dcp_metadata
 from .load_flow import load_collective, read_checkpoint_metadata
 from .load_tree import load_tree_collective
-from .local_plan import build_local_plan, byte_sources
+from .local_plan import build_local_plan, byte_addresses, byte_sources
 from .overlap_guard import GuardArg
 from .pending import PendingCheckpoint
 from .save_flow import RankData, save_collective
@@ -76,7 +76,7 @@ def _save(
 
     backend, location, flat, local = run_collectively(comm, "preparing the state dict", prepare)
     options = SaveOptions(allow_pickle=allow_pickle, verify_replicas=verify_replicas)
-    data = RankData(local.plan, byte_sources(local.tensors), local.values)
+    data = RankData(local.plan, byte_sources(local.tensors), local.values, byte_addresses(local.tensors))
     md = save_collective(comm, backend, location, data, flat.tree, options, stage_s=time.perf_counter() - t0)
     if md.stats is not None:
         log.info("saved %s on rank %d: %s", location, comm.rank, md.stats.describe())

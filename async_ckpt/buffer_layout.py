@@ -13,11 +13,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ALIGN", "BufferSpec", "Key", "Layout", "SEGMENT_BYTES", "make_layout"]
+__all__ = ["ALIGN", "BufferSpec", "Key", "Layout", "SEGMENT_BYTES", "item_start", "make_layout"]
 
 Key = tuple[str, tuple[int, ...] | None]
 ALIGN = 64
 SEGMENT_BYTES = 1 << 30
+PAGE = 4096
+PAGE_ALIGNED_MIN = 1 << 20
+"""Items this large start on a page boundary, so the worker's O_DIRECT writer sends them from
+staging without a copy (``storage/direct_io.py``, whose threshold this matches)."""
+
+
+def item_start(pos: int, nbytes: int) -> int:
+    """Where an item of ``nbytes`` goes in a buffer filled up to ``pos``."""
+    align = PAGE if nbytes >= PAGE_ALIGNED_MIN else ALIGN
+    return -(-pos // align) * align
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +65,13 @@ def make_layout(tensors: Mapping[Key, Any]) -> Layout:
         nbytes = int(t.nbytes)
         shape = tuple(t.shape)
         dtype = t.dtype if isinstance(t.dtype, str) else str(t.dtype).removeprefix("torch.")
-        if seg < 0 or (pos + nbytes > SEGMENT_BYTES and pos > 0):
+        start = item_start(pos, nbytes)
+        if seg < 0 or (start + nbytes > SEGMENT_BYTES and pos > 0):
             if seg >= 0:
                 sizes.append(max(pos, ALIGN))
-            seg, pos = seg + 1, 0
-        specs.append(BufferSpec(key, shape, dtype, seg, pos, nbytes))
-        pos += -(-nbytes // ALIGN) * ALIGN
+            seg, start = seg + 1, 0
+        specs.append(BufferSpec(key, shape, dtype, seg, start, nbytes))
+        pos = start + -(-nbytes // ALIGN) * ALIGN
         digest.update(repr((key, shape, dtype)).encode())
     if seg >= 0:
         sizes.append(max(pos, ALIGN))

@@ -29,6 +29,7 @@ from .planning import (
 __all__ = [
     "LocalPlan",
     "build_local_plan",
+    "byte_addresses",
     "byte_sources",
     "check_key",
     "check_tensor",
@@ -151,6 +152,15 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 def byte_sources(tensors: Mapping[Key, torch.Tensor]) -> dict[Key, Callable[[], memoryview]]:
     """Each tensor's bytes, taken when the writer reaches it (``save_flow.RankData``)."""
     return {key: partial(tensor_bytes, t) for key, t in tensors.items()}
+
+
+def byte_addresses(tensors: Mapping[Key, torch.Tensor]) -> dict[Key, int]:
+    """Where each tensor whose bytes ``tensor_bytes`` takes in place lies (``save_flow.RankData``)."""
+    return {
+        key: t.data_ptr()
+        for key, t in tensors.items()
+        if t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg() and t.numel()
+    }
 
 
 def raw_bytes(t: torch.Tensor) -> memoryview:

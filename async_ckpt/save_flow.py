@@ -19,7 +19,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._faults import fail_point
@@ -89,6 +89,9 @@ class RankData:
     plan: SavePlan
     sources: Mapping[Key, ByteSource]
     values: dict[str, Any]
+    addresses: Mapping[Key, int] = field(default_factory=dict)
+    """Where a source's bytes lie in memory, for those known before they are taken: the writer
+    lays files out so these go to the device without a copy (``writer/pipeline.py``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +254,7 @@ def write_jobs(assignment: RankAssignment, data: RankData, rank: int) -> list[Fi
                     source=data.sources[(fqn, offsets)],
                     rank=rank if per_rank else None,
                     global_shape=td.size,
+                    address=data.addresses.get((fqn, offsets)),
                 )
             )
         jobs.append(FileJob(fa.name, tuple(entries)))
@@ -439,6 +443,7 @@ def save_collective(
         write_s=t2 - t1,
         commit_s=time.perf_counter() - t2,
         bytes_written=sum(f.size for f in written),
+        bytes_copied=sum(f.copied for f in written),
     )
     return with_stats(md, stats)
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .buffer_layout import ALIGN, BufferSpec, Key, Layout
+from .buffer_layout import ALIGN, BufferSpec, Key, Layout, item_start
 from .errors import CheckpointError
 from .format.dtypes import dtype_name
 from .inflight import InFlight, InFlightSaves
@@ -66,7 +66,9 @@ def piece_bytes(budget: int) -> int:
 def buffer_layout(tensors: Mapping[Key, torch.Tensor], budget: int) -> Layout:
     """The round buffer for ``tensors``: the state if it fits the budget (one round), else two
     halves of the budget, or one piece when a tensor needs more than half."""
-    total = sum(_aligned(_nbytes(t)) for t in tensors.values())
+    total = 0
+    for t in tensors.values():
+        total = item_start(total, _nbytes(t)) + _aligned(_nbytes(t))
     largest = max((_aligned(_nbytes(t)) for t in tensors.values()), default=0)
     half = budget // 2 // ALIGN * ALIGN
     if total <= budget:
@@ -85,11 +87,12 @@ def split_rounds(tensors: Mapping[Key, torch.Tensor], capacity: int) -> list[lis
     pos = 0
     for key, t in tensors.items():
         nbytes = _nbytes(t)
-        if current and pos + nbytes > capacity:
+        start = item_start(pos, nbytes)
+        if current and start + nbytes > capacity:
             rounds.append(current)
-            current, pos = [], 0
-        current.append((key, pos, nbytes))
-        pos += _aligned(nbytes)
+            current, start = [], 0
+        current.append((key, start, nbytes))
+        pos = start + _aligned(nbytes)
     if current or not rounds:
         rounds.append(current)
     return rounds

@@ -120,6 +120,10 @@ class SaveStats:
     """Tensor bytes copied into staging for this save (this rank's share, with replica-sharded staging)."""
     rounds: int = 0
     """Rounds the staging took under a ``staging_budget``; 0 for a save staged at once."""
+    bytes_copied: int = 0
+    """Of ``bytes_written``, those copied through the O_DIRECT writer's aligned buffers; the rest
+    went from staging (or, for a blocking save, the tensor) to the device without a copy. 0 where
+    the storage does its own buffering."""
 
     def describe(self) -> str:
         """One log line's worth: every figure, as the INFO log of each save shows it."""

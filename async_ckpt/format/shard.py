@@ -49,7 +49,16 @@ def chunk_name(fqn: str, offsets: Sequence[int], whole: bool, rank: int | None =
     return name if rank is None else f"{name}#rank{rank}"
 
 
-def layout_shard(entries: Sequence[ShardEntry], metadata: dict[str, str]) -> ShardLayout:
+def layout_shard(
+    entries: Sequence[ShardEntry], metadata: dict[str, str], data_start: tuple[int, int] | None = None
+) -> ShardLayout:
+    """The header and each entry's place, entries packed in the order given.
+
+    ``data_start=(residue, modulus)`` pads the header so the data starts at an
+    offset congruent to ``residue``: the writer uses it to put large sources
+    at offsets their memory addresses agree with (O_DIRECT without a copy).
+    ``residue`` must be a multiple of 64.
+    """
     header_obj: dict[str, Any] = {"__metadata__": metadata}
     pos = 0
     for e in entries:
@@ -63,6 +72,11 @@ def layout_shard(entries: Sequence[ShardEntry], metadata: dict[str, str]) -> Sha
         pos += e.nbytes
     body = json.dumps(header_obj, separators=(",", ":")).encode()
     padded = -(-(8 + len(body)) // _ALIGN) * _ALIGN - 8
+    if data_start is not None:
+        residue, modulus = data_start
+        if residue % _ALIGN or modulus % _ALIGN:
+            raise ValueError(f"data start {data_start} is not on a {_ALIGN}-byte boundary")
+        padded += (residue - 8 - padded) % modulus
     body += b" " * (padded - len(body))
     header = struct.pack("<Q", len(body)) + body
     starts = []

@@ -190,6 +190,21 @@ class ReservingSink(Protocol):
 
 
 @runtime_checkable
+class AligningSink(Protocol):
+    """A ShardSink that writes a large source from where it lies when its address and its file
+    offset agree modulo ``alignment`` (O_DIRECT), and copies the rest; ``copied`` counts those bytes.
+
+    The writer orders each file's entries and pads its header to make that so
+    for as many bytes as it can.
+    """
+
+    alignment: int
+    direct_min: int
+    """Sources shorter than this are copied whatever their address."""
+    copied: int
+
+
+@runtime_checkable
 class VectoredSink(Protocol):
     """A ShardSink that writes many small pieces in one call (``writev``), in order."""
 

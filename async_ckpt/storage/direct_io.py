@@ -2,10 +2,14 @@
 
 A buffered write copies every byte into the page cache and the kernel later
 writes it back: measured here at 0.6-1 s of CPU for 2 GiB, CPU the training
-loop wanted. O_DIRECT needs aligned addresses, lengths and offsets, which
-safetensors' packed layout does not give, so bytes pass through two aligned
-bounce buffers: one fills while the other is written. The last block is
-zero-padded, then the file is truncated to its real length and fsynced.
+loop wanted. O_DIRECT needs aligned addresses, lengths and offsets. A source
+whose address agrees with its file offset modulo the block size (the writer
+lays shard files out so that large staged tensors do) is written from where
+it lies, but for a partial block at either end. Everything else passes
+through two aligned bounce buffers, one filling while the other is written:
+that copy cost the worker 0.47 s of its 0.85 s of CPU per 2 GiB save when
+every byte took it. The last block is zero-padded, then the file is
+truncated to its real length and fsynced.
 """
 
 from __future__ import annotations
@@ -20,10 +24,15 @@ from typing import Any
 
 import aiofiles.os
 
-__all__ = ["DirectSink", "open_direct", "reserve_space"]
+from .._address import address_of
 
-_ALIGN = 4096
+__all__ = ["ALIGN", "DirectSink", "open_direct", "reserve_space"]
+
+ALIGN = 4096
+"""The alignment used for addresses, lengths and offsets: every device's logical block divides it."""
 _BUFFER = 8 << 20
+_DIRECT_MIN = 1 << 20
+"""A shorter source is copied: one more write call costs more than copying it."""
 
 
 def open_direct(path: Path) -> int | None:
@@ -40,6 +49,11 @@ def open_direct(path: Path) -> int | None:
 
 
 class DirectSink:
+    """An ``AligningSink`` (``storage/base.py``): see the module docstring."""
+
+    alignment = ALIGN
+    direct_min = _DIRECT_MIN
+
     def __init__(self, fd: int, path: Path) -> None:
         self._fd = fd
         self._path = path
@@ -49,16 +63,38 @@ class DirectSink:
         self._offset = 0  # file offset of the current buffer's start
         self._inflight: asyncio.Future[None] | None = None
         self._closed = False
+        self.copied = 0
+        """Bytes that went through the bounce buffers (the rest was written from its source)."""
 
     async def write(self, data: memoryview) -> None:
         data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        if len(data) >= _DIRECT_MIN and (address_of(data) - self._offset - self._fill) % ALIGN == 0:
+            head = -(self._offset + self._fill) % ALIGN
+            self._copy(data[:head])
+            data = data[head:]
+            if self._fill:  # ends on a block boundary now
+                await self._submit(self._fill)
+            body = len(data) // ALIGN * ALIGN
+            await self._wait()
+            # The source outlives the write: the writer holds it until the file is finished.
+            self._inflight = asyncio.ensure_future(
+                aiofiles.os.wrap(_pwrite_all)(self._fd, data[:body], self._offset)
+            )
+            self._offset += body
+            data = data[body:]
         while len(data):
-            n = min(len(data), _BUFFER - self._fill)
-            self._bufs[self._cur][self._fill : self._fill + n] = data[:n]
-            self._fill += n
+            n = self._copy(data)
             data = data[n:]
             if self._fill == _BUFFER:
                 await self._submit(_BUFFER)
+
+    def _copy(self, data: memoryview) -> int:
+        """Copy the start of ``data`` into the current bounce buffer, as much as fits; how much that was."""
+        n = min(len(data), _BUFFER - self._fill)
+        self._bufs[self._cur][self._fill : self._fill + n] = data[:n]
+        self._fill += n
+        self.copied += n
+        return n
 
     async def write_many(self, parts: list[memoryview]) -> None:
         for part in parts:
@@ -86,12 +122,12 @@ class DirectSink:
         5-6 extents each when reserved; the save took the same time.
         """
         if nbytes > 0:
-            await aiofiles.os.wrap(reserve_space)(self._fd, -(-nbytes // _ALIGN) * _ALIGN)
+            await aiofiles.os.wrap(reserve_space)(self._fd, -(-nbytes // ALIGN) * ALIGN)
 
     async def finish(self) -> None:
         size = self._offset + self._fill
         if self._fill:
-            padded = -(-self._fill // _ALIGN) * _ALIGN
+            padded = -(-self._fill // ALIGN) * ALIGN
             self._bufs[self._cur][self._fill : padded] = bytes(padded - self._fill)
             await self._submit(padded)
         await self._wait()

@@ -65,7 +65,7 @@ from ..save_flow import (
 from ..writer.pipeline import WrittenFile
 from .messages import Released, Round, RoundsAbort, RoundWritten, SaveRequest
 from .staged_keys import Key, file_keys, plan_keys, stage_only_keys, staged_mask
-from .views import byte_views, view_sources
+from .views import byte_views, view_addresses, view_sources
 
 __all__ = ["PlanCache", "mixed_budgets", "run_rounds"]
 
@@ -125,7 +125,8 @@ async def run_rounds(
 
     async def write_round(msg: Round) -> None:
         fail_point(f"write_round{msg.index}", comm.rank, req.save_id)
-        local = RankData(plan, view_sources(byte_views(maps, msg.specs)), req.values)
+        views = byte_views(maps, msg.specs)
+        local = RankData(plan, view_sources(views), req.values, view_addresses(views))
         files = _round_files(comm.rank, assignment, msg)
         written.extend(await write_assignment(comm.rank, target, files, local))
         kill_point(f"write_round{msg.index}", req.save_id, comm.rank)
@@ -166,6 +167,7 @@ async def run_rounds(
         write_s=t2 - t1,
         commit_s=time.perf_counter() - t2,
         bytes_written=sum(f.size for f in written),
+        bytes_copied=sum(f.copied for f in written),
         plan_cached=reused,
         stall_s=last.stall_s if last is not None else 0.0,
         bytes_staged=staged_bytes,

@@ -47,7 +47,7 @@ from ..writer.pipeline import WrittenFile
 from .messages import Round, RoundsAbort, SaveRequest
 from .rounds import PlanCache, mixed_budgets, run_rounds
 from .staged_keys import Key, file_keys, stage_only_keys, staged_mask, subset_layout_key
-from .views import view_sources
+from .views import view_addresses, view_sources
 
 __all__ = ["SaveJobRunner"]
 
@@ -95,7 +95,7 @@ class SaveJobRunner:
         comm = self.comm
         comm.begin(f"save{req.save_id}")
         target = SaveTarget(req.storage, req.location, f"{self.session}{req.save_id:08x}", req.save_id)
-        local = RankData(plan, view_sources(views), req.values)
+        local = RankData(plan, view_sources(views), req.values, view_addresses(views))
         cache_key = (req.layout_key, req.options)
         cached = None if req.options.verify_replicas else self._cache.get(cache_key)
         if cached is not None and not all(k in views for fa in cached.files for k in file_keys(fa)):
@@ -119,8 +119,8 @@ class SaveJobRunner:
             assert cached is not None
             self.stage_only = cached.stage_only
             kill_point("after_commit", req.save_id, comm.rank)
-            written_bytes = sum(f.size for f in report.result.files) if report.result else 0
-            stats = self._stats(req, specs, 0.0, t1 - t0, time.perf_counter() - t1, written_bytes, True)
+            done = report.result.files if report.result else []
+            stats = self._stats(req, specs, 0.0, t1 - t0, time.perf_counter() - t1, done, True)
             return with_stats(outcome, stats)
         # Plan together, then write and commit.
         t2 = time.perf_counter()
@@ -143,8 +143,7 @@ class SaveJobRunner:
         md = await asyncio.to_thread(self._commit, target, tree, RankResult(written, req.values))
         kill_point("after_commit", req.save_id, comm.rank)
         self.stage_only = stage_only
-        nbytes = sum(f.size for f in written)
-        stats = self._stats(req, specs, t3 - t2, t4 - t3, time.perf_counter() - t4, nbytes, False)
+        stats = self._stats(req, specs, t3 - t2, t4 - t3, time.perf_counter() - t4, written, False)
         return with_stats(md, stats)
 
     async def run_rounds(
@@ -253,7 +252,7 @@ class SaveJobRunner:
         plan_s: float,
         write_s: float,
         commit_s: float,
-        nbytes: int,
+        files: Sequence[WrittenFile],
         cached: bool,
     ) -> SaveStats:
         return SaveStats(
@@ -261,7 +260,8 @@ class SaveJobRunner:
             plan_s=plan_s,
             write_s=write_s,
             commit_s=commit_s,
-            bytes_written=nbytes,
+            bytes_written=sum(f.size for f in files),
+            bytes_copied=sum(f.copied for f in files),
             plan_cached=cached,
             stall_s=req.stall_s,
             bytes_staged=sum(s.nbytes for s in specs.values()),

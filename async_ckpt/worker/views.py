@@ -12,9 +12,10 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 
+from .._address import address_of
 from ..buffer_layout import BufferSpec, Key
 
-__all__ = ["byte_views", "close_maps", "map_segments", "view_sources"]
+__all__ = ["byte_views", "close_maps", "map_segments", "view_addresses", "view_sources"]
 
 
 def map_segments(fds: Sequence[int], sizes: Sequence[int]) -> list[mmap.mmap]:
@@ -47,6 +48,11 @@ def close_maps(maps: Sequence[mmap.mmap], views: Iterable[memoryview] = ()) -> N
 def view_sources(views: Mapping[Key, memoryview]) -> dict[Key, Callable[[], memoryview]]:
     """The writer's byte sources (``save_flow.RankData``) for views that already hold the bytes."""
     return {key: partial(_same, v) for key, v in views.items()}
+
+
+def view_addresses(views: Mapping[Key, memoryview]) -> dict[Key, int]:
+    """Where each view's bytes lie (``save_flow.RankData.addresses``)."""
+    return {key: address_of(v) for key, v in views.items() if len(v)}
 
 
 def _same(view: memoryview) -> memoryview:

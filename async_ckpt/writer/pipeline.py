@@ -2,6 +2,9 @@
 
 State of one file: open -> header written -> each chunk streamed in pieces
 (hashing each checksum block as it passes) -> flushed and fsynced -> closed.
+Where the sink writes aligned sources without a copy (O_DIRECT), the file's
+large entries whose memory addresses agree go first, after a header padded
+to match them (``_file_order``).
 At most ``max_files`` files are open at once and at most one piece per file is
 in flight, so memory beyond the source buffers stays bounded. Any failure
 cancels the other files (TaskGroup) and aborts every open file.
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 
 from ..format import checksum
 from ..format.shard import ShardEntry, layout_shard
-from ..storage.base import ReservingSink, ShardSink, Storage, VectoredSink
+from ..storage.base import AligningSink, ReservingSink, ShardSink, Storage, VectoredSink
 
 __all__ = ["FileJob", "WriteEntry", "WrittenChunk", "WrittenFile", "write_files"]
 
@@ -34,6 +37,8 @@ class WriteEntry:
     source: Callable[[], memoryview]
     rank: int | None = None
     global_shape: tuple[int, ...] = ()
+    address: int | None = None
+    """Where the source's bytes lie in memory, when that is known without taking them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,9 @@ class WrittenFile:
     header_length: int
     header_checksum: str
     chunks: tuple[WrittenChunk, ...]
+    """In the job's entry order, which need not be the file's."""
+    copied: int = 0
+    """Bytes copied on their way out (``AligningSink.copied``); 0 for other sinks."""
 
 
 async def write_files(
@@ -96,32 +104,33 @@ async def write_files(
 async def _write_file(
     storage: Storage, location: str, token: str, job: FileJob, block_size: int
 ) -> WrittenFile:
-    layout = layout_shard(
-        [ShardEntry(e.name, e.dtype, e.sizes, e.nbytes) for e in job.entries],
-        {"format": "async_ckpt", "format_version": "1"},
-    )
     sink = await storage.open_shard(location, token, job.name)
     try:
+        order, data_start = _file_order(job.entries, sink)
+        entries = [job.entries[i] for i in order]
+        layout = layout_shard(
+            [ShardEntry(e.name, e.dtype, e.sizes, e.nbytes) for e in entries],
+            {"format": "async_ckpt", "format_version": "1"},
+            data_start,
+        )
         if isinstance(sink, ReservingSink):
             await sink.reserve(layout.size)
         out = _Batcher(sink)
         await out.add(memoryview(layout.header))
-        chunks = []
-        for entry, start in zip(job.entries, layout.offsets, strict=True):
+        chunks: list[WrittenChunk | None] = [None] * len(entries)
+        for i, entry, start in zip(order, entries, layout.offsets, strict=True):
             sums = await _stream(out, entry, block_size)
-            chunks.append(
-                WrittenChunk(
-                    entry.fqn,
-                    entry.dtype,
-                    entry.global_shape,
-                    entry.offsets,
-                    entry.sizes,
-                    entry.name,
-                    start,
-                    entry.nbytes,
-                    tuple(sums),
-                    entry.rank,
-                )
+            chunks[i] = WrittenChunk(
+                entry.fqn,
+                entry.dtype,
+                entry.global_shape,
+                entry.offsets,
+                entry.sizes,
+                entry.name,
+                start,
+                entry.nbytes,
+                tuple(sums),
+                entry.rank,
             )
         await out.flush()
         await sink.finish()
@@ -133,8 +142,57 @@ async def _write_file(
         size=layout.size,
         header_length=len(layout.header),
         header_checksum=checksum.digest(layout.header),
-        chunks=tuple(chunks),
+        chunks=tuple(c for c in chunks if c is not None),
+        copied=sink.copied if isinstance(sink, AligningSink) else 0,
     )
+
+
+def _file_order(entries: Sequence[WriteEntry], sink: ShardSink) -> tuple[list[int], tuple[int, int] | None]:
+    """The order to write ``entries`` in (indices) and where the data should start.
+
+    For an ``AligningSink``, a chain of large entries each of which starts at
+    a file offset its address agrees with: from the residue the most bytes
+    share, entries that keep the residue (a whole number of blocks) first,
+    then one that moves it to a residue other entries have, and so on; the
+    rest follow in the job's order. Staged bytes all lie on page boundaries,
+    so for them the chain is every large entry. Elsewhere the order is the job's.
+    """
+    keep = list(range(len(entries)))
+    if not isinstance(sink, AligningSink):
+        return keep, None
+    mod = sink.alignment
+    buckets: dict[int, list[int]] = {}
+    weight: dict[int, int] = {}
+    for i, e in enumerate(entries):
+        if e.address is not None and e.nbytes >= sink.direct_min and e.address % 64 == 0:
+            buckets.setdefault(e.address % mod, []).append(i)
+            weight[e.address % mod] = weight.get(e.address % mod, 0) + e.nbytes
+    if not buckets:
+        return keep, None
+    start = max(weight, key=lambda r: (weight[r], -r))
+    for bucket in buckets.values():
+        # Whole blocks first (they keep the residue) in the job's order, then the largest first.
+        bucket.sort(key=lambda i: _chain_rank(entries[i].nbytes, mod))
+    chain: list[int] = []
+    pos = start
+    while buckets.get(pos):
+        bucket = buckets[pos]
+        if entries[bucket[0]].nbytes % mod == 0:
+            chain.append(bucket.pop(0))
+            continue
+        # Only ragged entries left here: prefer one after which the chain goes on.
+        onward = [i for i in bucket if buckets.get((pos + entries[i].nbytes) % mod)]
+        pick = onward[0] if onward else bucket[0]
+        bucket.remove(pick)
+        chain.append(pick)
+        pos = (pos + entries[pick].nbytes) % mod
+    chosen = set(chain)
+    return chain + [i for i in keep if i not in chosen], (start, mod)
+
+
+def _chain_rank(nbytes: int, mod: int) -> tuple[bool, int]:
+    ragged = nbytes % mod != 0
+    return ragged, -nbytes if ragged else 0
 
 
 class _Batcher:
