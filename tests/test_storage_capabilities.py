@@ -27,7 +27,17 @@ from async_ckpt.storage.local_read import FileReader
 from async_ckpt.worker.comm import StoreComm
 
 PACKAGE = Path(ac.__file__).parent
-OPTIONAL = {"files_per_rank", "read_threads", "readinto_many", "reserve", "write_many", "open_checkpoint"}
+OPTIONAL = {
+    "files_per_rank",
+    "read_threads",
+    "readinto_many",
+    "reserve",
+    "write_many",
+    "open_checkpoint",
+    "alignment",
+    "direct_min",
+    "copied",
+}
 COMM_OPTIONAL = {"step", "begin"}
 
 
