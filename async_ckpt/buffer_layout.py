@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ALIGN", "BufferSpec", "Key", "Layout", "SEGMENT_BYTES", "item_start", "make_layout"]
+__all__ = [
+    "ALIGN",
+    "PAGE_ALIGNED_MIN",
+    "SEGMENT_BYTES",
+    "BufferSpec",
+    "Key",
+    "Layout",
+    "item_start",
+    "make_layout",
+]
 
 Key = tuple[str, tuple[int, ...] | None]
 ALIGN = 64

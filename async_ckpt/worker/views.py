@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 
 from .._address import address_of
-from ..buffer_layout import BufferSpec, Key
+from ..buffer_layout import PAGE_ALIGNED_MIN, BufferSpec, Key
 
 __all__ = ["byte_views", "close_maps", "map_segments", "view_addresses", "view_sources"]
 
@@ -51,8 +51,8 @@ def view_sources(views: Mapping[Key, memoryview]) -> dict[Key, Callable[[], memo
 
 
 def view_addresses(views: Mapping[Key, memoryview]) -> dict[Key, int]:
-    """Where each view's bytes lie (``save_flow.RankData.addresses``)."""
-    return {key: address_of(v) for key, v in views.items() if len(v)}
+    """Where each view large enough to be written without a copy lies (``save_flow.RankData.addresses``)."""
+    return {key: address_of(v) for key, v in views.items() if len(v) >= PAGE_ALIGNED_MIN}
 
 
 def _same(view: memoryview) -> memoryview:
