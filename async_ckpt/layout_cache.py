@@ -72,6 +72,9 @@ class LayoutCache:
         self.replica_staging = True
         """Private switch (benchmarks, tests): False stages every tensor, as before."""
 
+    # Saving never differentiates: under grad mode each DTensor's to_local() would run an
+    # autograd Function (~8 us, a graph node holding the DTensor) for every leaf, every save.
+    @torch.no_grad()
     def prepare(self, flat: Flat, *, allow_pickle: bool, verify_replicas: bool) -> Prepared:
         prepared = self._prepare_full(flat, allow_pickle=allow_pickle, verify_replicas=verify_replicas)
         if verify_replicas or not self.replica_staging:

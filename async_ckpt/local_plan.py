@@ -202,6 +202,7 @@ def split_boxes(
     return boxes
 
 
+@torch.no_grad()  # DTensor.to_local() records no autograd node (layout_cache.LayoutCache.prepare)
 def build_local_plan(
     entries: Mapping[str, Any], *, allow_pickle: bool, verify_replicas: bool, split_bytes: int | None = None
 ) -> LocalPlan:

@@ -186,3 +186,29 @@ def test_same_tree_and_layouts_in_another_leaf_order_takes_each_tensor_by_name()
     _prepare(cache, {"a": {"w": w}, "b": b})
     again = _prepare(cache, {"a": _Holder(w), "b": b})
     assert again.local.tensors[("a.w", (0,))] is w and again.local.tensors[("b", (0,))] is b
+
+
+@pytest.mark.slow
+@pytest.mark.ranks(1)
+def test_a_hit_takes_dtensor_shards_without_recording_autograd(mesh: Any) -> None:
+    # DTensor.to_local() with grad enabled runs an autograd Function per leaf: a graph node
+    # holding the DTensor for every saved shard, and ~8 us each (12 ms a save for 1,436
+    # DTensor leaves), inside the training loop's stall.
+    from torch.distributed.tensor import DTensor, Shard
+
+    def state() -> dict[str, Any]:
+        return {
+            f"p{i}": torch.nn.Parameter(DTensor.from_local(torch.randn(4), mesh, [Shard(0)], run_check=False))
+            for i in range(3)
+        }
+
+    cache = LayoutCache()
+    _prepare(cache, state())
+    sd = state()
+    with torch.enable_grad():
+        again = _prepare(cache, sd)
+    assert cache.hits == 1
+    for fqn, p in sd.items():
+        local = again.local.tensors[(fqn, (0,))]
+        assert local.grad_fn is None, fqn
+        assert local.data_ptr() == p._local_tensor.data_ptr()
