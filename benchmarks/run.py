@@ -76,6 +76,9 @@ TARGETS: list[tuple[str, str, float]] = [
     ("first_eager_over_steady", "first save (eager start) / steady, durable", 2.0),
     ("save_over_write_fsync", "ac.save / write+fsync", 1.3),
     ("load_over_cold_read", "ac.load cold / read cold", 1.3),
+    # issue 14.6: the same two, as medians of paired (per-round) ratios over >= 5 rounds
+    ("save_over_write_fsync_paired", "ac.save / write+fsync, median of paired ratios", 1.15),
+    ("load_over_cold_read_paired", "ac.load cold (verified) / read cold, median of paired ratios", 1.15),
     ("planning_1024_s", "planning 1024 ranks x 2000 items, s", 2.0),
     ("planning_4096_s", "planning 4096 ranks x 2000 items, s", 4.0),
     ("dcp_ckpt_load_over_dcp_load", "ac.load / dcp.load of a DCP checkpoint, cold", 1.0),
@@ -98,8 +101,11 @@ def replica_targets(ranks: list[int], replicated: list[float]) -> list[tuple[str
     for frac in replicated:
         for n in ranks:
             tag, where = _replica_tag(n, frac), f"{n} ranks, {_pct(frac)} replicated"
+            # share: what a rank must copy of its own state, unique/N over its local bytes (1/N when
+            # every byte is replicated; multirank.py's stall_share).
+            share = "1/N" if frac == 1 else "share"
             out += [
-                (f"replica_stall_{tag}", f"{where}: ac stall / ((1/N + 0.15) x memcpy)", 1.0),
+                (f"replica_stall_{tag}", f"{where}: ac stall / (({share} + 0.15) x memcpy)", 1.0),
                 (f"replica_staged_{tag}", f"{where}: ac staged bytes / (1.05 x state/N + 64 MiB)", 1.0),
             ]
     return out
@@ -372,6 +378,12 @@ def _replica_figures(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _paired(single: dict[str, Any], key: str) -> float | None:
+    """Issue 14.6's figure: the median of per-round ratios, only when there were 5 rounds or more."""
+    paired = _get(single, "ratios", key, "paired") or []
+    return _get(single, "ratios", key, "paired_median") if len(paired) >= 5 else None
+
+
 def build_summary(res: dict[str, Any]) -> dict[str, Any]:
     """Ratios against the hardware limits and DCP, and the verdicts on the targets."""
     single, asy = res.get("single") or {}, res.get("async") or {}
@@ -388,6 +400,8 @@ def build_summary(res: dict[str, Any]) -> dict[str, Any]:
         "first_eager_over_steady": ar.get("first_eager_over_steady"),
         "save_over_write_fsync": _get(single, "ratios", "save_over_write_fsync", "of_medians"),
         "load_over_cold_read": _get(single, "ratios", "load_over_cold_read", "of_medians"),
+        "save_over_write_fsync_paired": _paired(single, "save_over_write_fsync"),
+        "load_over_cold_read_paired": _paired(single, "load_over_cold_read"),
         "planning_1024_s": None,
         "planning_4096_s": None,
         "dcp_ckpt_load_over_dcp_load": _get(res, "dcp_load", "ratios", "ac_load_over_dcp_load", "of_medians"),

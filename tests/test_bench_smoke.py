@@ -32,6 +32,8 @@ TARGET_KEYS = {
     "first_eager_over_steady",
     "save_over_write_fsync",
     "load_over_cold_read",
+    "save_over_write_fsync_paired",
+    "load_over_cold_read_paired",
     "planning_1024_s",
     "planning_4096_s",
     "dcp_ckpt_load_over_dcp_load",
