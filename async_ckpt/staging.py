@@ -149,6 +149,12 @@ class StagingSlot:
         if stream is None:
             self._copy_host(tensors, on_half)
             return None
+        try:
+            return self._copy_on(stream, tensors, on_half)
+        except RuntimeError as exc:
+            raise _copy_error(tensors, [self.views[k] for k in tensors], exc) from exc
+
+    def _copy_on(self, stream: Any, tensors: Mapping[Key, torch.Tensor], on_half: Any) -> Any:
         event = None
         half = len(tensors) // 2
         with torch.no_grad():
@@ -177,13 +183,16 @@ class StagingSlot:
         srcs = list(tensors.values())
         dsts = self._dsts if tuple(tensors) == self._keys else [self.views[k] for k in tensors]
         half = len(srcs) // 2
-        with torch.no_grad():
-            for dst, src in zip(dsts[:half], srcs[:half], strict=True):
-                dst.copy_(src)
-            if on_half is not None:
-                on_half()
-            for dst, src in zip(dsts[half:], srcs[half:], strict=True):
-                dst.copy_(src)
+        try:
+            with torch.no_grad():
+                for dst, src in zip(dsts[:half], srcs[:half], strict=True):
+                    dst.copy_(src)
+                if on_half is not None:
+                    on_half()
+                for dst, src in zip(dsts[half:], srcs[half:], strict=True):
+                    dst.copy_(src)
+        except RuntimeError as exc:
+            raise _copy_error(tensors, dsts, exc) from exc
 
     def carve(self, specs: tuple[BufferSpec, ...]) -> StagingSlot:
         """This slot's memory laid out as ``specs`` (one round of a budgeted save).
@@ -317,3 +326,16 @@ class StagingPool:
                 slot.close()
             self._slots.clear()
             self._cond.notify_all()
+
+
+def _copy_error(
+    tensors: Mapping[Key, torch.Tensor], dsts: list[torch.Tensor], exc: RuntimeError
+) -> CheckpointError:
+    """The failed staging copy as an error naming the tensor whose shape no longer matches its buffer."""
+    for (key, src), dst in zip(tensors.items(), dsts, strict=False):
+        if src.shape != dst.shape:
+            return CheckpointError(
+                f"key '{key[0]}': the tensor is {tuple(src.shape)} now and was {tuple(dst.shape)} when the "
+                f"save was called; change a tensor only once its save is staged (pending.staged) ({exc})"
+            )
+    return CheckpointError(f"staging copy failed: {exc}")

@@ -356,3 +356,23 @@ def test_module_async_save_overlap_guarded_in_asyncio_loop(ck: ac.AsyncCheckpoin
     assert pending.done()
     _assert_bits_equal(ac.load_state_dict(tmp_path / "c"), want)
     assert _empty_hooks(opt)
+
+
+def test_a_tensor_resized_before_it_was_staged_fails_the_save_naming_its_key(
+    ck: ac.AsyncCheckpointer, tmp_path: Path
+) -> None:
+    # Against the contract (tensors change in place only once staged), but it happens: the
+    # error must say which tensor, not only torch's "size of tensor a must match tensor b".
+    sd = {"early": torch.randn(64), "late": {"w": torch.randn(1000)}}
+    late = sd["late"]["w"]
+    _faults.set_hook("stage", lambda: late.resize_(2000))  # the second half is not copied yet
+    try:
+        pending = ck.save(sd, tmp_path / "c", overlap=True, guard=False)
+        with pytest.raises(ac.CheckpointError) as err:
+            pending.result(120)
+    finally:
+        _faults.set_hook("stage", None)
+    msg = str(err.value)
+    assert "'late.w'" in msg and "(1000,)" in msg and "(2000,)" in msg, msg
+    assert not (tmp_path / "c").exists()
+    ck.save({"w": torch.randn(8)}, tmp_path / "next").result(120)  # the checkpointer goes on
