@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .storage.direct_io import ALIGN as DIO_ALIGN
+from .storage.direct_io import DIRECT_MIN
+
 __all__ = [
     "ALIGN",
     "PAGE_ALIGNED_MIN",
@@ -27,10 +30,10 @@ __all__ = [
 Key = tuple[str, tuple[int, ...] | None]
 ALIGN = 64
 SEGMENT_BYTES = 1 << 30
-PAGE = 4096
-PAGE_ALIGNED_MIN = 1 << 20
-"""Items this large start on a page boundary, so the worker's O_DIRECT writer sends them from
-staging without a copy (``storage/direct_io.py``, whose threshold this matches)."""
+# Items of DIRECT_MIN bytes and more start on an O_DIRECT block boundary: the worker's writer
+# then sends them from staging without a copy (storage/direct_io.py owns both numbers).
+PAGE = DIO_ALIGN
+PAGE_ALIGNED_MIN = DIRECT_MIN
 
 
 def item_start(pos: int, nbytes: int) -> int:

@@ -14,6 +14,7 @@ import torch
 import xxhash
 
 from ._dtensor import is_dtensor, is_sharded_tensor, local_shape_and_offset, outside_mesh
+from .buffer_layout import PAGE_ALIGNED_MIN
 from .format.dtypes import dtype_name
 from .format.values import encode_value
 from .planning import (
@@ -156,10 +157,16 @@ def byte_sources(tensors: Mapping[Key, torch.Tensor]) -> dict[Key, Callable[[], 
 
 def byte_addresses(tensors: Mapping[Key, torch.Tensor]) -> dict[Key, int]:
     """Where each tensor whose bytes ``tensor_bytes`` takes in place lies (``save_flow.RankData``)."""
+    # Only sources the writer may send without a copy (buffer_layout.PAGE_ALIGNED_MIN and up):
+    # the checks cost a few calls a tensor, thousands of times for small ones that never qualify.
     return {
         key: t.data_ptr()
         for key, t in tensors.items()
-        if t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg() and t.numel()
+        if t.nbytes >= PAGE_ALIGNED_MIN
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+        and not t.is_conj()
+        and not t.is_neg()
     }
 
 

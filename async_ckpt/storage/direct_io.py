@@ -26,12 +26,12 @@ import aiofiles.os
 
 from .._address import address_of
 
-__all__ = ["ALIGN", "DirectSink", "open_direct", "reserve_space"]
+__all__ = ["ALIGN", "DIRECT_MIN", "DirectSink", "open_direct", "reserve_space"]
 
 ALIGN = 4096
 """The alignment used for addresses, lengths and offsets: every device's logical block divides it."""
 _BUFFER = 8 << 20
-_DIRECT_MIN = 1 << 20
+DIRECT_MIN = 1 << 20
 """A shorter source is copied: one more write call costs more than copying it."""
 
 
@@ -52,7 +52,7 @@ class DirectSink:
     """An ``AligningSink`` (``storage/base.py``): see the module docstring."""
 
     alignment = ALIGN
-    direct_min = _DIRECT_MIN
+    direct_min = DIRECT_MIN
 
     def __init__(self, fd: int, path: Path) -> None:
         self._fd = fd
@@ -68,7 +68,7 @@ class DirectSink:
 
     async def write(self, data: memoryview) -> None:
         data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-        if len(data) >= _DIRECT_MIN and (address_of(data) - self._offset - self._fill) % ALIGN == 0:
+        if len(data) >= DIRECT_MIN and (address_of(data) - self._offset - self._fill) % ALIGN == 0:
             head = -(self._offset + self._fill) % ALIGN
             self._copy(data[:head])
             data = data[head:]
