@@ -9,6 +9,7 @@ workers' own store and collectives), and a budgeted save in rounds.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,16 @@ from async_ckpt.testing import same_bits
 
 
 def _libtorch_mapped(pid: int) -> list[str]:
+    """torch's own files mapped by ``pid``: by torch's install folder, never by a path's wording.
+
+    A virtual environment under ``/opt/torch/`` maps numpy from a path with ``/torch/`` in it.
+    """
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
     with open(f"/proc/{pid}/maps") as f:
-        return sorted({line.split()[-1] for line in f if "libtorch" in line or "/torch/" in line})
+        paths = {line.split()[-1] for line in f if line.rstrip().count(" ") >= 5}
+    return sorted(
+        p for p in paths if p.startswith(torch_dir) or os.path.basename(p).startswith(("libtorch", "libc10"))
+    )
 
 
 def _state(seed: int) -> dict[str, Any]:
@@ -48,6 +57,7 @@ def test_worker_never_loads_torch(tmp_path: Path) -> None:
         for i in range(3):  # a planned save, then cached-plan saves
             ck.save(_state(i), tmp_path / f"c{i}").result(timeout=120)
         assert _libtorch_mapped(pid) == []
+    assert _libtorch_mapped(os.getpid()), "the check finds torch where it is loaded: this process"
     for i in range(3):
         out = ac.load_state_dict(tmp_path / f"c{i}")
         want = _state(i)

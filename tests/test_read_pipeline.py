@@ -123,7 +123,11 @@ def test_a_failed_verification_leaves_no_thread_behind(saved: tuple[Path, Metada
 
 
 def test_a_failed_verification_stops_the_reads(saved: tuple[Path, Metadata], tmp_path: Path) -> None:
-    """Damage in the first piece: the load gives up a bounded number of reads later, not at the end."""
+    """Damage in the first piece: the load gives up a bounded number of reads later, not at the end.
+
+    The one-reader pipeline, named: by default a machine of 8 CPUs or more reads
+    with several threads (``default_streams``), which start every batch at once.
+    """
     path, md = saved
     # The writer may put either large tensor first (its O_DIRECT layout): damage that one.
     first, second = sorted(["a", "b"], key=lambda k: md.tensors[k].chunks[0].byte_offset)
@@ -131,7 +135,7 @@ def test_a_failed_verification_stops_the_reads(saved: tuple[Path, Metadata], tmp
     bad = _damaged_copy(path, tmp_path / "bad", chunk.file, chunk.byte_offset + 10)
     target = _blank()
     with pytest.raises(ac.CorruptCheckpointError, match=f"key '{first}'"):
-        ac.load(target, bad)
+        ac.load(target, bad, storage=LocalStorage(read_threads=1))
     # The second is read in two or three pieces after the first's: at most _AHEAD units
     # past the damage were read.
     read_of_second = int(torch.count_nonzero(target[second]))
