@@ -16,9 +16,10 @@ from .dist import comm_for, run_collectively
 from .errors import CheckpointError, CorruptCheckpointError
 from .format.metadata import Metadata
 from .interop import is_dcp_checkpoint, load_dcp, read_dcp_metadata
+from .layout_cache import blocking_plan
 from .load_flow import load_collective, read_checkpoint_metadata
 from .load_tree import load_tree_collective
-from .local_plan import build_local_plan, byte_addresses, byte_sources
+from .local_plan import byte_addresses, byte_sources
 from .overlap_guard import GuardArg
 from .pending import PendingCheckpoint
 from .save_flow import RankData, save_collective
@@ -71,7 +72,7 @@ def _save(
         flat = flatten(state_dict, allow_pickle=allow_pickle)
         if isinstance(process_group, SingleRank):
             check_whole_on_this_rank(flat.entries)
-        local = build_local_plan(flat.entries, allow_pickle=allow_pickle, verify_replicas=verify_replicas)
+        local = blocking_plan(flat, allow_pickle=allow_pickle, verify_replicas=verify_replicas)
         return backend, location, flat, local
 
     backend, location, flat, local = run_collectively(comm, "preparing the state dict", prepare)

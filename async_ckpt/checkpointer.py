@@ -1,9 +1,10 @@
 """``AsyncCheckpointer`` and ``PendingCheckpoint``: lifetime, staging, backpressure.
 
-A save on the trainer side is: flatten, take a staging slot (waiting while
-``max_in_flight`` saves still hold theirs), copy into it, send the worker a
-small request, return. The worker's replies arrive on a listener thread:
-``Released`` frees the slot, ``Finished`` resolves the pending checkpoint.
+A save on the trainer side is: flatten, look up the cached plan, then
+(``stage_send.py``) take a staging slot (waiting while ``max_in_flight``
+saves still hold theirs), copy into it, send the worker a small request,
+return. The worker's replies arrive on a listener thread: ``Released``
+frees the slot, ``Finished`` resolves the pending checkpoint.
 This class never touches files.
 """
 
@@ -16,29 +17,27 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal
 
 import torch
 
-from ._faults import hook_point, kill_point
 from ._gc import gc_paused
 from .errors import CheckpointError
-from .inflight import InFlight, InFlightSaves, RemoteError
-from .layout_cache import LayoutCache, Prepared
+from .inflight import InFlightSaves, RemoteError
+from .layout_cache import LayoutCache
 from .overlap_guard import GuardArg, check_guard, guard_step, optimizers_to_guard
 from .pending import PendingCheckpoint
 from .save_options import SaveOptions
 from .save_target import check_save_target
 from .single_rank import ProcessGroupArg, SingleRank, check_whole_on_this_rank
-from .staged_rounds import RoundStager, buffer_layout, piece_bytes
-from .staging import StagingPool, StagingSlot
+from .stage_send import Job, StageSender
+from .staged_rounds import buffer_layout, piece_bytes
+from .staging import DeviceCopies, StagingPool
 from .state_dict import flatten
 from .storage import Storage, detect_storage
 from .worker.client import WorkerClient, WorkerDiedError
 from .worker.group import WorkerGroup, join_worker_group
-from .worker.messages import DropSlot, LocalFailure, SaveRequest, WorkerConfig
+from .worker.messages import LocalFailure, WorkerConfig
 from .worker.starter import BackgroundStart
 
 __all__ = ["AsyncCheckpointer", "PendingCheckpoint", "RemoteError", "WorkerDiedError"]
@@ -127,13 +126,25 @@ class AsyncCheckpointer:
         """No new saves; those already started go on."""
         self._stopping = False
         """The worker is being stopped: no new one may start."""
-        self._stream: Any = None
+        self._streams: dict[int, Any] = {}
+        """The side stream that stages from each CUDA device (``DeviceCopies``)."""
         self._stager = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async_ckpt-stage")
         self._tail: concurrent.futures.Future[None] | None = None
         """The last job handed to the staging thread (the worker must hear of saves in order)."""
         # Under a budget, a tensor larger than half of it is planned as several chunks, so that
         # the rounds' buffer stays within the budget (staged_rounds.py).
         self._layouts = LayoutCache(split_bytes=None if self._budget is None else piece_bytes(self._budget))
+        self._sender = StageSender(
+            pool=self._pool,
+            inflight=self._inflight,
+            layouts=self._layouts,
+            options=self._options,
+            budget=self._budget,
+            timeout=timeout,
+            worker=self._locked_worker,
+            rank=lambda: self._group.rank if self._group is not None else 0,
+            report_failure=self._report_local_failure,
+        )
         self.worker_starts = 0
         """Workers started and taken into use (a background start counts when a save takes it)."""
         self._bg: BackgroundStart | None = None
@@ -169,7 +180,7 @@ class AsyncCheckpointer:
                 layout = buffer_layout(prepared.local.tensors, self._budget)
             slot, _ = self._pool.acquire(layout, timeout=self._timeout)
             try:
-                self._hand_over(worker, slot, prepared)
+                self._sender.hand_over(worker, slot, prepared)
             finally:
                 self._pool.release(slot)
 
@@ -201,6 +212,10 @@ class AsyncCheckpointer:
                 f"({os.getpid()}) is a fork() of it: its worker and staging buffers are the "
                 "parent's. Create a new AsyncCheckpointer in the child"
             )
+
+    def _locked_worker(self) -> WorkerClient:
+        with self._lock:
+            return self._ensure_worker()
 
     def _ensure_worker(self) -> WorkerClient:
         if self._stopping:
@@ -330,13 +345,13 @@ class AsyncCheckpointer:
             job = self._prepare(state_dict, checkpoint_id, storage)
             if overlap:
                 guard_step(optimizers_to_guard(job.statefuls, guard, explicit), job.pending.staged)
-                self._submit(self._stage_and_send, job)
+                self._submit(self._sender.send, job)
             else:
                 # Saves reach the worker in order: earlier overlapped ones first.
                 tail = self._tail
                 if tail is not None:
                     concurrent.futures.wait([tail])
-                self._stage_and_send(job)
+                self._sender.send(job)
                 job.pending.staged.wait()
         return job.pending
 
@@ -359,7 +374,7 @@ class AsyncCheckpointer:
             job = self._prepare(state_dict, checkpoint_id, storage)
             if overlap:
                 guard_step(optimizers_to_guard(job.statefuls, guard, explicit), job.pending.staged)
-        self._submit(self._stage_and_send, job)
+        self._submit(self._sender.send, job)
         if not overlap:
             await job.pending.staged
         return job.pending
@@ -367,7 +382,7 @@ class AsyncCheckpointer:
     def _submit(self, fn: Any, *args: Any) -> None:
         self._tail = self._stager.submit(fn, *args)
 
-    def _prepare(self, state_dict: dict[str, Any], checkpoint_id: Any, storage: Storage | None) -> _Job:
+    def _prepare(self, state_dict: dict[str, Any], checkpoint_id: Any, storage: Storage | None) -> Job:
         self._check_process()
         t0 = time.perf_counter()
         with self._lock:
@@ -397,7 +412,9 @@ class AsyncCheckpointer:
             with contextlib.suppress(RuntimeError):  # the stager is shut down: closing
                 self._submit(self._report_local_failure, save_id, exc)
             raise
-        return _Job(pending, backend, location, prepared, t0, flat.statefuls)
+        # On this thread, before the call returns: what the copies must wait for.
+        d2h = DeviceCopies(self._streams, prepared.cuda_devices) if prepared.cuda_devices else None
+        return Job(pending, backend, location, prepared, t0, flat.statefuls, d2h)
 
     def _rank_hint(self) -> int | None:
         """This rank in the saving group, known without a collective; None when it saves alone."""
@@ -425,137 +442,6 @@ class AsyncCheckpointer:
         except Exception:
             log.debug("async_ckpt: could not report a local failure", exc_info=True)
 
-    def _stage_and_send(self, job: _Job) -> None:
-        if self._budget is not None:
-            self._stage_in_rounds(job)
-            return
-        pending = job.pending
-        sent = False
-        try:
-            with self._lock:
-                worker = self._ensure_worker()
-            slot, waited = self._pool.acquire(job.prepared.layout, timeout=self._timeout)
-            record: InFlight | None = None
-            try:
-                self._hand_over(worker, slot, job.prepared)
-                t_stage = time.perf_counter()
-                rank = self._group.rank if self._group is not None else 0
-                tensors = job.prepared.local.tensors
-                event = slot.copy_in(
-                    tensors,
-                    self._cuda_stream(job.prepared.on_cuda),
-                    on_half=lambda: _half_staged(pending.save_id, rank),
-                )
-                if event is not None:
-                    event.synchronize()
-                stage_s = time.perf_counter() - t_stage
-                layout_id = job.prepared.layout_id
-                record = InFlight(
-                    pending, slot, worker, waited, stage_only=partial(self._layouts.subsets.record, layout_id)
-                )
-                self._inflight.publish(record)
-                worker.send(self._request(job, slot.slot_id, stage_s, time.perf_counter() - job.t0))
-                sent = True
-            except BaseException:
-                if record is None:
-                    self._pool.release(slot)
-                else:
-                    self._inflight.withdraw(record)
-                raise
-            kill_point("staged", pending.save_id, rank)
-            pending._set_staged(stage_s)
-        except BaseException as exc:
-            self._staging_failed(pending, exc, worker_told=sent)
-            if not isinstance(exc, Exception):
-                raise
-
-    def _stage_in_rounds(self, job: _Job) -> None:
-        """``_stage_and_send`` for a budgeted checkpointer: the state in rounds (``staged_rounds.py``)."""
-        pending = job.pending
-        stager: RoundStager | None = None
-        try:
-            with self._lock:
-                worker = self._ensure_worker()
-            assert self._budget is not None
-            prepared = job.prepared
-            stager = RoundStager(
-                self._pool,
-                self._inflight,
-                worker,
-                self._budget,
-                staged=tuple(prepared.local.tensors) if prepared.subset else None,
-                stage_only=partial(self._layouts.subsets.record, prepared.layout_id),
-            )
-            rank = self._group.rank if self._group is not None else 0
-            stage_s = stager.run(
-                self._request(job, -1, 0.0, 0.0),
-                pending,
-                job.prepared.local.tensors,
-                hand_over=lambda slot: self._hand_over(worker, slot, job.prepared),
-                stream=self._cuda_stream(job.prepared.on_cuda),
-                on_half=lambda: _half_staged(pending.save_id, rank),
-                timeout=self._timeout,
-                t0=job.t0,
-            )
-            kill_point("staged", pending.save_id, rank)
-            pending._set_staged(stage_s)
-        except BaseException as exc:
-            self._staging_failed(pending, exc, worker_told=stager is not None and stager.begun)
-            if not isinstance(exc, Exception):
-                raise
-
-    def _request(self, job: _Job, slot_id: int, stage_s: float, stall_s: float) -> SaveRequest:
-        return SaveRequest(
-            save_id=job.pending.save_id,
-            slot_id=slot_id,
-            layout_key=job.prepared.layout.key,
-            layout_id=job.prepared.layout_id,
-            storage=job.storage,
-            location=job.location,
-            values=job.prepared.local.values,
-            options=self._options,
-            stage_s=stage_s,
-            stall_s=stall_s,
-        )
-
-    def _staging_failed(self, pending: PendingCheckpoint, exc: BaseException, *, worker_told: bool) -> None:
-        """Fail ``pending`` with ``exc`` as a CheckpointError (the caller re-raises a non-Exception)."""
-        err = exc if isinstance(exc, CheckpointError) else CheckpointError(f"staging failed: {exc}")
-        if err is not exc:
-            err.__cause__ = exc
-        pending._fail(err)
-        if not worker_told:
-            # As for a failure in _prepare: the other ranks must not wait for this one.
-            self._report_local_failure(pending.save_id, err)
-
-    def _hand_over(self, worker: WorkerClient, slot: StagingSlot, prepared: Prepared) -> None:
-        """Make sure the worker maps ``slot`` and knows the plan; drop what it no longer needs."""
-        # A slot evicted for another layout is free here, but its memory lives on
-        # until the worker unmaps it too: 64 MiB per layout change otherwise.
-        for slot_id in self._pool.take_evicted():
-            worker.send(DropSlot(slot_id))
-        if slot.registered_with != worker.pid:
-            worker.register(slot)
-        worker.register_layout(prepared.layout_id, prepared.local.plan, prepared.tree)
-
-    def _cuda_stream(self, on_cuda: bool) -> Any:
-        if not on_cuda:
-            return None
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
-        return self._stream
-
-
-@dataclass
-class _Job:
-    pending: PendingCheckpoint
-    storage: Storage
-    location: str
-    prepared: Prepared
-    t0: float
-    statefuls: list[tuple[Any, int]]
-    """Where the overlap guard looks for optimizers (``Flat.statefuls``)."""
-
 
 def _check_budget(budget: int | None) -> int | None:
     if budget is None:
@@ -567,8 +453,3 @@ def _check_budget(budget: int | None) -> int | None:
     if budget <= 0:
         raise ValueError(f"staging_budget must be positive, got {budget}")
     return budget
-
-
-def _half_staged(save_id: int, rank: int) -> None:
-    kill_point("stage", save_id, rank)
-    hook_point("stage")

@@ -10,7 +10,10 @@ current local data and the non-tensor values are taken afresh.
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
+import weakref
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -26,7 +29,7 @@ from .replica_staging import StagedSubsets
 from .staging import Layout, make_layout
 from .state_dict import Flat
 
-__all__ = ["LayoutCache", "Prepared"]
+__all__ = ["LayoutCache", "Prepared", "blocking_plan"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +39,8 @@ class Prepared:
     layout_id: str
     """Names (plan, tree) for the worker, which keeps them between saves."""
     tree: Any
-    on_cuda: bool
-    """Whether any tensor lives on a CUDA device (part of the cache signature)."""
+    cuda_devices: tuple[int, ...]
+    """The CUDA devices the staged tensors live on, if any (devices are part of the cache signature)."""
     subset: bool = False
     """``local.tensors`` are only the items this rank writes (replica-sharded staging), not all."""
 
@@ -52,7 +55,7 @@ class _Entry:
     """``Flat.shape`` of the state dict this entry was built for."""
     tensor_keys: tuple[tuple[str, tuple[int, ...] | None] | None, ...]
     """Each tensor leaf's item key, None for a DTensor whose mesh excludes this rank."""
-    on_cuda: bool
+    cuda_devices: tuple[int, ...]
     plain: bool
     """No DTensor, no split tensor, every tensor leaf an item: each leaf's data is the tensor itself."""
     split: dict[int, Pieces]
@@ -85,7 +88,7 @@ class LayoutCache:
         tensors, layout = reduced
         local = LocalPlan(plan=prepared.local.plan, tensors=tensors, values=prepared.local.values)
         # Same layout id: the worker keeps the full local plan, which planning needs.
-        return Prepared(local, layout, prepared.layout_id, prepared.tree, prepared.on_cuda, subset=True)
+        return Prepared(local, layout, prepared.layout_id, prepared.tree, prepared.cuda_devices, subset=True)
 
     def _prepare_full(self, flat: Flat, *, allow_pickle: bool, verify_replicas: bool) -> Prepared:
         # Keyed by the leaves' signature, then the tree's shape (Flat.shape) compared:
@@ -107,7 +110,7 @@ class LayoutCache:
                 entry.layout,
                 entry.layout_id,
                 entry.tree,
-                entry.on_cuda,
+                entry.cuda_devices,
             )
         local = build_local_plan(
             flat.entries,
@@ -126,13 +129,20 @@ class LayoutCache:
         leaves = [fqn for fqn, v in flat.entries.items() if isinstance(v, torch.Tensor)]
         keys = tuple(planned.get(fqn) for fqn in leaves)
         split = {i: local.pieces[fqn] for i, fqn in enumerate(leaves) if fqn in local.pieces}
-        on_cuda = any(t.device.type == "cuda" for t in local.tensors.values())
-        plain = sig[4] is None and None not in keys and not split
-        self._entries.insert(
-            0, (sig, _Entry(local, layout, layout_id, flat.tree, flat.shape, keys, on_cuda, plain, split))
+        cuda_devices = tuple(
+            sorted({t.device.index or 0 for t in local.tensors.values() if t.device.type == "cuda"})
         )
-        del self._entries[self._size :]
-        return Prepared(local, layout, layout_id, flat.tree, on_cuda)
+        plain = sig[4] is None and None not in keys and not split
+        # The entry keeps the plan, never the data: a state dict rebuilt in its place
+        # (same layout, new tensors) must be freed once its owner lets go of the old one.
+        # A plan made to verify replicas (hashes, per-rank items) is never looked up, and
+        # a later save without verify_replicas must not find it: it is not kept.
+        if not verify_replicas:
+            kept = LocalPlan(plan=local.plan, tensors={}, values={}, pieces=local.pieces)
+            entry = _Entry(kept, layout, layout_id, flat.tree, flat.shape, keys, cuda_devices, plain, split)
+            self._entries.insert(0, (sig, entry))
+            del self._entries[self._size :]
+        return Prepared(local, layout, layout_id, flat.tree, cuda_devices)
 
     def _lookup(self, sig: tuple[Any, ...], shape: list[Any]) -> _Entry | None:
         for i, (key, entry) in enumerate(self._entries):
@@ -197,8 +207,56 @@ def _signature(flat: Flat) -> tuple[Any, ...]:
     dt = dtensor_class()
     extra = None
     if dt is not None and any(issubclass(c, dt) for c in set(types)):
-        extra = tuple(
-            (t.placements, id(t.device_mesh)) if isinstance(t, dt) else None  # type: ignore[attr-defined]
-            for t in tensors
-        )
+        tokens: dict[int, int] = {}  # by id() within this call only: every mesh here is alive
+        out: list[Any] = []
+        for t in tensors:
+            if isinstance(t, dt):
+                mesh = t.device_mesh  # type: ignore[attr-defined]
+                token = tokens.get(id(mesh))
+                if token is None:
+                    token = tokens[id(mesh)] = _mesh_token(mesh)
+                out.append((t.placements, token))  # type: ignore[attr-defined]
+            else:
+                out.append(None)
+        extra = tuple(out)
     return (tuple(flat.entries), tuple(flat.values), types, tuple(map(_META, tensors)), extra)
+
+
+# A device mesh's name in signatures: equal meshes (same ranks in the same order, dims,
+# names, device type) share one, so a mesh rebuilt alike keeps its plans; a number is
+# never given twice, so a mesh built after another died cannot take its plans, as it
+# could take its id().
+_MESH_TOKENS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+_NEXT_TOKEN = itertools.count()
+_TOKEN_LOCK = threading.Lock()
+
+
+def _mesh_token(mesh: Any) -> int:
+    with _TOKEN_LOCK:
+        try:
+            token = _MESH_TOKENS.get(mesh)
+            if token is None:
+                token = _MESH_TOKENS[mesh] = next(_NEXT_TOKEN)
+        except TypeError:  # a mesh type neither hashable nor weakly referable: a fresh token, a miss
+            token = next(_NEXT_TOKEN)
+        return token
+
+
+_blocking = threading.local()
+
+
+def blocking_plan(flat: Flat, *, allow_pickle: bool, verify_replicas: bool) -> LocalPlan:
+    """The local plan of a blocking ``save``: cached per thread, as a checkpointer caches its own.
+
+    Building it costs about 26 ms for 2,872 tensors against 1.3 ms for a hit. One
+    cache per ``allow_pickle`` (a plan made with pickling allowed is never reused
+    without), two layouts each; entries keep no tensors.
+    """
+    caches: dict[bool, LayoutCache] | None = getattr(_blocking, "caches", None)
+    if caches is None:
+        caches = _blocking.caches = {}
+    cache = caches.get(allow_pickle)
+    if cache is None:
+        cache = caches[allow_pickle] = LayoutCache(size=2)
+        cache.replica_staging = False  # a blocking save writes what it has, with no worker to ask
+    return cache.prepare(flat, allow_pickle=allow_pickle, verify_replicas=verify_replicas).local

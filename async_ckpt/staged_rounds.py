@@ -44,7 +44,7 @@ from .errors import CheckpointError
 from .format.dtypes import dtype_name
 from .inflight import InFlight, InFlightSaves
 from .pending import PendingCheckpoint
-from .staging import StagingPool, StagingSlot
+from .staging import DeviceCopies, StagingPool, StagingSlot
 from .worker.client import WorkerClient, WorkerDiedError
 from .worker.messages import Round, RoundsAbort, RoundsBegin, SaveRequest
 
@@ -171,7 +171,7 @@ class RoundStager:
         tensors: Mapping[Key, torch.Tensor],
         *,
         hand_over: Callable[[StagingSlot], None],
-        stream: Any,
+        d2h: DeviceCopies | None,
         on_half: Callable[[], None],
         timeout: float,
         t0: float,
@@ -201,7 +201,7 @@ class RoundStager:
             raise
         self.begun = True
         try:
-            return self._send_rounds(request, slot, rounds, tensors, progress, stream, on_half, t0)
+            return self._send_rounds(request, slot, rounds, tensors, progress, d2h, on_half, t0)
         except BaseException as exc:
             # The worker waits for the next round: tell it there is none, so that
             # every rank's save fails at its commit barrier instead of hanging.
@@ -217,7 +217,7 @@ class RoundStager:
         rounds: list[list[tuple[Key, int, int]]],
         tensors: Mapping[Key, torch.Tensor],
         progress: _Progress,
-        stream: Any,
+        d2h: DeviceCopies | None,
         on_half: Callable[[], None],
         t0: float,
     ) -> float:
@@ -233,7 +233,7 @@ class RoundStager:
                 for key, off, n in members
             )
             t_copy = time.perf_counter()
-            event = slot.carve(specs).copy_in({key: tensors[key] for key, _, _ in members}, stream)
+            event = slot.carve(specs).copy_in({key: tensors[key] for key, _, _ in members}, d2h)
             if event is not None:
                 event.synchronize()
             stage_s += time.perf_counter() - t_copy

@@ -30,7 +30,7 @@ from .buffer_layout import BufferSpec, Key, Layout, make_layout
 from .errors import CheckpointError
 from .format.dtypes import torch_dtype
 
-__all__ = ["BufferSpec", "Layout", "StagingPool", "StagingSlot", "make_layout"]
+__all__ = ["BufferSpec", "DeviceCopies", "Layout", "StagingPool", "StagingSlot", "make_layout"]
 
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; not in Python 3.11
 
@@ -115,6 +115,50 @@ def _anonymous_shm(size: int) -> int:
     return fd
 
 
+class DeviceCopies:
+    """The side streams one save copies CUDA tensors on, each ordered after the caller's work.
+
+    Made on the thread that calls ``save``: the events recorded here on that
+    thread's current stream of each device are what the copies wait for. The copy
+    itself runs later, perhaps on the staging thread, whose current stream is the
+    default one: waiting for *that* would miss work the caller queued on a stream
+    of its own, and would wait for work it queued after the save. Each device's
+    tensors are copied on a stream of that device: a copy from ``cuda:1`` issued
+    under a ``cuda:0`` stream runs on ``cuda:1``'s current stream, which an event
+    on the ``cuda:0`` stream does not cover.
+    """
+
+    def __init__(self, streams: dict[int, Any], devices: tuple[int, ...]) -> None:
+        self._streams = streams
+        self._after: dict[int, Any] = {}
+        for index in devices:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(index))
+            self._after[index] = event
+        self._used: dict[int, Any] = {}
+
+    def stream(self, device: torch.device) -> Any:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = self._used.get(index)
+        if stream is not None:
+            return stream
+        stream = self._streams.get(index)
+        if stream is None:
+            stream = self._streams[index] = torch.cuda.Stream(device=index)
+        after = self._after.get(index)
+        if after is not None:
+            stream.wait_event(after)
+        else:  # a device the layout did not list (not expected): all its queued work
+            stream.wait_stream(torch.cuda.current_stream(index))
+        self._used[index] = stream
+        return stream
+
+    def synchronize(self) -> None:
+        """Block until every copy issued so far is done."""
+        for stream in self._used.values():
+            stream.synchronize()
+
+
 @dataclass(eq=False)
 class StagingSlot:
     slot_id: int
@@ -139,24 +183,27 @@ class StagingSlot:
     def pinned(self) -> bool:
         return bool(self.segments) and all(seg.pinned for seg in self.segments)
 
-    def copy_in(self, tensors: Mapping[Key, torch.Tensor], stream: Any = None, on_half: Any = None) -> Any:
-        """Copy every tensor into its buffer; returns a CUDA event to wait on, or None.
+    def copy_in(
+        self, tensors: Mapping[Key, torch.Tensor], d2h: DeviceCopies | None = None, on_half: Any = None
+    ) -> DeviceCopies | None:
+        """Copy every tensor into its buffer; returns what to ``synchronize()`` on, or None.
 
-        Device tensors are copied on ``stream`` (non_blocking into pinned
-        memory) after it waits for the producer stream, so forward/backward
-        work queued later on the default stream overlaps the copy.
+        Device tensors are copied on ``d2h``'s side stream of their own device
+        (non_blocking into pinned memory), after the work the saving caller had
+        queued when it called, so forward/backward work queued later overlaps the copy.
         """
-        if stream is None:
+        if d2h is None:
             self._copy_host(tensors, on_half)
             return None
         try:
-            return self._copy_on(stream, tensors, on_half)
+            self._copy_on(d2h, tensors, on_half)
         except RuntimeError as exc:
             raise _copy_error(tensors, [self.views[k] for k in tensors], exc) from exc
+        return d2h
 
-    def _copy_on(self, stream: Any, tensors: Mapping[Key, torch.Tensor], on_half: Any) -> Any:
-        event = None
+    def _copy_on(self, d2h: DeviceCopies, tensors: Mapping[Key, torch.Tensor], on_half: Any) -> None:
         half = len(tensors) // 2
+        non_blocking = self.pinned  # read once, not per tensor (a property over every segment)
         with torch.no_grad():
             for i, (key, src) in enumerate(tensors.items()):
                 if on_half is not None and i == half:
@@ -164,18 +211,13 @@ class StagingSlot:
                 dst = self.views[key]
                 if dst.numel() == 0:
                     continue
-                if src.device.type == "cuda" and stream is not None:
-                    if event is None:
-                        stream.wait_stream(torch.cuda.current_stream(src.device))
+                if src.device.type == "cuda":
+                    stream = d2h.stream(src.device)
                     with torch.cuda.stream(stream):
-                        dst.copy_(src, non_blocking=self.pinned)
+                        dst.copy_(src, non_blocking=non_blocking)
                     src.record_stream(stream)
-                    event = event or torch.cuda.Event()
                 else:
                     dst.copy_(src)
-            if event is not None:
-                event.record(stream)
-        return event
 
     def _copy_host(self, tensors: Mapping[Key, torch.Tensor], on_half: Any) -> None:
         # The loop runs once per tensor inside the training loop's stall: with

@@ -5,6 +5,7 @@ Skipped without a GPU. Everything runs on one checkpointer (one worker start).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ def _clone(sd: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check(path: Path, want: dict[str, Any], device: str) -> None:
-    target = {
+    target: dict[str, Any] = {
         "model": {k: torch.zeros(v.shape, dtype=v.dtype, device=device) for k, v in want["model"].items()},
         "step": -1,
     }
@@ -106,3 +107,144 @@ async def test_async_overlap_mode_with_cuda_tensors(ck: ac.AsyncCheckpointer, tm
     assert md2.stats is not None and md2.stats.plan_cached
     assert ck._pool.allocations == allocations and ck._pool.slots()[0].pinned
     _check(tmp_path / "aov", want, "cuda")
+
+
+# ------------------------------------------------------------ ordering of the copies
+
+
+def _queued_fill(x: torch.Tensor, value: float, stream: Any) -> None:
+    """Queue about a second of GPU sleep, then ``x.fill_(value)``, on ``stream``: x changes only later."""
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(2_000_000_000)
+        x.fill_(value)
+
+
+@pytest.mark.parametrize("how", ["overlap", "async_save"])
+def test_the_copy_waits_for_work_the_caller_queued_on_its_own_stream(
+    ck: ac.AsyncCheckpointer, tmp_path: Path, how: str
+) -> None:
+    """Staging runs on the helper thread, whose current stream is the default one, not the caller's."""
+    import asyncio
+
+    x = torch.zeros(8 << 20, device="cuda")
+    # Layout planned, buffer pinned and free again: pinning a new buffer (cudaHostRegister)
+    # synchronizes the whole device, which would hide a copy that does not wait for the caller.
+    ck.save({"x": x}, tmp_path / "warm").result(timeout=120)
+    deadline = time.monotonic() + 60
+    while any(slot.busy for slot in ck._pool.slots()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    allocations = ck._pool.allocations
+    torch.cuda.synchronize()
+    mine = torch.cuda.Stream()
+    _queued_fill(x, 7.0, mine)
+    with torch.cuda.stream(mine):  # the caller's current stream when it saves
+        if how == "overlap":
+            p = ck.save({"x": x}, tmp_path / how, overlap=True)
+        else:
+            p = asyncio.run(ck.async_save({"x": x}, tmp_path / how))
+    p.result(timeout=120)
+    assert ck._pool.allocations == allocations, "a new buffer was pinned: the test proves nothing"
+    got = ac.load_state_dict(tmp_path / how)["x"]
+    assert torch.equal(got, torch.full_like(got, 7.0)), "the checkpoint holds x from before the caller's fill"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_gpu_than_the_current_one_are_copied_in_order(
+    ck: ac.AsyncCheckpointer, tmp_path: Path
+) -> None:
+    """A copy from cuda:1 runs on cuda:1's stream: an event on a cuda:0 stream does not cover it."""
+    assert torch.cuda.current_device() == 0
+    x = torch.zeros(64 << 20, device="cuda:1")  # 256 MiB: the copy takes milliseconds
+    torch.cuda.synchronize(1)
+    _queued_fill(x, 3.0, torch.cuda.current_stream(1))
+    p = ck.save({"x": x, "y": torch.ones(10, device="cuda:0")}, tmp_path / "two")
+    with torch.no_grad():
+        x.zero_()  # staged: allowed at once
+    p.result(timeout=120)
+    got = ac.load_state_dict(tmp_path / "two")
+    assert torch.equal(got["x"], torch.full_like(got["x"], 3.0))
+
+
+# ------------------------------------------------------------ budget, guard, ranks
+
+
+def test_budgeted_save_of_cuda_tensors_goes_round_by_round_bit_exact(tmp_path: Path) -> None:
+    sd = _state(4)
+    want = _clone(sd)
+    with ac.AsyncCheckpointer(start=True, timeout=60, staging_budget=4 << 20) as ck:
+        p = ck.save(sd, tmp_path / "b")
+        with torch.no_grad():
+            for v in sd["model"].values():
+                v.zero_()
+        md = p.result(timeout=120)
+        assert ck._pool.slots()[0].pinned
+    assert md.stats is not None and md.stats.rounds > 1
+    _check(tmp_path / "b", want, "cuda")
+
+
+def test_an_optimizer_step_right_after_an_overlap_save_waits_for_the_copy(
+    ck: ac.AsyncCheckpointer, tmp_path: Path
+) -> None:
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 2048)).cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(64, 2048, device="cuda")).square().mean().backward()
+        opt.step()
+    opt.zero_grad()
+    model(torch.randn(64, 2048, device="cuda")).square().mean().backward()
+    want = copy.deepcopy({"model": model.state_dict(), "optim": opt.state_dict()})
+    torch.cuda._sleep(1_000_000_000)  # the copy starts only after this: the step would race it
+    p = ck.save({"model": model, "optim": opt}, tmp_path / "g", overlap=True)
+    opt.step()  # guarded: waits until staged
+    p.result(timeout=120)
+    got = ac.load_state_dict(tmp_path / "g")
+    for k, v in want["model"].items():
+        assert same_bits(got["model"][k], v.cpu()), k
+    for i, st in want["optim"]["state"].items():
+        for k, v in st.items():
+            assert same_bits(got["optim"]["state"][i][k], v.cpu()), (i, k)
+    first = next(model.parameters())
+    assert not torch.equal(first.cpu(), want["model"]["0.weight"].cpu()), "the step did not run"
+
+
+def _replicated(seed: int) -> dict[str, Any]:
+    """Eight 1 MiB tensors and a few small ones: the ranks can split the writing evenly."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    model = {f"w{i}": torch.randn(1 << 18, device="cuda", generator=g) for i in range(8)}
+    model["bf16"] = torch.randn(257, 129, device="cuda", generator=g).to(torch.bfloat16)
+    model["t"] = torch.randn(64, 48, device="cuda", generator=g).t()
+    return {"model": model, "step": seed}
+
+
+def _rank_replicated_on_the_gpu(rank: int, world: int, path: str) -> dict[str, Any]:
+    torch.cuda.set_device(0)  # one GPU shared by every rank
+    staging: list[int] = []
+    with ac.AsyncCheckpointer(start=True, timeout=120) as ck:
+        for version in (1, 2, 3):
+            sd = _replicated(10 + version)  # same seed on every rank: fully replicated
+            p = ck.save(sd, f"{path}/v{version}")
+            with torch.no_grad():
+                for v in sd["model"].values():
+                    v.add_(1)
+            md = p.result(timeout=120)
+            assert md.stats is not None
+            staging.append(ck.staging_bytes)
+        assert ck._pool.slots()[-1].pinned
+    return {"staging": staging}
+
+
+@pytest.mark.slow
+def test_two_ranks_on_one_gpu_stage_only_their_share_and_load_bit_exact(tmp_path: Path) -> None:
+    from harness import run_ranks
+
+    res = run_ranks(2, _rank_replicated_on_the_gpu, str(tmp_path), timeout=300, fresh=True)
+    full = sum(t.numel() * t.element_size() for t in _replicated(0)["model"].values())
+    for r in res:
+        # The first save staged everything; later ones only this rank's share (plus alignment).
+        assert r["staging"][-1] < 0.75 * full + (1 << 20), r["staging"]
+    for version in (1, 2, 3):
+        _check(tmp_path / f"v{version}", _clone(_replicated(10 + version)), "cuda")

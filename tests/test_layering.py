@@ -109,7 +109,7 @@ def test_the_import_scan_sees_function_level_and_relative_imports() -> None:
     graph = _room_graph()
     assert "_tree" in graph["state_dict"], "state_dict imports _tree (module level)"
     assert "planning" in graph["local_plan"]
-    assert {"_faults", "storage"} <= set(graph["checkpointer"])
+    assert {"_faults", "storage"} <= set(graph["stage_send"])
     assert graph["__init__"], "the package root imports its rooms"
 
 

@@ -212,3 +212,126 @@ def test_a_hit_takes_dtensor_shards_without_recording_autograd(mesh: Any) -> Non
         local = again.local.tensors[(fqn, (0,))]
         assert local.grad_fn is None, fqn
         assert local.data_ptr() == p._local_tensor.data_ptr()
+
+
+# ---------------------------------------------------- what the cache keeps alive; blocking saves
+
+
+def test_the_cache_keeps_no_tensor_of_a_state_dict_alive() -> None:
+    """A model replaced by another of the same layout is freed: the cache keeps plans, not data."""
+    import gc
+    import weakref
+
+    cache = LayoutCache()
+    old = {"w": torch.randn(1000), "b": torch.randn(10), "step": 1}
+    gone = weakref.ref(old["w"])
+    _prepare(cache, old)
+    del old
+    new = {"w": torch.randn(1000), "b": torch.randn(10), "step": 2}
+    again = _prepare(cache, new)
+    del again
+    gc.collect()
+    assert cache.hits == 1
+    assert gone() is None, "the cache holds a tensor of a state dict nobody holds any more"
+
+
+def test_a_checkpointer_frees_a_replaced_state(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    with ac.AsyncCheckpointer(start=True, timeout=60) as ck:
+        state = {"w": torch.randn(64, 64), "b": torch.randn(64)}
+        gone = weakref.ref(state["w"])
+        ck.save(state, tmp_path / "a").result(60)
+        state = {"w": torch.randn(64, 64), "b": torch.randn(64)}  # rebuilt: a restart in the process
+        ck.save(state, tmp_path / "b").result(60)
+        gc.collect()
+        assert gone() is None, "the checkpointer keeps the first state's tensors alive"
+    got = ac.load_state_dict(tmp_path / "b")
+    assert torch.equal(got["w"], state["w"])
+
+
+def test_repeated_blocking_saves_reuse_the_local_plan_and_stay_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ac.save`` plans a layout once per thread, like the checkpointer; every save is still exact."""
+    from async_ckpt import layout_cache
+
+    built: list[int] = []
+    real = layout_cache.build_local_plan
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layout_cache, "build_local_plan", counting)
+    saves = []
+    for i in range(4):
+        sd = {"w": torch.randn(300, 7) + i, "step": i, "tags": ["a", i], "opt": {0: {"m": torch.ones(3) * i}}}
+        ac.save(sd, tmp_path / f"s{i}")
+        saves.append(sd)
+    ac.save({"w": torch.zeros(5), "step": 9}, tmp_path / "other")  # another layout: planned afresh
+    assert len(built) == 2, f"{len(built)} local plans built for 2 layouts"
+    for i, want in enumerate(saves):
+        got = ac.load_state_dict(tmp_path / f"s{i}")
+        assert torch.equal(got["w"], want["w"]) and got["step"] == i and got["tags"] == ["a", i]
+        assert torch.equal(got["opt"][0]["m"], want["opt"][0]["m"])
+    with pytest.raises(TypeError, match="tags"):  # the cache never lets a refused value through
+        ac.save(
+            {"w": torch.zeros(300, 7), "step": 0, "tags": ["a", object()], "opt": {0: {"m": torch.ones(3)}}},
+            tmp_path / "x",
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.ranks(2)
+def test_meshes_are_told_apart_by_what_they_are_not_by_id(rank: Any) -> None:
+    """An equal mesh built anew keeps the plan; a mesh with the ranks swapped gets its own.
+
+    The cache's signature named a mesh by ``id()``: a rebuilt, equal mesh missed, and a
+    mesh built after another died could take its address and its cached plan. Here the
+    same key, global shape and placements over a mesh listing the ranks in the other
+    order: each rank holds the other half of the rows, at the other offset.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    r = rank.rank
+    cache = LayoutCache()
+    meshes = []
+
+    def offsets(order: list[int]) -> list[Any]:
+        mesh = DeviceMesh("cpu", order)
+        meshes.append(mesh)  # all alive: no address is reused within this test
+        local = torch.full((3, 2), float(order.index(r)))
+        sd = {"w": DTensor.from_local(local, mesh, [Shard(0)], run_check=False)}
+        return [it.index.offset for it in _prepare(cache, sd).local.plan.items]
+
+    assert offsets([0, 1]) == [(3 * r, 0)]
+    assert offsets([0, 1]) == [(3 * r, 0)] and cache.hits == 1, "an equal mesh built anew missed the cache"
+    assert offsets([1, 0]) == [(3 * [1, 0].index(r), 0)] and cache.hits == 1
+
+
+def test_a_plan_made_to_verify_replicas_is_never_reused_without() -> None:
+    """``verify_replicas=True`` plans hash every replica; a later save without it must not write them so.
+
+    A blocking save may verify replicas once and not the next time, on the same layout
+    (tests/test_dist_dedup.py saves both ways in a row).
+    """
+    cache = LayoutCache()
+    sd = {"t": torch.ones(5), "same": torch.zeros(3, 4)}
+    verified = cache.prepare(flatten(sd), allow_pickle=False, verify_replicas=True)
+    trusted = cache.prepare(flatten(sd), allow_pickle=False, verify_replicas=False)
+    assert cache.hits == 0, "the plan made to verify replicas was taken for a save without"
+    assert trusted.local.plan != verified.local.plan
+
+
+def test_a_mesh_that_cannot_be_hashed_is_never_taken_for_another() -> None:
+    """A mesh with no hash (or no weak reference) gets a fresh token each save: a miss, never an alias."""
+    from async_ckpt.layout_cache import _mesh_token
+
+    class Unhashable:
+        __hash__ = None  # type: ignore[assignment]
+
+    m = Unhashable()
+    assert _mesh_token(m) != _mesh_token(m)
