@@ -10,6 +10,9 @@ min / median / max over ``--repeats`` rounds:
   stream): stall (until the call returns: the copy is done) and time to durable;
 - async_ckpt ``save(overlap=True)``: the call returns at once; *staged* is when
   ``pending.staged`` fires (the copy is done), durable as above;
+- async_ckpt ``AsyncCheckpointer(staging_budget=--budget-mib)``: the state is
+  staged round by round through one pinned buffer of the budget; the call
+  returns when the last round is copied; the buffer's bytes are reported;
 - DCP ``async_save`` in THREAD mode with a ``DefaultStager`` staging into pinned
   memory with non-blocking copies (``use_async_staging=True``, where the torch
   version has it): stall (until the call returns), staged
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -142,30 +146,59 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     limit = D2HLimit(tensors)
     step = GpuStep()
     ck = ac.AsyncCheckpointer(start=True)  # pins its staging buffers when CUDA is available
+    budget = int(args.budget_mib * (1 << 20))
+    ck_budget = ac.AsyncCheckpointer(start=True, staging_budget=budget)
     # The same methods bench_async.py times, here on CUDA tensors; DCP stages into pinned memory.
     modes = ac_modes(ac, ck, sd)
+    modes["ac_budget"] = dataclasses.replace(ac_modes(ac, ck_budget, sd)["ac"], name="ac_budget")
     dcp = DcpStaged("dcp_pinned", sd, process=False)
     modes["dcp_pinned"] = dcp.mode
 
     def path(name: str) -> str:
         return str(work / name)
 
-    first = {k: _timed(path(f"{k}-first"), modes[k]) for k in ("ac", "dcp_pinned")}
+    dcp_error: list[str] = []
+
+    def timed(k: str, name: str) -> dict[str, float] | None:
+        """One save; DCP's failures are reported and end its rounds, never the benchmark."""
+        if k == "dcp_pinned" and dcp_error:
+            return None
+        try:
+            return _timed(path(name), modes[k])
+        except Exception as exc:
+            if k != "dcp_pinned":
+                raise
+            dcp_error.append(f"{type(exc).__name__}: {exc}")
+            log(f"DCP pinned save failed, left out from here on: {dcp_error[0]}")
+            return None
+
+    first = {k: timed(k, f"{k}-first") for k in ("ac", "dcp_pinned")}
     rounds: list[dict[str, Any]] = []
     for r in range(args.repeats):
         rd: dict[str, Any] = {"d2h": limit.time()}
-        for k in ("ac", "ac_overlap", "dcp_pinned"):
-            rd[k] = _timed(path(f"{k}-{r}"), modes[k])
+        for k in ("ac", "ac_overlap", "ac_budget", "dcp_pinned"):
+            rd[k] = timed(k, f"{k}-{r}")
         rd["d2h_after"] = limit.time()
         rd["overlap_step"] = _overlap_steps(step, modes["ac_overlap"], path(f"acs-{r}"))
         rounds.append(rd)
         log(
             f"round {r + 1}/{args.repeats}: d2h {rd['d2h']:.3f}s ours {rd['ac']['stall']:.3f}/"
             f"{rd['ac']['durable']:.3f}s overlap staged {rd['ac_overlap']['staged']:.3f}s "
-            f"DCP pinned {rd['dcp_pinned']['stall']:.3f}/{rd['dcp_pinned']['staged']:.3f}/"
-            f"{rd['dcp_pinned']['durable']:.3f}s"
+            f"budget {rd['ac_budget']['stall']:.3f}/{rd['ac_budget']['durable']:.3f}s "
+            + (
+                f"DCP pinned {rd['dcp_pinned']['stall']:.3f}/{rd['dcp_pinned']['staged']:.3f}/"
+                f"{rd['dcp_pinned']['durable']:.3f}s"
+                if rd["dcp_pinned"]
+                else "DCP pinned failed"
+            )
         )
+    pinned = {
+        "ac": ck.staging_bytes,
+        "ac_budget": ck_budget.staging_bytes,
+        "all_pinned": all(sl.pinned for c in (ck, ck_budget) for sl in c._pool.slots()),
+    }
     ck.close()
+    ck_budget.close()
     dcp.close()
     d2h = [(x["d2h"] + x["d2h_after"]) / 2 for x in rounds]
     out: dict[str, Any] = {
@@ -173,12 +206,18 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "state_bytes": nbytes,
         "n_tensors": len(tensors),
         "dcp_stager": dcp.description,
+        "dcp_error": dcp_error[0] if dcp_error else None,
+        "budget_bytes": budget,
+        "staging_bytes": pinned,
         "first": first,
         "rounds": rounds,
         "d2h": summarize(d2h),
     }
-    for key in ("ac", "ac_overlap", "dcp_pinned"):
-        out[key] = {f: summarize([x[key][f] for x in rounds]) for f in ("stall", "staged", "durable")}
+    for key in ("ac", "ac_overlap", "ac_budget", "dcp_pinned"):
+        done = [x[key] for x in rounds if x[key] is not None]
+        out[key] = (
+            {f: summarize([d[f] for d in done]) for f in ("stall", "staged", "durable")} if done else None
+        )
     slow = [
         x["overlap_step"]["during"] / x["overlap_step"]["baseline"]
         for x in rounds
@@ -186,17 +225,24 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ]
     out["overlap_step_slowdown"] = summarize(slow) if slow else None
 
-    def paired(k: str, f: str) -> float:
-        return median([x[k][f] / ((x["d2h"] + x["d2h_after"]) / 2) for x in rounds])
+    def paired(k: str, f: str) -> float | None:
+        done = [x for x in rounds if x[k] is not None]
+        return median([x[k][f] / ((x["d2h"] + x["d2h_after"]) / 2) for x in done]) if done else None
+
+    with_dcp = [x for x in rounds if x["dcp_pinned"] is not None]
 
     out["ratios"] = {
         "stall_over_d2h": paired("ac", "stall"),
         "overlap_staged_over_d2h": paired("ac_overlap", "staged"),
+        "budget_stall_over_d2h": paired("ac_budget", "stall"),
+        "budget_durable_over_ours": median([x["ac_budget"]["durable"] / x["ac"]["durable"] for x in rounds]),
         "dcp_pinned_stall_over_d2h": paired("dcp_pinned", "stall"),
         "dcp_pinned_staged_over_d2h": paired("dcp_pinned", "staged"),
         "dcp_pinned_durable_over_ours": median(
-            [x["dcp_pinned"]["durable"] / x["ac"]["durable"] for x in rounds]
-        ),
+            [x["dcp_pinned"]["durable"] / x["ac"]["durable"] for x in with_dcp]
+        )
+        if with_dcp
+        else None,
     }
     return out
 
@@ -206,9 +252,13 @@ def report(res: dict[str, Any]) -> None:
     names = {
         "ac": "async_ckpt save",
         "ac_overlap": "async_ckpt save(overlap=True)",
+        "ac_budget": f"async_ckpt save, staging_budget {fmt_bytes(res['budget_bytes'])}",
         "dcp_pinned": f"DCP async_save THREAD, {res['dcp_stager']}",
     }
     for k, label in names.items():
+        if res[k] is None:
+            rows.append([label, "failed", "-", "-"])
+            continue
         rows.append(
             [
                 label,
@@ -219,8 +269,15 @@ def report(res: dict[str, Any]) -> None:
         )
     title = f"GPU mode on {res['device']}: {fmt_bytes(res['state_bytes'])}, {res['n_tensors']} tensors"
     print_table(["method", "stall s", "staged s", "durable s"], rows, title=title + " (medians)")
+    sb = res["staging_bytes"]
+    print(
+        f"  staging held: {fmt_bytes(sb['ac'])} unbudgeted, {fmt_bytes(sb['ac_budget'])} budgeted; "
+        f"all pinned: {sb['all_pinned']}"
+    )
+    if res["dcp_error"]:
+        print(f"  DCP failed: {res['dcp_error']}")
     for k, v in res["ratios"].items():
-        print(f"  {k:<32} {v:.3f}")
+        print(f"  {k:<32} {'-' if v is None else f'{v:.3f}'}")
     if res["overlap_step_slowdown"]:
         print(
             f"  GPU step during an overlap-mode save / alone: {res['overlap_step_slowdown']['median']:.3f}x"
@@ -232,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gib", type=float, default=2.0, help="total tensor bytes, GiB")
     ap.add_argument("--tensors", type=int, default=2872, help="number of tensors")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget-mib", type=float, default=512.0, help="staging_budget of the budgeted mode")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", default=None, help="where to write (a fresh subdirectory is made and removed)")
     ap.add_argument("--json", default=None, help="write every figure here")

@@ -49,7 +49,14 @@ after the timed saves (what the rank's pool holds, shared with its worker),
 max over ranks; its target is ``1.05 x unique/N + 64 MiB`` (for a fully
 replicated state, ``state/N``).
 
+With ``--device cuda`` every rank's tensors live on a GPU (``cuda:rank %
+device_count``: one GPU may be shared), staging is pinned and copied on a side
+stream, and *memcpy* is each rank's non-blocking ``copy_`` into held, pinned
+host tensors plus one synchronize. Only the fully replicated state
+(``--replicated 1``): the sharded part is a DTensor on a CPU mesh.
+
     python benchmarks/multirank.py --gib 1.0 --ranks 2 4 --replicated 0.5 --json out.json
+    python benchmarks/multirank.py --gib 1.0 --ranks 2 --replicated 1 --device cuda --skip-dcp
     python benchmarks/multirank.py --gib 0.5 --ranks 2 --replicated 1 --budget-mib 128 --skip-dcp
 """
 
@@ -76,7 +83,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from _common import iter_tensors, log, make_state_dict, print_table  # noqa: E402
+from _common import iter_tensors, log, make_state_dict, map_tensors, print_table  # noqa: E402
 from async_measure import stats_dict  # noqa: E402
 from async_modes import Mode, ac_modes, dcp_modes  # noqa: E402
 
@@ -159,6 +166,7 @@ def _rank_body(
     repeats: int,
     skip_dcp: bool,
     budget: int | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -168,6 +176,9 @@ def _rank_body(
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(1)
     sd = build_state_dict(rank, world, total_bytes, n_tensors, replicated)
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        sd = map_tensors(sd, lambda t: t.cuda())
     out: dict[str, Any] = {"rank": rank, "local_bytes": _local_bytes(sd), "runs": {}}
 
     def sync_rm(path: str) -> dict[str, int] | None:
@@ -228,18 +239,24 @@ def _rank_body(
 
 
 def _time_memcpy(sd: Any, repeats: int, barrier: Any) -> list[float]:
-    """One ``copy_`` of every local tensor into held, touched buffers, per repeat (after a warm-up)."""
+    """One ``copy_`` of every local tensor into held, touched host buffers, per repeat (after a warm-up).
+
+    From a GPU: non-blocking copies into pinned buffers, then one synchronize.
+    """
     from torch.distributed.tensor import DTensor
 
     src = [t.to_local() if isinstance(t, DTensor) else t for t in iter_tensors(sd)]
-    dst = [torch.empty_like(t).zero_() for t in src]
+    cuda = any(t.is_cuda for t in src)
+    dst = [torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda).zero_() for t in src]
     out = []
     with torch.no_grad():
         for i in range(repeats + 1):
             barrier()
             t0 = time.perf_counter()
             for d, s in zip(dst, src, strict=True):
-                d.copy_(s)
+                d.copy_(s, non_blocking=cuda)
+            if cuda:
+                torch.cuda.synchronize()
             if i:
                 out.append(time.perf_counter() - t0)
     dst.clear()
@@ -265,6 +282,7 @@ def run_world(world: int, args: argparse.Namespace, work: str) -> dict[str, Any]
         args.repeats,
         args.skip_dcp,
         None if args.budget_mib is None else int(args.budget_mib * (1 << 20)),
+        args.device,
         timeout=args.timeout,
         pg_timeout=args.timeout,
         fresh=True,  # each world measured in its own processes, as before the pool
@@ -273,6 +291,7 @@ def run_world(world: int, args: argparse.Namespace, work: str) -> dict[str, Any]
         "world": world,
         "unique_bytes": total,
         "replicated_fraction": args.replicated,
+        "device": args.device,
         "local_bytes": [r["local_bytes"] for r in per_rank],
         "methods": {},
         "wall_s": time.perf_counter() - t,
@@ -429,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--budget-mib", type=float, default=None, help="staging_budget of ac and ac_all (MiB; default none)"
     )
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where each rank's tensors live")
     ap.add_argument("--dir", default=None, help="where to write (a fresh subdirectory is made and removed)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per world size")
     ap.add_argument("--json", default=None)
@@ -437,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--replicated must be within [0, 1]")
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    if args.device == "cuda" and args.replicated != 1.0:
+        ap.error("--device cuda measures the fully replicated state only (--replicated 1)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available on this machine")
     base = args.dir or tempfile.gettempdir()
     os.makedirs(base, exist_ok=True)
     work = tempfile.mkdtemp(prefix="bench_multirank-", dir=base)
