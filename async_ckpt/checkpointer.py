@@ -178,7 +178,7 @@ class AsyncCheckpointer:
             layout = prepared.layout
             if self._budget is not None:
                 layout = buffer_layout(prepared.local.tensors, self._budget)
-            slot, _ = self._pool.acquire(layout, timeout=self._timeout)
+            slot, _ = self._pool.acquire(layout, timeout=self._timeout, cuda_devices=prepared.cuda_devices)
             try:
                 self._sender.hand_over(worker, slot, prepared)
             finally:

@@ -88,7 +88,9 @@ class StageSender:
         sent = False
         try:
             worker = self._worker()
-            slot, waited = self._pool.acquire(job.prepared.layout, timeout=self._timeout)
+            slot, waited = self._pool.acquire(
+                job.prepared.layout, timeout=self._timeout, cuda_devices=job.prepared.cuda_devices
+            )
             record: InFlight | None = None
             try:
                 self.hand_over(worker, slot, job.prepared)

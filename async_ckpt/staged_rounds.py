@@ -182,7 +182,8 @@ class RoundStager:
         """
         layout = buffer_layout(tensors, self._budget)
         rounds = split_rounds(tensors, layout.segment_sizes[0])
-        slot, waited = self._pool.acquire(layout, timeout=timeout)
+        devices = d2h.devices if d2h is not None else ()
+        slot, waited = self._pool.acquire(layout, timeout=timeout, cuda_devices=devices)
         request = dataclasses.replace(request, slot_id=slot.slot_id)
         progress = _Progress(pending)
         record: InFlight | None = None

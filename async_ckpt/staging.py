@@ -33,6 +33,7 @@ from .format.dtypes import torch_dtype
 __all__ = ["BufferSpec", "DeviceCopies", "Layout", "StagingPool", "StagingSlot", "make_layout"]
 
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; not in Python 3.11
+_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every context, not only the caller's
 
 
 class Segment:
@@ -44,6 +45,7 @@ class Segment:
         self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.base = torch.frombuffer(self.mm, dtype=torch.uint8)
         self.pinned = False
+        self._pin_device: int | None = None
 
     def back(self) -> None:
         """Allocate and map every page now, in bulk, instead of one fault per page in the copy.
@@ -74,17 +76,31 @@ class Segment:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
-    def pin(self) -> None:
-        err = torch.cuda.cudart().cudaHostRegister(self.base.data_ptr(), self.size, 0)
+    def pin(self, device: int | None) -> None:
+        """Page-lock for device-to-host copies, as seen by every device's context (portable).
+
+        Registered from ``device``'s context: the calling thread's current device
+        may be another (a new thread's is 0), and a call from there would create
+        a context on that GPU, ~500 MB of it, from every rank of a node.
+        """
+        with _on_device(device):
+            cudart = torch.cuda.cudart()
+            err = cudart.cudaHostRegister(self.base.data_ptr(), self.size, _HOST_REGISTER_PORTABLE)
         self.pinned = int(err) == 0
+        self._pin_device = device
 
     def close(self) -> None:
         if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.base.data_ptr())
+            with _on_device(self._pin_device):  # not from a context the process does not use
+                torch.cuda.cudart().cudaHostUnregister(self.base.data_ptr())
             self.pinned = False
         del self.base
         self.mm.close()
         os.close(self.fd)
+
+
+def _on_device(device: int | None) -> contextlib.AbstractContextManager[Any]:
+    return torch.cuda.device(device) if device is not None else contextlib.nullcontext()
 
 
 def _back_all(segments: list[Segment], layout: Layout) -> None:
@@ -136,6 +152,11 @@ class DeviceCopies:
             event.record(torch.cuda.current_stream(index))
             self._after[index] = event
         self._used: dict[int, Any] = {}
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        """The devices whose tensors this save copies (the layout's)."""
+        return tuple(self._after)
 
     def stream(self, device: torch.device) -> Any:
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -253,6 +274,19 @@ class StagingSlot:
         self.segments.clear()
 
 
+def pin_under(pin: bool | None, cuda_devices: tuple[int, ...]) -> tuple[bool, int | None]:
+    """Whether to pin a slot for tensors on ``cuda_devices``, and from which device's context.
+
+    ``pin=None`` (the default) pins only for CUDA tensors: a CPU state dict on a
+    GPU machine gains nothing from page-locked memory, and registering it would
+    create a CUDA context. The device is None (the calling thread's current
+    one) for ``pin=True`` without CUDA tensors.
+    """
+    if pin is False or (pin is None and not cuda_devices):
+        return False, None
+    return True, (cuda_devices[0] if cuda_devices else None)
+
+
 class StagingPool:
     """At most ``max_in_flight`` slots, across layouts; ``acquire`` blocks while all are busy."""
 
@@ -260,7 +294,8 @@ class StagingPool:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.max_in_flight = max_in_flight
-        self.pin = torch.cuda.is_available() if pin is None else pin
+        self.pin = pin
+        """True: always pin; False: never; None: when the layout holds CUDA tensors (``pin_under``)."""
         self._slots: list[StagingSlot] = []
         self._cond = threading.Condition()
         self._next_id = 0
@@ -270,9 +305,12 @@ class StagingPool:
         """How many slots were ever allocated (a steady state allocates none)."""
         self._evicted: list[int] = []
 
-    def acquire(self, layout: Layout, timeout: float | None = None) -> tuple[StagingSlot, float]:
+    def acquire(
+        self, layout: Layout, timeout: float | None = None, cuda_devices: tuple[int, ...] = ()
+    ) -> tuple[StagingSlot, float]:
         """A free slot for ``layout`` and the seconds spent waiting for another save to free one.
 
+        ``cuda_devices``: where the tensors to stage live (``pin_under``).
         Allocating a new slot is not waiting: only time blocked on busy slots counts.
         """
         blocked = 0.0
@@ -281,7 +319,7 @@ class StagingPool:
             while True:
                 if self._closed:
                     raise CheckpointError("the staging pool is closed")
-                slot = self._take(layout)
+                slot = self._take(layout, cuda_devices)
                 if slot is not None:
                     return slot, blocked
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -294,10 +332,16 @@ class StagingPool:
                 self._cond.wait(remaining)
                 blocked += time.perf_counter() - t0
 
-    def _take(self, layout: Layout) -> StagingSlot | None:
+    def _take(self, layout: Layout, cuda_devices: tuple[int, ...]) -> StagingSlot | None:
+        pin, under = pin_under(self.pin, cuda_devices)
         for slot in self._slots:
             if not slot.busy and slot.layout.key == layout.key:
                 slot.busy = True
+                if pin and not slot.pinned:
+                    # Staged CPU tensors before (the layout key does not name devices).
+                    for seg in slot.segments:
+                        if not seg.pinned:
+                            seg.pin(under)
                 return slot
         if len(self._slots) >= self.max_in_flight:
             stale = next((s for s in self._slots if not s.busy), None)
@@ -312,9 +356,9 @@ class StagingPool:
             for size in layout.segment_sizes:
                 segments.append(Segment(size))
             _back_all(segments, layout)
-            if self.pin:
+            if pin:
                 for seg in segments:
-                    seg.pin()
+                    seg.pin(under)
         except BaseException:
             for seg in segments:
                 seg.close()

@@ -248,3 +248,56 @@ def test_two_ranks_on_one_gpu_stage_only_their_share_and_load_bit_exact(tmp_path
         assert r["staging"][-1] < 0.75 * full + (1 << 20), r["staging"]
     for version in (1, 2, 3):
         _check(tmp_path / f"v{version}", _clone(_replicated(10 + version)), "cuda")
+
+
+_CPU_STATE_ON_A_GPU_MACHINE = """
+import sys, torch, async_ckpt as ac
+sd = {"w": torch.randn(1 << 20), "step": 3}
+with ac.AsyncCheckpointer(start=True, timeout=120) as ck:
+    ck.save(sd, sys.argv[1]).result(timeout=120)
+    pinned = ck._pool.slots()[0].pinned
+print(torch.cuda.is_initialized(), pinned)
+"""
+
+
+def test_a_cpu_state_dict_on_a_gpu_machine_is_staged_unpinned_without_a_cuda_context(tmp_path: Path) -> None:
+    """Pinning a CPU-only layout gained nothing and created a CUDA context (on GPU 0) in every rank."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run(
+        [sys.executable, "-c", _CPU_STATE_ON_A_GPU_MACHINE, str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=True,
+    ).stdout.split()
+    assert out == ["False", "False"], out
+    got = {"w": torch.zeros(1 << 20), "step": -1}
+    ac.load(got, tmp_path / "c")
+    assert got["step"] == 3
+
+
+def test_a_slot_first_used_for_cpu_tensors_is_pinned_when_cuda_tensors_reuse_it(tmp_path: Path) -> None:
+    """Layout keys do not name devices: the slot a CPU save left unpinned is pinned for the GPU save."""
+    g = torch.Generator().manual_seed(4)
+    cpu = {"w": torch.randn(2 << 20, generator=g), "b": torch.randn(333, generator=g)}
+    with ac.AsyncCheckpointer(start=True, timeout=120) as ck:
+        ck.save(cpu, tmp_path / "cpu").result(timeout=120)
+        assert not ck._pool.slots()[0].pinned
+        gpu = {k: v.cuda() for k, v in cpu.items()}
+        want = {k: v.clone() for k, v in cpu.items()}
+        p = ck.save(gpu, tmp_path / "gpu")
+        with torch.no_grad():
+            for v in gpu.values():
+                v.zero_()
+        p.result(timeout=120)
+        slots = ck._pool.slots()
+        assert slots and all(s.pinned for s in slots)
+    got = {k: torch.zeros_like(v) for k, v in want.items()}
+    ac.load(got, tmp_path / "gpu")
+    assert all(same_bits(got[k], want[k]) for k in want)

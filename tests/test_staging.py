@@ -171,3 +171,33 @@ def test_backing_lets_other_threads_run(monkeypatch: pytest.MonkeyPatch) -> None
         if seen:
             break
     assert seen
+
+
+@pytest.mark.parametrize(
+    ("pin", "devices", "want"),
+    [
+        (None, (), (False, None)),  # CPU tensors on any machine: nothing to page-lock, no CUDA context
+        (None, (3,), (True, 3)),  # from the tensors' own device, whatever the thread's current one
+        (None, (1, 0), (True, 1)),
+        (True, (), (True, None)),  # asked for: from the calling thread's current device
+        (True, (2,), (True, 2)),
+        (False, (0,), (False, None)),
+    ],
+)
+def test_staging_is_pinned_for_cuda_tensors_from_their_device(
+    pin: bool | None, devices: tuple[int, ...], want: tuple[bool, int | None]
+) -> None:
+    from async_ckpt.staging import pin_under
+
+    assert pin_under(pin, devices) == want
+
+
+def test_a_default_pool_leaves_cpu_staging_unpinned() -> None:
+    pool = StagingPool(1)
+    layout = make_layout(_tensors(1, 1))
+    slot, _ = pool.acquire(layout)
+    try:
+        assert not slot.pinned
+    finally:
+        pool.release(slot)
+        pool.close()
