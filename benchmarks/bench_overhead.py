@@ -101,7 +101,7 @@ def memcpy_s(sd: dict[str, Any], dst: dict[str, Any]) -> float:
 
 
 def calibrate_matmuls(target_s: float) -> tuple[int, float]:
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a, b = torch.randn(_SIDE, _SIDE), torch.randn(_SIDE, _SIDE)
     for _ in range(3):
         a @ b
     times = []
@@ -113,21 +113,34 @@ def calibrate_matmuls(target_s: float) -> tuple[int, float]:
     return max(1, round(target_s / one)), one
 
 
+# Each product of the chain is scaled by 1/sqrt(n): a 1024x1024 matmul of unit-variance
+# values multiplies their spread by 32. Scaling by 1/1024, as before, shrank them 32x a
+# matmul: after ~24 they were denormal and each matmul took 1.1-1.4 s instead of 7 ms,
+# so a step's time depended on whether calibration gave it more than ~24 matmuls.
+_SIDE = 1024
+_SCALE = _SIDE**-0.5
+
+
 class Trainer:
     def __init__(self, sd: dict[str, Any], n_matmuls: int) -> None:
         self.opt = InPlaceStep(list(iter_tensors(sd)))
         self.n = n_matmuls
-        self.a, self.b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        self.a, self.b = torch.randn(_SIDE, _SIDE), torch.randn(_SIDE, _SIDE)
+
+    def compute(self) -> torch.Tensor:
+        """One step's forward and backward: a chain of ``n`` matmuls, values kept near unit scale."""
+        c = self.a
+        for _ in range(self.n):
+            c = c @ self.b
+            c.mul_(_SCALE)
+        return c
 
     def steps(self, k: int, save_at: int = -1, mode: Mode | None = None, path: str = "") -> StepsRun:
         """Run ``k`` steps; with a ``mode``, issue its save to ``path`` after step ``save_at``."""
         run = StepsRun(0.0)
         t0 = time.perf_counter()
         for i in range(k):
-            c = self.a
-            for _ in range(self.n):
-                c = c @ self.b
-                c.mul_(1.0 / 1024)  # keep values finite
+            self.compute()
             self.opt.step()
             if mode is not None and i == save_at:
                 t_call = time.perf_counter()
