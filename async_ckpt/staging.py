@@ -336,12 +336,12 @@ class StagingPool:
         pin, under = pin_under(self.pin, cuda_devices)
         for slot in self._slots:
             if not slot.busy and slot.layout.key == layout.key:
-                slot.busy = True
                 if pin and not slot.pinned:
                     # Staged CPU tensors before (the layout key does not name devices).
                     for seg in slot.segments:
                         if not seg.pinned:
                             seg.pin(under)
+                slot.busy = True
                 return slot
         if len(self._slots) >= self.max_in_flight:
             stale = next((s for s in self._slots if not s.busy), None)
