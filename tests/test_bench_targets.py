@@ -1,4 +1,5 @@
-"""How ``benchmarks/run.py`` and ``multirank.py`` judge issue 14's targets (no benchmark is run)."""
+"""How ``benchmarks/run.py`` and ``multirank.py`` judge issue 14's targets, and what ``bench_overhead.py``'s
+synthetic step costs (no benchmark is run)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def _module(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
@@ -56,3 +58,17 @@ def test_issue_14_6_is_judged_by_the_median_of_paired_ratios_over_five_rounds_or
     short = run.build_summary({"single": _single(3)})["targets"]
     assert short["load_over_cold_read_paired"]["value"] is None  # too few rounds: no verdict
     assert short["load_over_cold_read_paired"]["met"] is None
+
+
+def test_the_overhead_steps_matmul_chain_stays_in_the_normal_range() -> None:
+    """Values that decay into denormals make each matmul some 200x slower: a step calibrated
+    to 1.5x a memcpy took 9 s on a machine whose faster matmuls gave it more than ~24 of them."""
+    import torch
+
+    trainer = _module("bench_overhead").Trainer({"w": torch.zeros(4)}, n_matmuls=80)
+    c = trainer.compute()
+    assert bool(torch.isfinite(c).all())
+    spread = float(c.abs().mean())
+    assert 1e-3 < spread < 1e3, spread
+    smallest_normal = torch.finfo(torch.float32).tiny
+    assert float((c.abs() < smallest_normal).float().mean()) < 1e-3, "denormal values in the chain"
