@@ -23,7 +23,7 @@ from .convert import _human, _Regions, _slabs
 from .errors import CheckpointError
 from .format import checksum
 from .format.metadata import Metadata, TensorRecord
-from .format.shard import chunk_name
+from .format.shard import chunk_name, shard_file_name
 from .interop.dcp_storage import DcpSource
 from .local_plan import tensor_bytes
 from .save_flow import RankResult, commit_checkpoint
@@ -116,7 +116,7 @@ def to_async_ckpt(
 
 
 def _file_name(k: int) -> str:
-    return f"shard-r00000-{k:02d}.safetensors"
+    return shard_file_name(0, k)
 
 
 def _values(md: Metadata, needs_pickle: frozenset[str], warn: Callable[[str], None]) -> dict[str, Any]:

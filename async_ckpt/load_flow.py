@@ -67,7 +67,9 @@ def load_collective(
     def prepare() -> tuple[Metadata, LoadView, LoadPlan]:
         view = LoadView(state_dict)  # calls state_dict() in sorted key order, before any I/O
         # One save, held (storage/source.py): its shards are opened through it, never by path.
-        source, md = open_source(storage, location, lambda raw: decode_checked(raw, location))
+        source, md = open_source(
+            storage, location, lambda raw: decode_checked(raw, location), prefetch_rank=comm.rank
+        )
         sources.append(source)
         _refuse_pickled(md, allow_pickle, location)
         view.bind(md.tree)

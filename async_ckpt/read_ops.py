@@ -34,21 +34,40 @@ from ._faults import hook_point
 from .errors import CorruptCheckpointError
 from .format import checksum
 from .format.metadata import Metadata
+from .format.shard import first_shard_names
 from .read_units import Finisher, Read, Unit, batches, units
-from .storage.base import CheckpointSource, ReadThreadsHint, ShardReader, Storage, VectoredReader
+from .storage.base import (
+    CheckpointSource,
+    PrefetchingSource,
+    ReadThreadsHint,
+    ShardReader,
+    Storage,
+    VectoredReader,
+)
 from .storage.source import open_checkpoint, replaced_error
 
 __all__ = ["Read", "execute_reads", "open_source", "replaced_as_such"]
 
 # Storages that are no ReadThreadsHint (third-party ones) get this many.
 _DEFAULT_READ_THREADS = 8
+# At most this much of a shard is prefetched before the load's reads begin. It
+# stops when they begin, so what is read is what the disk manages while the
+# metadata is decoded and planned; the cap bounds what a wrong guess costs.
+_PREFETCH_BYTES = 256 << 20
 
 
 def open_source(
-    storage: Storage, location: str, decode: Callable[[bytes], Metadata]
+    storage: Storage, location: str, decode: Callable[[bytes], Metadata], *, prefetch_rank: int | None = None
 ) -> tuple[CheckpointSource, Metadata]:
-    """The checkpoint at ``location`` held for one load, and its decoded metadata; close the source."""
+    """The checkpoint at ``location`` held for one load, and its decoded metadata; close the source.
+
+    With ``prefetch_rank``, a source that can prefetch starts on the first shard
+    that rank wrote (where a same-world-size load and a single-process load
+    start reading) while ``decode`` runs; :func:`execute_reads` stops it.
+    """
     source = open_checkpoint(storage, location)
+    if prefetch_rank is not None and isinstance(source, PrefetchingSource):
+        source.prefetch(first_shard_names(prefetch_rank), _PREFETCH_BYTES)
     try:
         md = decode(source.metadata())
     except BaseException:
@@ -112,6 +131,8 @@ def execute_reads(
     unless ``verify``: bytes that passed ``md``'s checksums are its save's.
     """
     src: CheckpointSource = source if source is not None else _ByPath(storage, location)
+    if isinstance(src, PrefetchingSource):
+        src.stop_prefetch()  # from here on the reads' own readahead keeps the disk busy
     readers = Readers(src, location, md, verify)
     reads.sort(key=lambda r: (r.chunk.file, r.chunk.byte_offset))
     threads = max(

@@ -34,7 +34,7 @@ from .format.metadata import (
     ValueRecord,
     encode_metadata,
 )
-from .format.shard import chunk_name
+from .format.shard import chunk_name, shard_file_name
 from .planning import SavePlan, WriteItemType, create_global_plan
 from .planning.staged import StagedMask
 from .save_options import SaveOptions
@@ -216,7 +216,7 @@ def assign_files(
             continue
         files.append(
             FileAssignment(
-                name=f"shard-r{rank:05d}-{k:02d}.safetensors",
+                name=shard_file_name(rank, k),
                 items=tuple(
                     (items[i].index.fqn, items[i].index.offset or (), items[i].index.fqn in per_rank)
                     for i in sorted(members[k])

@@ -17,7 +17,15 @@ from typing import Any
 from ..errors import CorruptCheckpointError
 from .dtypes import safetensors_name
 
-__all__ = ["ShardEntry", "ShardLayout", "chunk_name", "layout_shard", "parse_header"]
+__all__ = [
+    "ShardEntry",
+    "ShardLayout",
+    "chunk_name",
+    "first_shard_names",
+    "layout_shard",
+    "parse_header",
+    "shard_file_name",
+]
 
 _ALIGN = 64
 # A header larger than this is not one we wrote; refuse before allocating it.
@@ -41,6 +49,18 @@ class ShardLayout:
     """Absolute byte offset of each entry in the file, in entry order."""
     size: int
     """Total file size."""
+
+
+def shard_file_name(rank: int, k: int, round_index: int | None = None) -> str:
+    """The ``k``-th shard file ``rank`` writes in a save, or in round ``round_index`` of a budgeted one."""
+    if round_index is None:
+        return f"shard-r{rank:05d}-{k:02d}.safetensors"
+    return f"shard-r{rank:05d}-round{round_index:04d}-{k:02d}.safetensors"
+
+
+def first_shard_names(rank: int) -> tuple[str, ...]:
+    """The first file (in name order) that ``rank`` writes, for each way a save names them."""
+    return shard_file_name(rank, 0), shard_file_name(rank, 0, round_index=0)
 
 
 def chunk_name(fqn: str, offsets: Sequence[int], whole: bool, rank: int | None = None) -> str:

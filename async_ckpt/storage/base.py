@@ -22,6 +22,8 @@ checks for each with ``isinstance`` and does without it where it is missing:
 
 * :class:`CheckpointOpener` (Storage): without it a load reads by path and
   proves afterwards that it read one save;
+* :class:`PrefetchingSource` (CheckpointSource): without it the disk waits
+  while a load decodes the metadata and plans;
 * :class:`ReadThreadsHint` (Storage): without it a load keeps 8 reads in flight;
 * :class:`FilesPerRankHint` (Storage): without it a rank writes up to 4 shard
   files at once;
@@ -34,12 +36,14 @@ checks for each with ``isinstance`` and does without it where it is missing:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 __all__ = [
     "CheckpointOpener",
     "CheckpointSource",
     "FilesPerRankHint",
+    "PrefetchingSource",
     "ReadThreadsHint",
     "ReservingSink",
     "ShardReader",
@@ -158,6 +162,26 @@ class CheckpointOpener(Protocol):
     """A Storage that can hold one committed checkpoint for a load (LocalStorage: its directory, open)."""
 
     def open_checkpoint(self, location: str) -> CheckpointSource: ...
+
+
+@runtime_checkable
+class PrefetchingSource(Protocol):
+    """A CheckpointSource that can start pulling the head of a shard into a cache in the background.
+
+    A load calls :meth:`prefetch` as soon as it holds the source, with the names
+    this rank most likely reads first, so the disk works while the load decodes
+    the metadata and plans (tens of milliseconds for thousands of tensors, when
+    the disk would otherwise be idle), and :meth:`stop_prefetch` when its own
+    reads begin. Both are hints: neither may fail the load.
+    """
+
+    def prefetch(self, names: Sequence[str], limit: int) -> None:
+        """Pull up to ``limit`` bytes from the start of the first of ``names`` that exists."""
+        ...
+
+    def stop_prefetch(self) -> None:
+        """Stop pulling; returns once nothing more will be asked of the disk."""
+        ...
 
 
 @runtime_checkable

@@ -6,6 +6,14 @@ checkpoint renames a new directory into place and deletes the old one; the
 descriptor keeps naming the old one, so files opened through it keep reading
 the old save, and a file not yet opened is either the old save's or gone
 (CheckpointReplacedError), never the new save's.
+
+While the load decodes ``metadata.json`` and plans (50 ms for 2,872 tensors
+here), the disk would sit idle: :class:`HeadPrefetch` asks the kernel to read
+the head of the shard this rank most likely reads first meanwhile, until the
+load's own reads begin. One ``POSIX_FADV_WILLNEED`` reads at most the
+device's readahead maximum (8 MiB here: ``read_ahead_kb``, ``max_sectors_kb``),
+so it is asked window by window, from a thread, because each call also
+allocates the window's page cache before it returns.
 """
 
 from __future__ import annotations
@@ -13,15 +21,19 @@ from __future__ import annotations
 import glob
 import os
 import stat
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ..format.metadata import METADATA_FILE
 from .source import replaced_error
 
-__all__ = ["DirSource", "FileReader", "open_regular"]
+__all__ = ["DirSource", "FileReader", "HeadPrefetch", "open_regular"]
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# One readahead request per call (the kernel caps each at its readahead maximum).
+_WINDOW = 8 << 20
 
 
 def open_regular(path: Path, *, name: str | None = None, dir_fd: int | None = None) -> int:
@@ -94,6 +106,38 @@ class FileReader:
         os.close(self._fd)
 
 
+class HeadPrefetch:
+    """Pull the first ``limit`` bytes of an open file into the page cache, window by window, until stopped.
+
+    Owns ``fd`` and closes it. Advice only: nothing is read into this process,
+    and an error ends the prefetch, never the load.
+    """
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self._fd = fd
+        self._limit = limit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="async_ckpt-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            end = min(self._limit, os.fstat(self._fd).st_size)
+            for pos in range(0, end, _WINDOW):
+                if self._stop.is_set():
+                    break
+                os.posix_fadvise(self._fd, pos, min(_WINDOW, end - pos), os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)
+
+    def stop(self) -> None:
+        """Ask no more windows; returns once the thread is done (one window's request at most)."""
+        self._stop.set()
+        self._thread.join()
+
+
 def read_metadata_at(location: str) -> bytes:
     """``metadata.json`` by path: one open, so it is one save's whole file."""
     path = Path(location) / METADATA_FILE
@@ -135,6 +179,7 @@ class DirSource:
         except BaseException:
             os.close(self._dir)
             raise
+        self._prefetch: HeadPrefetch | None = None
 
     def _read_metadata(self) -> bytes:
         path = Path(self._location) / METADATA_FILE
@@ -165,6 +210,21 @@ class DirSource:
         except IsADirectoryError:
             raise CorruptCheckpointError(f"{path} is a directory, not a shard file") from None
 
+    def prefetch(self, names: Sequence[str], limit: int) -> None:
+        if self._prefetch is not None or limit <= 0 or not hasattr(os, "posix_fadvise"):
+            return
+        for name in names:
+            try:
+                fd = open_regular(Path(self._location) / name, name=name, dir_fd=self._dir)
+            except (OSError, CorruptCheckpointError):
+                continue  # not this save's naming, or not a file: the load reports that if it reads it
+            self._prefetch = HeadPrefetch(fd, limit)
+            return
+
+    def stop_prefetch(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.stop()
+
     def replaced(self) -> bool:
         try:
             now = os.stat(self._location)
@@ -175,4 +235,5 @@ class DirSource:
         return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
 
     def close(self) -> None:
+        self.stop_prefetch()
         os.close(self._dir)

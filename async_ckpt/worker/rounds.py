@@ -47,6 +47,7 @@ from .._faults import fail_point, kill_point
 from ..dist import Comm, RankFailure, RanksFailedError
 from ..errors import CheckpointError
 from ..format.metadata import Metadata, SaveStats
+from ..format.shard import shard_file_name
 from ..planning import SavePlan
 from ..planning.staged import StagedMask
 from ..save_flow import (
@@ -256,7 +257,7 @@ def _round_files(rank: int, assignment: RankAssignment, rnd: Round) -> RankAssig
         groups[-1].append(item)
         done += nbytes
     files = tuple(
-        FileAssignment(f"shard-r{rank:05d}-round{rnd.index:04d}-{k:02d}.safetensors", tuple(g))
+        FileAssignment(shard_file_name(rank, k, round_index=rnd.index), tuple(g))
         for k, g in enumerate(groups)
         if g
     )
