@@ -173,3 +173,28 @@ def test_the_first_files_of_plain_and_budgeted_saves_are_the_ones_prefetched(tmp
     for name in ("plain", "budgeted"):
         shards = sorted(p.name for p in (tmp_path / name).glob("*.safetensors"))
         assert shards[0] in first_shard_names(0), (name, shards)
+
+
+def test_a_prefetch_that_gets_no_thread_leaves_the_load_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sd = _state(1)
+    ac.save(sd, tmp_path / "ck")
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name == "async_ckpt-prefetch":
+            raise RuntimeError("can't start new thread")  # injected: the process is out of threads
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    source = DirSource(str(tmp_path / "ck"))
+    source.prefetch(first_shard_names(0), 1 << 30)
+    source.close()
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds
+    target = {k: torch.empty_like(v) for k, v in sd.items()}
+    ac.load(target, tmp_path / "ck")
+    for k, v in sd.items():
+        assert torch.equal(target[k], v), k

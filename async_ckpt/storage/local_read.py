@@ -218,7 +218,10 @@ class DirSource:
                 fd = open_regular(Path(self._location) / name, name=name, dir_fd=self._dir)
             except (OSError, CorruptCheckpointError):
                 continue  # not this save's naming, or not a file: the load reports that if it reads it
-            self._prefetch = HeadPrefetch(fd, limit)
+            try:
+                self._prefetch = HeadPrefetch(fd, limit)
+            except RuntimeError:  # no thread to be had: the load goes on without
+                os.close(fd)
             return
 
     def stop_prefetch(self) -> None:
