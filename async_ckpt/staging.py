@@ -45,6 +45,7 @@ class Segment:
         self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.base = torch.frombuffer(self.mm, dtype=torch.uint8)
         self.pinned = False
+        self.pin_asked = False  # a refused page-lock is not asked again
         self._pin_device: int | None = None
 
     def back(self) -> None:
@@ -87,6 +88,7 @@ class Segment:
             cudart = torch.cuda.cudart()
             err = cudart.cudaHostRegister(self.base.data_ptr(), self.size, _HOST_REGISTER_PORTABLE)
         self.pinned = int(err) == 0
+        self.pin_asked = True
         self._pin_device = device
 
     def close(self) -> None:
@@ -101,6 +103,13 @@ class Segment:
 
 def _on_device(device: int | None) -> contextlib.AbstractContextManager[Any]:
     return torch.cuda.device(device) if device is not None else contextlib.nullcontext()
+
+
+def _pin_all(segments: list[Segment], device: int | None) -> None:
+    """Page-lock each segment not asked yet; a refused one stays unpinned (its copies are only slower)."""
+    for seg in segments:
+        if not seg.pin_asked:
+            seg.pin(device)
 
 
 def _back_all(segments: list[Segment], layout: Layout) -> None:
@@ -336,11 +345,8 @@ class StagingPool:
         pin, under = pin_under(self.pin, cuda_devices)
         for slot in self._slots:
             if not slot.busy and slot.layout.key == layout.key:
-                if pin and not slot.pinned:
-                    # Staged CPU tensors before (the layout key does not name devices).
-                    for seg in slot.segments:
-                        if not seg.pinned:
-                            seg.pin(under)
+                if pin:  # it may have staged CPU tensors before: the layout key names no device
+                    _pin_all(slot.segments, under)
                 slot.busy = True
                 return slot
         if len(self._slots) >= self.max_in_flight:
@@ -357,8 +363,7 @@ class StagingPool:
                 segments.append(Segment(size))
             _back_all(segments, layout)
             if pin:
-                for seg in segments:
-                    seg.pin(under)
+                _pin_all(segments, under)
         except BaseException:
             for seg in segments:
                 seg.close()

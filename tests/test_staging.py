@@ -201,3 +201,28 @@ def test_a_default_pool_leaves_cpu_staging_unpinned() -> None:
     finally:
         pool.release(slot)
         pool.close()
+
+
+def test_a_segment_that_could_not_be_pinned_is_not_asked_again_on_every_save(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refused page-lock leaves the slot unpinned (copies still work); each reuse asking again
+    would register gigabytes on every save's hot path."""
+    asked: list[int] = []
+
+    class RefusingCudart:  # injected fault: the driver refuses to page-lock
+        def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:
+            asked.append(size)
+            return 2  # cudaErrorMemoryAllocation
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: RefusingCudart())
+    pool = StagingPool(1, pin=True)
+    layout = make_layout(_tensors(1, 1))
+    try:
+        for _ in range(3):
+            slot, _ = pool.acquire(layout)
+            assert not slot.pinned
+            pool.release(slot)
+        assert len(asked) == len(layout.segment_sizes), asked
+    finally:
+        pool.close()
